@@ -1,0 +1,121 @@
+"""Model and engine configuration.
+
+`ModelConfig` is the handful of numbers a Llama-family model is made of, read straight from a
+Hugging Face `config.json` (or built from GGUF metadata). Reading the dict ourselves, rather than
+through `AutoConfig`, keeps both rope layouts (`rope_scaling` and the newer `rope_parameters`)
+in one place and lets us say exactly which architectures we run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # {"rope_type": "llama3", "factor": ..., ...} or None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    torch_dtype: torch.dtype | None
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ValueError(
+                f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
+                f"Martlet supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        num_heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        theta, scaling = _rope(cfg)
+        eos = cfg.get("eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=cfg.get("head_dim") or hidden // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            # Qwen2 always has QKV bias; Llama/Mistral/Qwen3 say so with `attention_bias`.
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            torch_dtype=_dtype(cfg.get("torch_dtype") or cfg.get("dtype")),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face model directory")
+        return cls.from_dict(json.loads(config_file.read_text()))
+
+
+def _rope(cfg: dict) -> tuple[float, dict | None]:
+    """(rope_theta, scaling) from either config layout; scaling is None for plain rope."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"unsupported rope scaling {rope_type!r}; Martlet supports 'default' and 'llama3'")
+    return float(theta), dict(scaling, rope_type="llama3")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+@dataclass
+class EngineConfig:
+    """Everything `LLM(...)` was asked for, resolved to concrete values."""
+
+    model: str
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    num_kv_blocks: int | None
+    gpu_memory_utilization: float
+    seed: int
+    load_format: str
+    attention_backend: str
+    enforce_eager: bool

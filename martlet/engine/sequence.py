@@ -1,0 +1,71 @@
+"""A sequence: one request's tokens and where it stands in the engine.
+
+The scheduler and block manager see only token counts and block ids; the model runner reads
+token ids and block tables; the sampler reads the sampling params and the RNG. Nothing here
+touches the device.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from martlet.outputs import RequestMetrics
+from martlet.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        # Tokens whose K/V are in the cache. Preemption resets it to 0: the sequence is
+        # recomputed from its prompt plus everything it generated so far.
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
+        self.generator = generator
+        self.output_logprobs: list[dict[int, float]] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.metrics = RequestMetrics(arrival_time=time.perf_counter())
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

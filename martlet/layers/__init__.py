@@ -1,0 +1,1 @@
+"""Building blocks of a transformer, each with a plain PyTorch path that runs anywhere."""

@@ -1,0 +1,161 @@
+"""Paged attention: the layer, the per-step metadata, and the backend seam kernels plug into.
+
+The KV cache of one layer is two tensors, K and V, each laid out
+`[num_blocks, num_kv_heads, block_size, head_dim]`. One (block, kv head) is then a contiguous
+`block_size x head_dim` tile: the unit a decode or prefill program loads, in one coalesced read
+(4 KiB for 16 x 128 fp16). Writes scatter one head_dim row per (token, head), which is cheap since
+each step writes only the new tokens. An INT8 cache keeps the same layout with a parallel tensor
+of scales.
+
+A step's batch is flat: the new tokens of every scheduled sequence, concatenated (no padding),
+sequences with several new tokens (prefills, prefill chunks) first, then the single-token ones
+(decodes). Each sequence attends causally to its whole context, the part already cached and its
+new tokens, through its block table.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from martlet.layers.rotary import RotaryEmbedding
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one step's flat batch to the attention backend.
+
+    Tensors live on the model's device; the `_cpu` lists and plain ints are host copies kept for
+    code (the torch backend, kernel launch grids) that needs them without a device sync.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
+    query_start_loc: torch.Tensor  # [B + 1] int32: cu_seqlens of the new tokens
+    seq_lens: torch.Tensor  # [B] int32: context length of each sequence, new tokens included
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    num_prefills: int  # the first num_prefills sequences have more than one new token
+    num_prefill_tokens: int
+    num_decodes: int  # the rest have exactly one
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+
+class Attention(nn.Module):
+    """Multi-head attention over the paged cache; the backend does the arithmetic.
+
+    The model runner hands every layer its `k_cache`/`v_cache` views once the pool exists.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.rotary = rotary
+        self.backend = backend
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q [T, Hq, D], k and v [T, Hkv, D], before rotary. Returns [T, Hq, D]."""
+        return self.backend.forward(self, q, k, v, positions, meta)
+
+
+class AttentionBackend(ABC):
+    """What a kernel library provides: rotary on q/k, store k/v into the cache, attend.
+
+    Doing all three behind one call lets a GPU backend fuse the rotary and the cache write into
+    one kernel and pick separate prefill and decode kernels.
+    """
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        positions: torch.Tensor, meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Reference cache write: token t goes to block slot // bs, offset slot % bs, every head."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached rows as [Hkv, length, D]."""
+    num_blocks = -(-length // cache.shape[2])
+    tiles = cache[block_table[:num_blocks].long()]  # [nb, Hkv, bs, D]
+    return tiles.transpose(0, 1).flatten(1, 2)[:, :length]
+
+
+def paged_attention_reference(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of every new token over its sequence's cached context, one sequence at a time.
+
+    q is [T, Hq, D] after rotary; the new tokens' K/V must already be in the cache.
+    """
+    out = torch.empty_like(q)
+    num_kv_heads = k_cache.shape[1]
+    group = q.shape[1] // num_kv_heads
+    starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    for i, ctx_len in enumerate(seq_lens):
+        start, end = starts[i], starts[i + 1]
+        q_len = end - start
+        keys = gather_context(k_cache, meta.block_tables[i], ctx_len)
+        values = gather_context(v_cache, meta.block_tables[i], ctx_len)
+        keys = keys.repeat_interleave(group, dim=0).to(q.dtype)
+        values = values.repeat_interleave(group, dim=0).to(q.dtype)
+        # Query j sits at position ctx_len - q_len + j and sees keys up to and including it.
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Plain PyTorch: the reference every kernel is tested against, and the CPU path."""
+
+    name = "torch"
+
+    def forward(self, layer, q, k, v, positions, meta):
+        q, k = layer.rotary(positions, q, k)
+        write_kv_cache(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
+        return paged_attention_reference(q, layer.k_cache, layer.v_cache, meta, layer.scale)
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from martlet.kernels.backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention_backend {name!r}; choose 'torch' or 'triton'")
