@@ -28,6 +28,7 @@ class Sequence:
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
+        eos_token_ids: list[int],
         prompt: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -36,6 +37,7 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.eos_token_ids = eos_token_ids
         self.status = SequenceStatus.WAITING
         # Tokens whose K/V are in the cache. Preemption resets it to 0: the sequence is
         # recomputed from its prompt plus everything it generated so far.

@@ -1,0 +1,264 @@
+"""The engine core: requests in, one step at a time, outputs out.
+
+`step()` is the whole loop: schedule, execute, update. Everything about text (tokenizing,
+detokenizing, stop strings) sits at the edges, in `add_request` and `_update_text`, so a front
+end that does those elsewhere can drive the same core.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from martlet.config import EngineConfig, ModelConfig
+from martlet.engine.block_manager import BlockManager
+from martlet.engine.detokenizer import IncrementalDetokenizer
+from martlet.engine.model_runner import ModelRunner, completes_prompt
+from martlet.engine.scheduler import Scheduler
+from martlet.engine.sequence import Sequence
+from martlet.layers.attention import get_attention_backend
+from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
+from martlet.outputs import CompletionOutput, RequestOutput
+from martlet.sampling_params import SamplingParams
+
+logger = logging.getLogger("martlet")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, tokenizer, quiet: bool = False) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        backend = get_attention_backend(config.attention_backend)
+        model = build_model(
+            config.model, model_config, backend, dtype=config.dtype, device=config.device,
+            max_positions=config.max_model_len, load_format=config.load_format, quiet=quiet,
+        )
+        self.runner = ModelRunner(config, model_config, model)
+        num_blocks = self.runner.num_kv_blocks
+        capacity = num_blocks * config.block_size
+        if capacity < config.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({num_blocks} blocks of {config.block_size}), "
+                f"fewer than max_model_len={config.max_model_len}: raise num_kv_blocks or "
+                "gpu_memory_utilization, or lower max_model_len"
+            )
+        if not quiet:
+            logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
+        self.requests: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_args(
+        cls, model: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
+        max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+        block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+        seed: int = 0, load_format: str = "auto", attention_backend: str | None = None,
+        enforce_eager: bool = False, quiet: bool = False,
+    ) -> LLMEngine:
+        model_config = read_model_config(model)
+        resolved_device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        )
+        _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                        block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len)
+        if not 0.0 < gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        limit = model_config.max_position_embeddings
+        if max_model_len is None:
+            max_model_len = limit
+            if num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
+                max_model_len = min(max_model_len, num_kv_blocks * block_size)
+        elif max_model_len > limit:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of {limit} positions")
+        config = EngineConfig(
+            model=str(model),
+            dtype=_resolve_dtype(dtype, model_config, resolved_device),
+            device=resolved_device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            load_format=load_format,
+            attention_backend=attention_backend or ("triton" if resolved_device.type == "cuda" else "torch"),
+            enforce_eager=enforce_eager,
+        )
+        torch.manual_seed(seed)
+        return cls(config, model_config, _try_tokenizer(model, load_format), quiet=quiet)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
+        return self.tokenizer.encode(prompt)
+
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(token_ids) >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
+                f"{self.config.max_model_len} (the prompt must leave room for at least one new token)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        self.validate_prompt(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
+        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, prompt, generator)
+        self.requests[request_id] = seq
+        if params.detokenize and self.tokenizer is not None:
+            self.detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.stop_strings, params.skip_special_tokens
+            )
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request wherever it is; its blocks are free when this returns."""
+        seq = self.requests.pop(request_id, None)
+        self.detokenizers.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute, update. Returns an output for every request that got a token."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
+        result = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        if result is None:
+            return []
+        now = time.perf_counter()
+        token_ids = result.token_ids.tolist()  # the step's one host-device sync
+        outputs = []
+        for i, seq in enumerate(sampled):
+            seq.append_token(token_ids[i])
+            if result.logprobs is not None and seq.params.logprobs is not None:
+                seq.output_logprobs.append(result.logprobs[i])
+            if seq.metrics.first_token_time is None:
+                seq.metrics.first_token_time = now
+            self._check_finished(seq)
+            outputs.append(self.make_output(seq))
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+                self.detokenizers.pop(seq.request_id, None)
+        return outputs
+
+    def _check_finished(self, seq: Sequence) -> None:
+        params, token = seq.params, seq.token_ids[-1]
+        detok = self.detokenizers.get(seq.request_id)
+        if token in params.stop_token_ids:
+            return self._finish(seq, "stop", token)
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return self._finish(seq, "stop")
+        if detok is not None:
+            stop = detok.add_tokens([token])
+            if stop is not None:
+                return self._finish(seq, "stop", stop)
+        max_tokens = params.max_tokens or self.config.max_model_len
+        if seq.num_output_tokens >= max_tokens or len(seq) >= self.config.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        detok = self.detokenizers.get(seq.request_id)
+        if detok is not None:
+            detok.flush()
+        self.scheduler.finish(seq, reason, stop_reason)
+
+    def make_output(self, seq: Sequence) -> RequestOutput:
+        detok = self.detokenizers.get(seq.request_id)
+        completion = CompletionOutput(
+            index=0,
+            text=detok.text if detok is not None else "",
+            token_ids=seq.output_token_ids,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            logprobs=seq.output_logprobs if seq.params.logprobs is not None else None,
+        )
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            outputs=[completion],
+            finished=seq.is_finished,
+            metrics=seq.metrics,
+        )
+
+
+def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # exact and fast enough on CPUs; bf16 is there when asked for
+        return cfg.torch_dtype if cfg.torch_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _try_tokenizer(model: str, load_format: str):
+    """The tokenizer, or None for a config-only directory run with dummy weights."""
+    try:
+        return load_tokenizer(model)
+    except FileNotFoundError:
+        if load_format == "dummy":
+            return None
+        raise
+
+
+def _eos_token_ids(model: str, cfg: ModelConfig, tokenizer) -> list[int]:
+    """End-of-sequence ids from the config, generation_config.json and the tokenizer."""
+    ids = list(cfg.eos_token_ids)
+    gen_config = Path(model) / "generation_config.json"
+    if not is_gguf(model) and gen_config.is_file():
+        eos = json.loads(gen_config.read_text()).get("eos_token_id")
+        ids += [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))

@@ -1,0 +1,140 @@
+"""Turns a scheduled batch into flat tensors, runs the model, and samples.
+
+The flat batch has no padding: the new tokens of all sequences back to back, prefills first.
+Only the last token of a sequence whose prompt is complete gets logits; a prompt chunk that
+leaves more of the prompt for later is computed into the cache and produces nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from martlet.config import EngineConfig, ModelConfig
+from martlet.engine.scheduler import ScheduledBatch
+from martlet.engine.sequence import Sequence
+from martlet.layers.attention import AttentionMetadata
+from martlet.layers.sampler import Sampler, SamplerOutput
+from martlet.models.llama import LlamaForCausalLM
+from martlet.sampling_params import SamplingParams
+
+CPU_KV_CACHE_BYTES = 4 << 30  # the default pool on a CPU when num_kv_blocks is not given
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.model = model
+        self.device = config.device
+        self.block_size = config.block_size
+        self.sampler = Sampler(config.device, config.seed)
+        self.num_kv_blocks = self._choose_num_blocks()
+        self._allocate_kv_cache(self.num_kv_blocks)
+
+    # ---- the KV pool -------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        m = self.model_config
+        element = torch.tensor([], dtype=self.config.dtype).element_size()
+        return 2 * m.num_layers * m.num_kv_heads * self.block_size * m.head_dim * element
+
+    def _choose_num_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            return self._profile_gpu_blocks()
+        wanted = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
+        return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.kv_bytes_per_block()))
+
+    def _profile_gpu_blocks(self) -> int:
+        """Blocks that fit in gpu_memory_utilization of the card after the weights and the
+        activation peak of the largest step (measured by running one)."""
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._allocate_kv_cache(1)
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        probe = Sequence("profile", [0] * n, SamplingParams(), eos_token_ids=[])
+        probe.block_table = [0] * -(-n // self.block_size)
+        self.execute(ScheduledBatch([probe], [n], num_prefills=1), sample=False)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = total * self.config.gpu_memory_utilization - peak
+        num_blocks = int(free_for_kv // self.kv_bytes_per_block())
+        if num_blocks < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: weights and activations peak at "
+                f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise gpu_memory_utilization "
+                "or lower max_num_batched_tokens"
+            )
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        m = self.model_config
+        layers = self.model.attention_layers()
+        self.kv_cache = None  # free the old pool before making the new one
+        self.kv_cache = torch.empty(
+            2, len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
+            dtype=self.config.dtype, device=self.device,
+        )
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, sample: bool = True) -> SamplerOutput | None:
+        """Run one step. Returns tokens for the sequences that complete their prompt or decode
+        (those for which `completes_prompt` holds), in batch order."""
+        input_ids, positions, meta, logits_indices = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        if not sample or not logits_indices:
+            return None
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+        seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
+        return self.sampler(logits, seqs)
+
+    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start : start + n]
+            span = range(start, start + n)
+            positions += span
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(start + n)
+            if completes_prompt(seq, n):
+                logits_indices.append(query_start_loc[-1] - 1)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        num_prefill_tokens = sum(batch.num_new_tokens[: batch.num_prefills])
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots, torch.int64),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(tables, torch.int32),
+            num_prefills=batch.num_prefills,
+            num_prefill_tokens=num_prefill_tokens,
+            num_decodes=len(batch.seqs) - batch.num_prefills,
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, logits_indices
+
+
+def completes_prompt(seq: Sequence, num_new_tokens: int) -> bool:
+    """True when this step computes the sequence's last known token, so it gets a new one."""
+    return seq.num_computed_tokens + num_new_tokens == len(seq)
