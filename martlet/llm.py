@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
-from typing import Union
 
 from tqdm import tqdm
 
@@ -12,7 +11,7 @@ from martlet.outputs import RequestOutput
 from martlet.sampling_params import SamplingParams
 
 # A prompt is text, or {"prompt_token_ids": [...]} for pre-tokenized input.
-Prompt = Union[str, dict]
+Prompt = str | dict
 
 
 class LLM:
