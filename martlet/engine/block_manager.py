@@ -34,6 +34,7 @@ class BlockManager:
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block id
         self.enable_prefix_caching = enable_prefix_caching
+        self.num_hit_tokens = 0  # prompt tokens served from the cache, for metrics
 
     @property
     def num_blocks(self) -> int:
@@ -68,6 +69,7 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
             seq.num_computed_tokens += self.block_size
+            self.num_hit_tokens += self.block_size
             parent = h
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
