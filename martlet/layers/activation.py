@@ -14,4 +14,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from martlet.kernels.activation import silu_and_mul as silu_and_mul_triton
+
+            return silu_and_mul_triton(x)
         return silu_and_mul(x)

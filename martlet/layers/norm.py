@@ -23,6 +23,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
+        if x.is_cuda:
+            from martlet.kernels.norm import rms_norm as rms_norm_triton
+
+            return rms_norm_triton(x, self.weight, self.eps, residual)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         x = x + residual

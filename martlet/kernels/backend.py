@@ -1,0 +1,45 @@
+"""The Triton attention backend: fused rotary + cache write, then prefill and decode attention."""
+
+from __future__ import annotations
+
+import torch
+
+from martlet.kernels.decode import decode_attention, decode_num_splits
+from martlet.kernels.prefill import prefill_attention
+from martlet.kernels.rotary_kv import rotary_kv_write
+from martlet.layers.attention import Attention, AttentionBackend, AttentionMetadata
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Launch grids come from the host ints in `meta`: no device-to-host sync in forward.
+
+    The decode launch depends only on `num_decodes`, the model's head counts and `meta.max_seq_len`
+    (through the split count, which moves only at powers of two): a CUDA graph captured with a
+    fixed max_seq_len replays for any shorter contexts.
+    """
+
+    name = "triton"
+
+    def forward(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        q = rotary_kv_write(
+            q, k, v, positions, layer.rotary.cos_sin_cache, layer.k_cache, layer.v_cache, meta.slot_mapping
+        )
+        out = torch.empty_like(q)
+        num_prefill_tokens, num_prefills, num_decodes = meta.num_prefill_tokens, meta.num_prefills, meta.num_decodes
+        if num_prefills:
+            prefill_attention(
+                q[:num_prefill_tokens], layer.k_cache, layer.v_cache, meta.query_start_loc[: num_prefills + 1],
+                meta.seq_lens[:num_prefills], meta.block_tables[:num_prefills], meta.max_query_len, layer.scale,
+                out=out[:num_prefill_tokens],
+            )
+        if num_decodes:
+            decodes = slice(num_prefill_tokens, num_prefill_tokens + num_decodes)
+            num_splits = decode_num_splits(num_decodes, layer.num_kv_heads, meta.max_seq_len, q.device)
+            decode_attention(
+                q[decodes], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
+                meta.block_tables[num_prefills:], layer.scale, num_splits, out=out[decodes],
+            )
+        return out

@@ -1,0 +1,177 @@
+"""Decode attention (one new token per sequence) over the paged cache: flash decoding.
+
+Reference: `martlet.layers.attention.paged_attention_reference` with every q_len 1.
+
+Decode reads the whole context to produce one row per head: it is bound by the bytes of K and V.
+A program per (sequence, KV head) would leave most of the GPU idle at small batch, so the context
+is cut into `num_splits` partitions, each its own program; each writes its normalized partial
+output and log-sum-exp, and a second kernel merges them. One program serves all the query heads
+that share a KV head (GQA), so each K/V tile is read once, not once per query head.
+
+The grid depends only on host ints that a CUDA graph can fix (batch, KV heads, splits); each
+sequence's partition length is worked out in the kernel from its actual length.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from martlet.kernels.paged import LOG2E, check_cache, dot_precision, online_softmax_step, paged_offsets
+
+TARGET_PROGRAMS_PER_SM = 4  # enough resident programs to keep loads in flight on every SM
+MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    if device.type != "cuda":
+        return DecodeConfig(16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return DecodeConfig(32, 4, 2)
+    return DecodeConfig(64, 4, 3)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head): fill the GPU, but keep each split at least MIN_KEYS_PER_SPLIT long.
+
+    `max_seq_len` is rounded up to a power of two, so the count only moves when the longest context
+    crosses one; a CUDA graph captured for a fixed maximum keeps one split count for all replays.
+    """
+    wanted = triton.cdiv(TARGET_PROGRAMS_PER_SM * _num_sms(device), max(num_seqs * num_kv_heads, 1))
+    longest = triton.next_power_of_2(max(max_seq_len, 1))
+    return max(1, min(wanted, triton.cdiv(longest, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    stride_block, stride_head, stride_slot, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx_len = tl.load(seq_lens_ptr + seq)
+    # Whole tiles per split, so only a sequence's last tile is partial.
+    chunk = tl.cdiv(tl.cdiv(ctx_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, ctx_len)
+    block_table = block_tables_ptr + seq * stride_bt
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for tile in range(start, end, BLOCK_N):
+        keys = tile + offs_n
+        n_mask = keys < end
+        offs = paged_offsets(block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
+                             offs_d, BLOCK_SIZE)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, n_mask[None, :], True, PRECISION)
+
+    # An empty split (context shorter than the split count needs) contributes zeros with weight 0.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if SPLIT:
+        lse = m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))  # -inf for an empty split
+        tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=offs_g < GROUP)
+
+
+@triton.jit
+def _merge_kernel(
+    partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
+    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + seq * stride_lt + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    # Only a padding sequence (length 0) has every split empty: keep it finite, its output is zeros.
+    lse_max = tl.max(lse, 0)
+    weight = tl.math.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    mask = s_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    parts = tl.load(partial_ptr + seq * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=mask, other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+    block_tables: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Attention of one query per sequence, q [B, Hq, D], over its `seq_lens[b]` cached keys.
+
+    `num_splits` comes from `decode_num_splits` (or a test); any value gives the same result.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    check_cache(k_cache, v_cache)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV head groups")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    cfg = config or decode_config(head_dim, q.dtype, q.device)
+    group = num_q_heads // num_kv_heads
+    split = num_splits > 1
+    if split:
+        partial = torch.empty(num_seqs, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=q.device)
+        target, stride_os, lse_strides = partial, partial.stride(2), (lse.stride(0), lse.stride(1))
+    else:  # one split: write the final output directly, no merge
+        target, stride_os, lse, lse_strides = out, 0, None, (0, 0)
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, target, lse, seq_lens, block_tables, scale * LOG2E,
+        q.stride(0), q.stride(1), target.stride(0), target.stride(1), stride_os, *lse_strides,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        # tl.dot needs at least 16 rows: small groups are padded with masked heads.
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype), SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split:
+        _merge_kernel[(num_seqs, num_q_heads)](
+            partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=block_d, num_warps=4,
+        )
+    return out

@@ -1,0 +1,95 @@
+"""Rotary embedding on q and k, and the store of k and v into the paged cache, in one kernel.
+
+References: `martlet.layers.rotary.apply_rotary` and `martlet.layers.attention.write_kv_cache`.
+One program per token handles every head of it: the token's cos/sin row is read once, and the
+rotated k goes straight to the cache without a round trip through memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from martlet.kernels.paged import check_cache
+
+
+@triton.jit
+def _rotate(row_ptr, stride_h, num_heads, offs_h, offs_d, d_mask, cos, sin, HALF: tl.constexpr):
+    """Neox rotary of the first `num_heads` heads of one token: (x1 cos - x2 sin, x2 cos + x1 sin), fp32."""
+    mask = (offs_h < num_heads)[:, None] & d_mask[None, :]
+    ptrs = row_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin, mask
+
+
+@triton.jit
+def _store_halves(ptrs, x1, x2, mask, HALF: tl.constexpr):
+    tl.store(ptrs, x1.to(ptrs.dtype.element_ty), mask=mask)
+    tl.store(ptrs + HALF, x2.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kv_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos,
+    stride_block, stride_head, stride_slot,
+    NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    pos = tl.load(positions_ptr + token)
+    cos = tl.load(cos_sin_ptr + pos * stride_cos + offs_d, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
+
+    offs_h = tl.arange(0, BLOCK_HQ)
+    q1, q2, mask = _rotate(q_ptr + token * stride_qt, stride_qh, NUM_Q_HEADS, offs_h, offs_d, d_mask, cos, sin, HALF)
+    _store_halves(q_out_ptr + token * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], q1, q2, mask, HALF)
+
+    # A negative slot marks a padding token (e.g. in a CUDA graph's batch): rotate its q, store nothing.
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        offs_h = tl.arange(0, BLOCK_HKV)
+        k1, k2, mask = _rotate(
+            k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, offs_h, offs_d, d_mask, cos, sin, HALF
+        )
+        cache = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
+        cache += offs_h[:, None] * stride_head + offs_d[None, :]
+        # Round to k's dtype before the cache's, as the reference does (rotary output, then the write).
+        k_dtype = k_ptr.dtype.element_ty
+        _store_halves(k_cache_ptr + cache, k1.to(k_dtype), k2.to(k_dtype), mask, HALF)
+        v = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+        _store_halves(v_cache_ptr + cache, tl.load(v, mask=mask), tl.load(v + HALF, mask=mask), mask, HALF)
+
+
+def rotary_kv_write(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotate q and k ([T, H, D], any token/head strides) at `positions`; store k and v at `slot_mapping`.
+
+    Returns the rotated q, contiguous [T, Hq, D] (written into `q_out` if given).
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    check_cache(k_cache, v_cache)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("q, k, v and cos_sin_cache need a contiguous last dimension")
+    if q_out is None:
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0:
+        return q_out
+    half = head_dim // 2
+    _rotary_kv_kernel[(num_tokens,)](
+        q, k, v, positions, cos_sin_cache, slot_mapping, q_out, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=k_cache.shape[2],
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )
+    return q_out
