@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 
 from tqdm import tqdm
@@ -50,12 +51,26 @@ class LLM:
                 "pass one SamplingParams or one per prompt"
             )
         requests = [self._tokenize(p) for p in prompts]
-        for (token_ids, _), params in zip(requests, sampling_params):
-            self.engine.validate_prompt(token_ids, params)
+        for token_ids, _ in requests:
+            self.engine.validate_prompt(token_ids)
         order = {}
         for i, ((token_ids, text), params) in enumerate(zip(requests, sampling_params)):
             order[self.engine.add_request(token_ids, params, prompt=text)] = i
         return self._run(order, use_tqdm)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Generate for one prompt, yielding its output after every new token."""
+        token_ids, text = self._tokenize(prompt)
+        request_id = self.engine.add_request(token_ids, sampling_params or SamplingParams(), prompt=text)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort_request(request_id)
 
     def chat(
         self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,

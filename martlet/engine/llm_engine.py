@@ -111,7 +111,7 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
         return self.tokenizer.encode(prompt)
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(token_ids) >= self.config.max_model_len:
@@ -128,7 +128,7 @@ class LLMEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
         request_id: str | None = None,
     ) -> str:
-        self.validate_prompt(prompt_token_ids, params)
+        self.validate_prompt(prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -208,7 +208,8 @@ class LLMEngine:
         detok = self.detokenizers.get(seq.request_id)
         completion = CompletionOutput(
             index=0,
-            text=detok.text if detok is not None else "",
+            # While running, only text no stop string can take back; all of it once finished.
+            text="" if detok is None else (detok.text if seq.is_finished else detok.stable_text),
             token_ids=seq.output_token_ids,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,

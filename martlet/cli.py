@@ -1,0 +1,141 @@
+"""`martlet generate | chat | serve | bench ...`: the command line.
+
+Every command that builds an engine takes the same engine options as `LLM(...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from martlet.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model", required=model_required,
+                   help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--num-kv-blocks", type=int, default=None)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The `LLM(...)` keyword arguments named by `add_engine_args`."""
+    return dict(
+        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        load_format=args.load_format, attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager, quiet=args.quiet,
+    )
+
+
+def model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from martlet.models.gguf import default_model_path
+
+    return str(default_model_path())
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sampling-seed", type=int, default=None, help="seed of this request's sampling")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sampling_seed, stop=args.stop,
+    )
+
+
+def _load(args: argparse.Namespace):
+    from martlet.llm import LLM
+
+    return LLM(model_path(args), **engine_kwargs(args))
+
+
+def stream_reply(llm, prompt: str, params: SamplingParams) -> str:
+    """Print the reply as it is generated; return it whole."""
+    printed = ""
+    for out in llm.stream(prompt, params):
+        text = out.outputs[0].text
+        sys.stdout.write(text[len(printed) :])
+        sys.stdout.flush()
+        printed = text
+    sys.stdout.write("\n")
+    return printed
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    stream_reply(llm, args.prompt, sampling_params(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = _load(args)
+    params = sampling_params(args)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    print("Chatting with the model; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        reply = stream_reply(llm, llm.apply_chat_template(messages), params)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="martlet", description="Martlet LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
+    gen.add_argument("--prompt", required=True)
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"martlet: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
