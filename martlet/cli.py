@@ -125,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat)
     chat.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from martlet.bench import offline
+
+    latency = bench.add_parser("latency", help="one batch start to finish: TTFT, ms per token, roofline")
+    offline.add_latency_args(latency)
+    latency.set_defaults(func=offline.run_latency)
+    throughput = bench.add_parser("throughput", help="many requests through the engine: tok/s, roofline")
+    offline.add_throughput_args(throughput)
+    throughput.set_defaults(func=offline.run_throughput)
     return parser
 
 

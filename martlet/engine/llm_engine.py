@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from martlet.config import EngineConfig, ModelConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import ModelRunner, completes_prompt
-from martlet.engine.scheduler import Scheduler
+from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import Sequence
 from martlet.layers.attention import get_attention_backend
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
@@ -59,6 +60,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
+        # Called with every scheduled batch before it runs (benchmarks count its cost).
+        self.on_step: Callable[[ScheduledBatch], None] | None = None
         self.requests: dict[str, Sequence] = {}
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -161,6 +164,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        if self.on_step is not None:
+            self.on_step(batch)
         sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
         result = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):

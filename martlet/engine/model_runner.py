@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from martlet.config import EngineConfig, ModelConfig
+from martlet.engine.cuda_graphs import DecodeGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import Sequence
 from martlet.layers.attention import AttentionMetadata
@@ -30,6 +31,15 @@ class ModelRunner:
         self.sampler = Sampler(config.device, config.seed)
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
+        # Graphs need kernels that take everything from device tensors: the Triton backend's.
+        use_graphs = (
+            self.device.type == "cuda" and config.attention_backend == "triton" and not config.enforce_eager
+        )
+        self.graphs = (
+            DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size, self.device)
+            if use_graphs else None
+        )
+        self.pin_memory = self.device.type == "cuda"
 
     # ---- the KV pool -------------------------------------------------------------------------
 
@@ -87,10 +97,13 @@ class ModelRunner:
         """Run one step. Returns tokens for the sequences that complete their prompt or decode
         (those for which `completes_prompt` holds), in batch order."""
         input_ids, positions, meta, logits_indices = self._prepare(batch)
-        hidden = self.model(input_ids, positions, meta)
-        if not sample or not logits_indices:
-            return None
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+        if self.graphs is not None and sample and self.graphs.can_run(meta):
+            logits = self.graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+            if not sample or not logits_indices:
+                return None
+            logits = self.model.compute_logits(hidden[self._tensor(logits_indices, torch.int64)])
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
         return self.sampler(logits, seqs)
 
@@ -116,9 +129,7 @@ class ModelRunner:
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         num_prefill_tokens = sum(batch.num_new_tokens[: batch.num_prefills])
 
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
+        tensor = self._tensor
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
             query_start_loc=tensor(query_start_loc, torch.int32),
@@ -133,6 +144,13 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
         )
         return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, logits_indices
+
+    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A host list on the device; through pinned memory on a GPU so the copy does not block."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.pin_memory:
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
 
 def completes_prompt(seq: Sequence, num_new_tokens: int) -> bool:

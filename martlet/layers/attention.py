@@ -93,6 +93,13 @@ class AttentionBackend(ABC):
         positions: torch.Tensor, meta: AttentionMetadata,
     ) -> torch.Tensor: ...
 
+    def decode_launch_key(self, num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:
+        """What, besides the batch size, fixes the shape of a decode step's kernel launches.
+
+        A CUDA graph captured for one key replays correctly for any step with the same key.
+        """
+        return 0
+
 
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -1,0 +1,99 @@
+"""CUDA graphs for decode steps.
+
+A decode step of a 7B model is ~500 small kernel launches; launched one by one from Python they
+take longer than the GPU needs to run them at small batch. A captured graph replays all of them
+with one launch. Graphs have fixed shapes, so they are captured for a ladder of batch sizes and a
+step is padded up to the next rung; padding rows write nowhere (slot -1) and read nothing
+(context length 0).
+
+The attention backend may shape its decode launch by the longest context too (the split count
+of split-K decode), so a graph is keyed by (batch rung, the backend's `decode_launch_key`) and
+captured the first time a step needs it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from martlet.layers.attention import AttentionMetadata
+from martlet.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("martlet")
+
+
+def batch_size_ladder(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8 up to and including max_batch_size's rung.
+
+    Steps of 8 keep the padding waste under 8 rows at large batch, where it costs little.
+    """
+    ladder = [b for b in (1, 2, 4) if b < max_batch_size]
+    ladder += list(range(8, max_batch_size + 8, 8))
+    return ladder[: bisect.bisect_left(ladder, max_batch_size) + 1]
+
+
+def padded_batch_size(ladder: list[int], batch_size: int) -> int | None:
+    """The smallest rung that holds `batch_size`, or None when it is above the ladder."""
+    i = bisect.bisect_left(ladder, batch_size)
+    return ladder[i] if i < len(ladder) else None
+
+
+class DecodeGraphs:
+    """Static input buffers, and one graph per (rung, launch key) that reads them."""
+
+    def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_model_len: int, block_size: int,
+                 device: torch.device) -> None:
+        self.model = model
+        self.backend = model.attention_layers()[0].backend
+        self.num_kv_heads = model.config.num_kv_heads
+        self.ladder = batch_size_ladder(max_batch_size)
+        n = self.ladder[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        return meta.num_prefills == 0 and padded_batch_size(self.ladder, meta.num_decodes) is not None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Logits [num_decodes, vocab] of a decode-only step, by graph replay."""
+        bs = meta.num_decodes
+        rung = padded_batch_size(self.ladder, bs)
+        self.input_ids[:bs].copy_(input_ids, non_blocking=True)
+        self.positions[:bs].copy_(positions, non_blocking=True)
+        self.slot_mapping[:bs].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[bs:rung].fill_(-1)
+        self.seq_lens[:bs].copy_(meta.seq_lens, non_blocking=True)
+        self.seq_lens[bs:rung].fill_(0)
+        width = meta.block_tables.shape[1]
+        self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
+        key = (rung, self.backend.decode_launch_key(rung, self.num_kv_heads, meta.max_seq_len))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(rung, meta.max_seq_len)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:bs]
+
+    def _capture(self, rung: int, max_seq_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:rung], query_start_loc=self.query_start_loc[: rung + 1],
+            seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=0,
+            num_prefill_tokens=0, num_decodes=rung, max_query_len=1, max_seq_len=max_seq_len,
+            query_start_loc_cpu=[], seq_lens_cpu=[],
+        )
+        args = (self.input_ids[:rung], self.positions[:rung], meta)
+        self.model.compute_logits(self.model(*args))  # warm-up: compile kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model.compute_logits(self.model(*args))
+        logger.debug("captured a decode graph for batch %d (longest context %d)", rung, max_seq_len)
+        return graph, logits
