@@ -1,0 +1,1 @@
+"""Benchmarks: kernels, offline engine (latency, throughput) and serving."""
