@@ -1,0 +1,65 @@
+"""`martlet serve`: an OpenAI-compatible HTTP server over an engine that steps on its own thread.
+
+    python -m martlet.server --model PATH [--host 127.0.0.1] [--port 8000] [engine options]
+
+`add_cli_args` and `run` let the `martlet` CLI mount this as a subcommand; `main` is the whole
+program. The model loads before the port opens, so /health answers only once it can serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+
+from martlet.cli import add_engine_args, engine_kwargs, model_path
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The server's options, then every engine option of `LLM` (--model among them)."""
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default=None, help="name clients use (default: --model as given)")
+    g.add_argument("--api-key", default=os.environ.get("MARTLET_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $MARTLET_API_KEY)")
+    g.add_argument("--max-waiting", type=int, default=None,
+                   help="answer 429 while this many requests wait for the batch (default: no limit)")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")
+    add_engine_args(parser)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from martlet.engine.llm_engine import LLMEngine
+    from martlet.server.api import build_app
+    from martlet.server.async_engine import AsyncEngine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = model_path(args)
+    engine = AsyncEngine(LLMEngine.from_args(model, **engine_kwargs(args)))
+    if engine.tokenizer is None:
+        logging.getLogger("martlet.server").warning(
+            "%s has no tokenizer: serving token ids only (prompts as token ids, empty text)", model)
+    app = build_app(engine, args.served_model_name or model, args.api_key, args.max_waiting)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
+    # found: make that handler end the process with status 0, since the shutdown was clean.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_cli_args(argparse.ArgumentParser(prog="martlet serve", description=__doc__.splitlines()[0]))
+    return run(parser.parse_args(argv))

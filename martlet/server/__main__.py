@@ -1,0 +1,3 @@
+from martlet.server import main
+
+raise SystemExit(main())

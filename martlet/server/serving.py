@@ -1,0 +1,344 @@
+"""The OpenAI endpoints: from a request body to engine requests, and from deltas to responses.
+
+Both endpoints take the same path: check the request (model, capacity, prompt, sampling values)
+before anything reaches the engine, run it, then either stream one SSE chunk per delta or merge
+the deltas into one response. A streamed response is built from the very pieces a whole one is
+built from, so the two agree by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
+
+import jinja2
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from martlet.outputs import TokenLogprobs
+from martlet.sampling_params import SamplingParams
+from martlet.server.async_engine import AsyncEngine, EngineDeadError
+from martlet.server.output_processor import Delta
+from martlet.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    TokenLogprob,
+    TopLogprob,
+    UsageInfo,
+)
+
+
+class APIError(Exception):
+    """An error the client gets as OpenAI's `{"error": {...}}` body with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # None when it came as token ids
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, model_name: str, max_waiting: int | None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.max_waiting = max_waiting
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
+
+    # ---- /v1/completions ----------------------------------------------------------------------
+
+    async def completion(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.echo and body.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        with _as_bad_request("prompt"):
+            prompts = [self._prompt(p) for p in _prompt_list(body.prompt)]
+        params = self._sampling_params(body, prompts, body.max_tokens, body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        echoed = [self._prompt_text(p) if body.echo else "" for p in prompts]
+        choices = _CompletionChoices(echoed, self._token_text)
+        deltas = self._generate(request_id, prompts, params)
+
+        def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
+            return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        if body.stream:
+            pieces = _sse(deltas, lambda i, d: chunk([choices.piece(i, d)]), prompts, body.include_usage,
+                          lambda usage: chunk([], usage))
+            return StreamingResponse(pieces, media_type="text/event-stream")
+        merged = await _unless_disconnected(request, _merge(deltas, len(prompts)))
+        if merged is None:
+            return Response(status_code=499)  # nobody is listening
+        return _json(chunk([choices.piece(i, d) for i, d in enumerate(merged)], _usage(prompts, merged)))
+
+    # ---- /v1/chat/completions -----------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        with _as_bad_request("messages"):
+            prompt = self._chat_prompt(body)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        choices = _ChatChoices(body.top_logprobs or 0, self._token_text)
+        deltas = self._generate(request_id, [prompt], params)
+
+        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
+
+        if body.stream:
+            role = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
+            pieces = _sse(deltas, lambda i, d: chunk([choices.piece(i, d)]), [prompt], body.include_usage,
+                          lambda usage: chunk([], usage), first=role)
+            return StreamingResponse(pieces, media_type="text/event-stream")
+        merged = await _unless_disconnected(request, _merge(deltas, 1))
+        if merged is None:
+            return Response(status_code=499)
+        return _json(ChatCompletionResponse(id=request_id, model=self.model_name,
+                                            choices=[choices.whole(0, merged[0])], usage=_usage([prompt], merged)))
+
+    # ---- checks, before the engine sees anything -------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _prompt(self, prompt: str | list[int]) -> Prompt:
+        if isinstance(prompt, str):
+            return Prompt(self.engine.tokenize(prompt), prompt)
+        return Prompt(list(prompt))
+
+    def _chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None or not tokenizer.chat_template:
+            raise ValueError("this model has no chat template: use /v1/completions")
+        text = tokenizer.apply_chat_template(
+            [m.for_template() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
+            tokenize=False,
+        )
+        return self._prompt(text)
+
+    def _sampling_params(
+        self, body: SamplingRequest, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None,
+    ) -> list[SamplingParams]:
+        """One SamplingParams per prompt; None for max_tokens means the rest of the context."""
+        if not prompts:
+            raise bad_request("the prompt is empty", "prompt")
+        if body.stop and self.engine.tokenizer is None:
+            raise bad_request("stop strings need a tokenizer, and this model has none: use stop_token_ids", "stop")
+        result = []
+        for prompt in prompts:
+            with _as_bad_request(None):
+                params = body.sampling_params(max_tokens, logprobs)
+            with _as_bad_request("prompt"):
+                self.engine.validate_prompt(prompt.token_ids)
+            room = self.engine.max_model_len - len(prompt.token_ids)
+            if params.max_tokens is None:
+                params.max_tokens = room
+            elif params.max_tokens > room:
+                raise bad_request(
+                    f"This model's maximum context length is {self.engine.max_model_len} tokens. However, you "
+                    f"requested {len(prompt.token_ids) + params.max_tokens} tokens ({len(prompt.token_ids)} in "
+                    f"the prompt, {params.max_tokens} for the completion). Please reduce the prompt or max_tokens.",
+                    "max_tokens",
+                )
+            result.append(params)
+        return result
+
+    def _generate(self, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
+                  ) -> AsyncIterator[tuple[int, Delta]]:
+        if self.engine.error is not None:
+            raise APIError(503, "the engine has stopped; the server can serve no requests", "server_error")
+        if self.max_waiting is not None and self.engine.num_waiting + len(prompts) > self.max_waiting:
+            raise APIError(429, f"the server is busy: more than {self.max_waiting} requests are waiting; retry later",
+                           "rate_limit_error", code="rate_limit_exceeded")
+        return self.engine.generate(request_id, [p.token_ids for p in prompts], params)
+
+    def _token_text(self, token_id: int) -> str:
+        tokenizer = self.engine.tokenizer
+        return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+    def _prompt_text(self, prompt: Prompt) -> str:
+        if prompt.text is not None or self.engine.tokenizer is None:
+            return prompt.text or ""
+        return self.engine.tokenizer.decode(prompt.token_ids)
+
+
+@contextmanager
+def _as_bad_request(param: str | None) -> Iterator[None]:
+    """Turn the ValueError of bad input (or a chat template's error) into a 400 naming `param`."""
+    try:
+        yield
+    except (ValueError, jinja2.TemplateError) as exc:
+        raise bad_request(str(exc), param) from exc
+
+
+# ---- turning deltas into responses ------------------------------------------------------------
+
+
+class _CompletionChoices:
+    """Makes completion choices from deltas; the pieces of a stream add up to the whole."""
+
+    def __init__(self, echoed: list[str], token_text: Callable[[int], str]) -> None:
+        self.prefix = list(echoed)  # a choice's first piece starts with its echoed prompt
+        self.offset = [len(text) for text in echoed]  # where the next token's text starts
+        self.token_text = token_text
+
+    def piece(self, index: int, delta: Delta) -> CompletionChoice:
+        text, self.prefix[index] = self.prefix[index] + delta.text, ""
+        logprobs = None
+        if delta.logprobs is not None:
+            logprobs = CompletionLogprobs()
+            for token, top in zip(delta.token_ids, delta.logprobs):
+                token_str = self.token_text(token)
+                logprobs.tokens.append(token_str)
+                logprobs.token_logprobs.append(top.get(token))
+                logprobs.top_logprobs.append({self.token_text(t): lp for t, lp in top.items()})
+                logprobs.text_offset.append(self.offset[index])
+                self.offset[index] += len(token_str)
+        return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
+                                stop_reason=delta.stop_reason)
+
+
+class _ChatChoices:
+    """Makes chat choices (streamed or whole) from deltas."""
+
+    def __init__(self, num_top_logprobs: int, token_text: Callable[[int], str]) -> None:
+        self.num_top_logprobs = num_top_logprobs
+        self.token_text = token_text
+
+    def piece(self, index: int, delta: Delta) -> ChatStreamChoice:
+        return ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text), logprobs=self._logprobs(delta),
+                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+
+    def whole(self, index: int, delta: Delta) -> ChatChoice:
+        return ChatChoice(index=index, message=AssistantMessage(content=delta.text), logprobs=self._logprobs(delta),
+                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+
+    def _logprobs(self, delta: Delta) -> ChatLogprobs | None:
+        if delta.logprobs is None:
+            return None
+        return ChatLogprobs(content=[self._token(token, top) for token, top in zip(delta.token_ids, delta.logprobs)])
+
+    def _token(self, token: int, top: TokenLogprobs) -> TokenLogprob:
+        # `top` holds the N most likely tokens and the sampled one, which may rank below them.
+        ranked = sorted(top.items(), key=lambda item: -item[1])[: self.num_top_logprobs]
+        top_logprobs = [self._entry(t, lp) for t, lp in ranked]
+        return TokenLogprob(**dict(self._entry(token, top[token])), top_logprobs=top_logprobs)
+
+    def _entry(self, token: int, logprob: float) -> TopLogprob:
+        text = self.token_text(token)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+def _usage(prompts: list[Prompt], deltas: list[Delta]) -> UsageInfo:
+    return _usage_of(prompts, sum(len(d.token_ids) for d in deltas))
+
+
+def _usage_of(prompts: list[Prompt], completion_tokens: int) -> UsageInfo:
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
+
+
+def _json(body: BaseModel) -> Response:
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def _merge(deltas: AsyncIterator[tuple[int, Delta]], n: int) -> list[Delta]:
+    merged = [Delta() for _ in range(n)]
+    async with aclosing(deltas):
+        async for index, delta in deltas:
+            merged[index] += delta
+    return merged
+
+
+async def _sse(
+    deltas: AsyncIterator[tuple[int, Delta]], make_chunk: Callable[[int, Delta], BaseModel], prompts: list[Prompt],
+    include_usage: bool, usage_chunk: Callable[[UsageInfo], BaseModel], first: BaseModel | None = None,
+) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per delta, usage if asked, then [DONE].
+
+    A client that goes away cancels this generator at its next await; `aclosing` then closes
+    `deltas`, which aborts the engine requests.
+    """
+    completion_tokens = 0
+    async with aclosing(deltas):
+        try:
+            if first is not None:
+                yield _event(first)
+            async for index, delta in deltas:
+                completion_tokens += len(delta.token_ids)
+                yield _event(make_chunk(index, delta))
+            if include_usage:
+                yield _event(usage_chunk(_usage_of(prompts, completion_tokens)))
+        except EngineDeadError as exc:  # the status line is long gone: report it in the stream
+            yield _event(ErrorResponse(error=ErrorInfo(message=str(exc), type="server_error", code=503)))
+    yield "data: [DONE]\n\n"
+
+
+def _event(body: BaseModel) -> str:
+    return f"data: {body.model_dump_json()}\n\n"
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[list[Delta]]) -> list[Delta] | None:
+    """Run `work` while watching the connection; if the client leaves first, cancel it, return None.
+
+    The request body has been read, so the next ASGI message can only be the disconnect.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()  # closing its engine iterator aborts the engine requests
+        return None
+    return task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
