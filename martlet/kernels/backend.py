@@ -14,11 +14,15 @@ class TritonAttentionBackend(AttentionBackend):
     """Launch grids come from the host ints in `meta`: no device-to-host sync in forward.
 
     The decode launch depends only on `num_decodes`, the model's head counts and `meta.max_seq_len`
-    (through the split count, which moves only at powers of two): a CUDA graph captured with a
-    fixed max_seq_len replays for any shorter contexts.
+    through the split count, which moves only at powers of two of max_seq_len: that count is the
+    `decode_launch_key` a CUDA graph is captured under.
     """
 
     name = "triton"
+
+    def decode_launch_key(self, num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return decode_num_splits(num_decodes, num_kv_heads, max_seq_len, device)
 
     def forward(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,

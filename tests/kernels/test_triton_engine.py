@@ -1,6 +1,7 @@
 """The whole engine on the Triton attention backend gives Hugging Face's greedy tokens.
 
-On a CPU this runs the kernels in Triton's interpreter (see conftest.py), fp32; on a GPU, natively.
+On a CPU this runs the kernels in Triton's interpreter (see conftest.py); on a GPU, natively (and HF
+there too, so both sides share the GPU's fp32 arithmetic).
 Prompts cross block boundaries (block 8), two share a 16-token prefix (a prefix-cache hit), and a
 token budget of 24 per step splits the long ones into chunks that attend to their cached part.
 """
@@ -27,15 +28,15 @@ def _prompts(vocab: int) -> list[list[int]]:
 @pytest.mark.parametrize("variant", ["llama", "llama_tied", "qwen3"])  # GQA 2 / MQA / QK norm, head dim 32
 def test_triton_backend_greedy_matches_hf(variant, tmp_path):
     path = make_tiny_model(tmp_path / variant, variant)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     prompts = _prompts(hf.config.vocab_size)
     with torch.no_grad():
         expected = [
-            hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False,
-                        pad_token_id=0)[0, len(p):].tolist()
+            hf.generate(torch.tensor([p], device=device), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
+                        do_sample=False, pad_token_id=0)[0, len(p):].tolist()
             for p in prompts
         ]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     llm = LLM(str(path), device=device, dtype="float32", attention_backend="triton", block_size=8,
               max_num_batched_tokens=24, max_num_seqs=4)
     assert llm.engine.config.attention_backend == "triton"

@@ -1,0 +1,323 @@
+"""Kernel benchmarks against the GPU's own ceilings.
+
+    python -m martlet.bench.kernels [--json FILE] [--quick] [--tune]
+
+Measured in one run, on CUDA:
+- ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 GEMM TFLOP/s (8192^3);
+- memory-bound kernels (RMSNorm, fused add + RMSNorm, SiLU * up, rotary + KV write): GB/s, vs copy;
+- prefill attention: TFLOP/s (causal: 2 * 2 * S^2 * D * Hq / 2 per sequence) vs PyTorch SDPA's flash
+  backend on the same batch of equal-length sequences;
+- decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k.
+`--tune` also times a few tile configs and split counts, to choose the defaults from.
+
+Times are `triton.testing.do_bench` medians after its warm-up. do_bench flushes the L2 before
+every timed call, so each call reads its inputs from DRAM, as a model's next layer would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+GIB = 1 << 30
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ---- ceilings ------------------------------------------------------------------------------------
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(GIB // 2, device="cuda")  # 2 GiB of fp32
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def read_bandwidth() -> float:
+    """GB/s of summing 2 GiB: a read-only stream, which is what decode attention is."""
+    src = torch.randn(GIB // 2, device="cuda")
+    return src.numel() * 4 / bench_ms(lambda: src.sum()) / 1e6
+
+
+def gemm_tflops(n: int = 8192) -> float:
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / bench_ms(lambda: a @ b) / 1e9
+
+
+# ---- memory-bound kernels ------------------------------------------------------------------------
+
+
+def elementwise(tokens: int) -> list[dict]:
+    from martlet.kernels.activation import silu_and_mul
+    from martlet.kernels.norm import rms_norm
+    from martlet.kernels.rotary_kv import rotary_kv_write
+    from martlet.layers.activation import silu_and_mul as silu_ref
+    from martlet.layers.norm import rms_norm as rms_ref
+    from martlet.layers.rotary import RotaryEmbedding
+
+    bf16, hidden, inter = torch.bfloat16, 4096, 14336
+    x, residual = (torch.randn(tokens, hidden, device="cuda", dtype=bf16) for _ in range(2))
+    weight = torch.randn(hidden, device="cuda", dtype=bf16)
+    gate_up = torch.randn(tokens, 2 * inter, device="cuda", dtype=bf16)
+    row = 2 * hidden * tokens  # bytes of one [tokens, hidden] bf16 tensor
+
+    # Llama-3-8B attention shapes for the rotary + cache write: q, k, v in, q out, k, v to the cache.
+    hq, hkv, d, bs = 32, 8, 128, 16
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, device="cuda", dtype=bf16)
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    rotary = RotaryEmbedding(d, 8192, 500000.0, None).to("cuda")
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    k_cache, v_cache = (torch.empty(tokens // bs + 1, hkv, bs, d, device="cuda", dtype=bf16) for _ in range(2))
+    slots = torch.randperm(tokens, device="cuda")
+
+    cases = [
+        ("rms_norm", 2 * row, lambda: rms_norm(x, weight, 1e-6), lambda: rms_ref(x, weight, 1e-6)),
+        ("add + rms_norm", 4 * row, lambda: rms_norm(x, weight, 1e-6, residual),
+         lambda: rms_ref(x + residual, weight, 1e-6)),
+        ("silu_and_mul", 3 * 2 * inter * tokens, lambda: silu_and_mul(gate_up), lambda: silu_ref(gate_up)),
+        ("rotary + kv write", 2 * 2 * (hq + 2 * hkv) * d * tokens,
+         lambda: rotary_kv_write(q, k, v, positions, rotary.cos_sin_cache, k_cache, v_cache, slots), None),
+    ]
+    rows = []
+    for name, nbytes, fn, ref in cases:
+        ms = bench_ms(fn)
+        ref_ms = bench_ms(ref) if ref else None
+        rows.append({"kernel": name, "tokens": tokens, "bytes": nbytes, "ms": ms, "GB/s": nbytes / ms / 1e6,
+                     "torch_ms": ref_ms})
+        log(f"  {name:18s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s"
+            + (f"  (torch eager {ref_ms * 1e3:.1f} us)" if ref_ms else ""))
+    return rows
+
+
+# ---- attention inputs ----------------------------------------------------------------------------
+
+
+def paged_cache(batch: int, seq_len: int, hkv: int, d: int, block_size: int, dtype: torch.dtype):
+    """A random K/V pool with room for `batch` sequences of `seq_len`; blocks handed out in shuffled order."""
+    num_blocks = batch * -(-seq_len // block_size)
+    shape = (num_blocks, hkv, block_size, d)
+    k_cache, v_cache = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
+    return k_cache, v_cache, torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+
+
+def block_tables_for(blocks: torch.Tensor, batch: int, seq_len: int, block_size: int) -> torch.Tensor:
+    per_seq = -(-seq_len // block_size)
+    return blocks[: batch * per_seq].view(batch, per_seq)
+
+
+# ---- prefill -------------------------------------------------------------------------------------
+
+
+def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, d: int = 128, block_size: int = 16,
+                 configs: list | None = None) -> list[dict]:
+    """TFLOP/s of our kernel (each config) and of SDPA flash on `batch` causal prompts of seq_len."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from martlet.kernels.prefill import prefill_attention
+
+    bf16, tokens = torch.bfloat16, batch * seq_len
+    flops = batch * 2 * 2 * seq_len * seq_len * d * hq / 2
+    q = torch.randn(tokens, hq, d, device="cuda", dtype=bf16)
+    k_cache, v_cache, blocks = paged_cache(batch, seq_len, hkv, d, block_size, bf16)
+    tables = block_tables_for(blocks, batch, seq_len, block_size)
+    qsl = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
+    scale = d**-0.5
+    rows = []
+    for cfg in configs or [None]:
+        ms = bench_ms(lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, seq_len, scale,
+                                                        config=cfg))
+        rows.append({"seq_len": seq_len, "batch": batch, "hq": hq, "hkv": hkv, "head_dim": d,
+                     "block_size": block_size, "config": cfg and vars(cfg), "ms": ms,
+                     "TFLOP/s": flops / ms / 1e9})
+
+    qs = q.view(batch, seq_len, hq, d).transpose(1, 2)
+    ks, vs = (torch.randn(batch, hkv, seq_len, d, device="cuda", dtype=bf16) for _ in range(2))
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        try:
+            sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
+                                                                      enable_gqa=hq != hkv))
+        except RuntimeError:  # flash without native GQA: hand it repeated K/V (same FLOPs)
+            ke, ve = (t.repeat_interleave(hq // hkv, dim=1) for t in (ks, vs))
+            sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(qs, ke, ve, is_causal=True))
+    for row in rows:
+        row.update(sdpa_ms=sdpa_ms, sdpa_tflops=flops / sdpa_ms / 1e9, vs_sdpa=sdpa_ms / row["ms"])
+    return rows
+
+
+def prefill(seq_lens: list[int], total_tokens: int) -> list[dict]:
+    rows = []
+    for hq, hkv in [(32, 32), (32, 8)]:
+        for seq_len in seq_lens:
+            (row,) = prefill_case(seq_len, max(1, total_tokens // seq_len), hq, hkv)
+            rows.append(row)
+            log(f"  S={seq_len:6d} B={row['batch']:3d} Hq/Hkv={hq}/{hkv}: {row['TFLOP/s']:6.1f} TFLOP/s, "
+                f"SDPA flash {row['sdpa_tflops']:6.1f} ({row['vs_sdpa']:.2f}x)")
+    return rows
+
+
+# ---- decode --------------------------------------------------------------------------------------
+
+
+def decode_case(batch: int, ctx: int, pool, hq: int = 32, d: int = 128, block_size: int = 16,
+                configs: list | None = None, splits: list[int] | None = None) -> list[dict]:
+    """GB/s of decode_attention over `batch` contexts of `ctx` tokens, each config x split count."""
+    from martlet.kernels.decode import decode_attention, decode_num_splits
+
+    k_cache, v_cache, blocks = pool
+    hkv = k_cache.shape[1]
+    tables = block_tables_for(blocks, batch, ctx, block_size)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=k_cache.dtype)
+    seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    nbytes = 2 * batch * ctx * hkv * d * k_cache.element_size() + 2 * q.numel() * q.element_size()
+    default_splits = decode_num_splits(batch, hkv, ctx, q.device)
+    rows = []
+    for cfg in configs or [None]:
+        for num_splits in splits or [default_splits]:
+            ms = bench_ms(lambda cfg=cfg, s=num_splits: decode_attention(
+                q, k_cache, v_cache, seq_lens, tables, d**-0.5, s, config=cfg))
+            rows.append({"batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d,
+                         "num_splits": num_splits, "config": cfg and vars(cfg), "bytes": nbytes, "ms": ms,
+                         "GB/s": nbytes / ms / 1e6})
+    return rows
+
+
+def decode(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dict]:
+    pool = paged_cache(max(batches), max(contexts), 8, 128, 16, torch.bfloat16)
+    rows = []
+    for batch in batches:
+        for ctx in contexts:
+            (row,) = decode_case(batch, ctx, pool)
+            row["vs_copy"] = row["GB/s"] / copy_gbs
+            rows.append(row)
+            log(f"  B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: {row['ms'] * 1e3:8.1f} us "
+                f"{row['GB/s']:7.0f} GB/s ({row['vs_copy']:.0%} of copy)")
+    return rows
+
+
+# ---- tuning --------------------------------------------------------------------------------------
+
+
+def tune() -> dict:
+    from martlet.kernels.decode import DecodeConfig, decode_num_splits
+    from martlet.kernels.prefill import PrefillConfig
+
+    out = {"prefill": [], "decode": []}
+    prefill_configs = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
+                                                   (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
+                                                   (64, 128, 4, 2)]]
+    for seq_len, hkv in [(1024, 32), (4096, 32), (4096, 8)]:
+        rows = prefill_case(seq_len, 16384 // seq_len, 32, hkv, configs=prefill_configs)
+        out["prefill"] += rows
+        for row in rows:
+            log(f"  prefill S={seq_len} Hkv={hkv} {row['config']}: {row['TFLOP/s']:.1f} TFLOP/s "
+                f"({row['vs_sdpa']:.2f}x SDPA)")
+    # The cost of paging: the same prompts with one page per 256 keys instead of 16.
+    for row in prefill_case(4096, 4, 32, 32, block_size=256):
+        out["prefill"].append(row)
+        log(f"  prefill S=4096 block_size=256: {row['TFLOP/s']:.1f} TFLOP/s ({row['vs_sdpa']:.2f}x SDPA)")
+
+    pool = paged_cache(256, 8192, 8, 128, 16, torch.bfloat16)
+    decode_configs = [DecodeConfig(*c) for c in [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 2),
+                                                 (128, 8, 3), (64, 8, 3), (32, 2, 4), (16, 2, 4)]]
+    for batch, ctx in [(1, 32768), (8, 8192), (64, 1024), (256, 256)]:
+        base = decode_num_splits(batch, 8, ctx, torch.device("cuda"))
+        splits = sorted({max(1, base // 2), base, min(2 * base, 128)})
+        rows = decode_case(batch, ctx, pool, configs=decode_configs, splits=splits)
+        out["decode"] += rows
+        for row in rows:
+            log(f"  decode B={batch} ctx={ctx} splits={row['num_splits']} {row['config']}: {row['GB/s']:.0f} GB/s")
+    # The cost of scattered pages: the same reads with every sequence's pages in order.
+    k_cache, v_cache, blocks = pool
+    in_order = (k_cache, v_cache, torch.arange(blocks.numel(), device="cuda", dtype=torch.int32))
+    for batch, ctx in [(8, 8192), (256, 256)]:
+        (row,) = decode_case(batch, ctx, in_order)
+        row["pages"] = "in order"
+        out["decode"].append(row)
+        log(f"  decode B={batch} ctx={ctx} pages in order: {row['GB/s']:.0f} GB/s")
+    return out
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    c = results["ceilings"]
+    lines = [
+        f"GPU: {results['gpu']} ({results['sms']} SMs), torch {results['torch']}, triton {results['triton']}",
+        f"Ceilings: copy {c['copy_GB/s']:.0f} GB/s (read + write), read-only (sum) {c['read_GB/s']:.0f} GB/s, "
+        f"bf16 GEMM 8192^3 {c['gemm_TFLOP/s']:.0f} TFLOP/s",
+        "",
+        "| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["elementwise"]:
+        torch_us = f"{r['torch_ms'] * 1e3:.1f}" if r["torch_ms"] else "-"
+        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+                     f"{r['GB/s'] / c['copy_GB/s']:.0%} | {torch_us} |")
+    lines += ["", "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s | vs SDPA |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results["prefill"]:
+        lines.append(f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
+                     f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |")
+    lines += ["", "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
+              "|---|---|---|---|---|---|"]
+    for r in results["decode"]:
+        lines.append(f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
+                     f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write all numbers to this file")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
+    parser.add_argument("--tune", action="store_true", help="also time tile configs and split counts")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("martlet.bench.kernels needs a CUDA GPU")
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    results = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+               "triton": triton.__version__}
+    log(f"{props.name}: ceilings")
+    c = results["ceilings"] = {"copy_GB/s": copy_bandwidth(), "read_GB/s": read_bandwidth(),
+                               "gemm_TFLOP/s": gemm_tflops()}
+    log(f"  copy {c['copy_GB/s']:.0f} GB/s, read {c['read_GB/s']:.0f} GB/s, GEMM {c['gemm_TFLOP/s']:.0f} TFLOP/s")
+    log("memory-bound kernels")
+    results["elementwise"] = elementwise(4096 if args.quick else 16384)
+    log("prefill attention")
+    seq_lens = [512, 1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    results["prefill"] = prefill(seq_lens, total_tokens=16384)
+    log("decode attention")
+    batches = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256]
+    contexts = [128, 2048, 32768] if args.quick else [128, 512, 2048, 8192, 32768]
+    results["decode"] = decode(batches, contexts, results["ceilings"]["copy_GB/s"])
+    if args.tune:
+        log("tuning")
+        results["tuning"] = tune()
+    print()
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
