@@ -159,8 +159,9 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update. Returns an output for every request that got a token."""
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Schedule, execute, update. Returns an output for every request that got a token, or
+        with `final_only` for every request that finished."""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -182,7 +183,8 @@ class LLMEngine:
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             self._check_finished(seq)
-            outputs.append(self.make_output(seq))
+            if seq.is_finished or not final_only:
+                outputs.append(self.make_output(seq))
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
                 self.detokenizers.pop(seq.request_id, None)

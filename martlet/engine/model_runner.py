@@ -83,7 +83,8 @@ class ModelRunner:
         m = self.model_config
         layers = self.model.attention_layers()
         self.kv_cache = None  # free the old pool before making the new one
-        self.kv_cache = torch.empty(
+        # Zeroed once, so that padding reads of never-written slots see numbers, not NaN bit patterns.
+        self.kv_cache = torch.zeros(
             2, len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
             dtype=self.config.dtype, device=self.device,
         )

@@ -16,10 +16,9 @@ new tokens, through its block table.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from martlet.layers.rotary import RotaryEmbedding
@@ -135,27 +134,68 @@ def paged_attention_reference(
         q_len = end - start
         keys = gather_context(k_cache, meta.block_tables[i], ctx_len)
         values = gather_context(v_cache, meta.block_tables[i], ctx_len)
-        keys = keys.repeat_interleave(group, dim=0).to(q.dtype)
-        values = values.repeat_interleave(group, dim=0).to(q.dtype)
+        keys = keys.repeat_interleave(group, dim=0).float()
+        values = values.repeat_interleave(group, dim=0).float()
         # Query j sits at position ctx_len - q_len + j and sees keys up to and including it.
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), keys, values, attn_mask=mask, scale=scale
-        )
-        out[start:end] = o.transpose(0, 1)
+        too_far = torch.arange(ctx_len, device=q.device)[None, :] > q_pos[:, None]
+        scores = q[start:end].transpose(0, 1).float() @ keys.transpose(1, 2) * scale
+        probs = torch.softmax(scores.masked_fill(too_far, float("-inf")), dim=-1)
+        out[start:end] = (probs @ values).transpose(0, 1).to(q.dtype)
     return out
 
 
+def decode_attention_torch(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+    block_tables: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """One query per sequence, q [B, Hq, D], over its whole cached context: all sequences at once,
+    their contexts padded to the longest and masked, since a loop per sequence costs more on a CPU."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    tables = block_tables.long()
+
+    def context(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, num_blocks * block_size, D]
+        return cache[tables].transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+    keys, values = context(k_cache), context(v_cache)
+    q = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bhld->bhgl", q.float(), keys.float()) * scale
+    too_far = torch.arange(keys.shape[2], device=q.device)[None, :] >= seq_lens[:, None]
+    scores.masked_fill_(too_far[:, None, None, :], float("-inf"))
+    values = values.float().masked_fill(too_far[:, None, :, None], 0.0)  # 0 * stale NaN would be NaN
+    out = torch.einsum("bhgl,bhld->bhgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Plain PyTorch: the reference every kernel is tested against, and the CPU path."""
+    """Plain PyTorch: the reference every kernel is tested against, and the CPU path.
+
+    Prefills go through the per-sequence reference; decodes are batched.
+    """
 
     name = "torch"
 
     def forward(self, layer, q, k, v, positions, meta):
         q, k = layer.rotary(positions, q, k)
         write_kv_cache(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
-        return paged_attention_reference(q, layer.k_cache, layer.v_cache, meta, layer.scale)
+        if not meta.num_decodes:
+            return paged_attention_reference(q, layer.k_cache, layer.v_cache, meta, layer.scale)
+        out = torch.empty_like(q)
+        num_prefill_tokens, num_prefills = meta.num_prefill_tokens, meta.num_prefills
+        if num_prefills:
+            prefill_meta = replace(
+                meta, query_start_loc_cpu=meta.query_start_loc_cpu[: num_prefills + 1],
+                seq_lens_cpu=meta.seq_lens_cpu[:num_prefills],
+            )
+            out[:num_prefill_tokens] = paged_attention_reference(
+                q[:num_prefill_tokens], layer.k_cache, layer.v_cache, prefill_meta, layer.scale
+            )
+        out[num_prefill_tokens:] = decode_attention_torch(
+            q[num_prefill_tokens:], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
+            meta.block_tables[num_prefills:], layer.scale,
+        )
+        return out
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
