@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from martlet.config import ModelConfig
 from martlet.layers.attention import AttentionBackend
-from martlet.models import gguf
 from martlet.models.llama import LlamaForCausalLM
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -35,6 +34,8 @@ def read_model_config(path: str | Path) -> ModelConfig:
             "(config.json + *.safetensors) or a .gguf file"
         )
     if is_gguf(path):
+        from martlet.models import gguf  # the gguf package is needed for GGUF files only
+
         return ModelConfig.from_dict(gguf.read_config(path))
     return ModelConfig.from_dir(path)
 
@@ -45,6 +46,8 @@ def load_tokenizer(path: str | Path):
 
     path = Path(path)
     if is_gguf(path):
+        from martlet.models import gguf
+
         return gguf.load_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -66,6 +69,8 @@ def build_model(
     if load_format == "dummy":
         _fill_dummy(model)
     elif is_gguf(path):
+        from martlet.models import gguf
+
         model.load_weights(gguf.iter_weights(Path(path), quiet=quiet))
     else:
         model.load_weights(iter_safetensors(Path(path), quiet=quiet))
