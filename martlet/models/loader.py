@@ -20,6 +20,7 @@ from martlet.layers.attention import AttentionBackend
 from martlet.models.llama import LlamaForCausalLM
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -49,10 +50,9 @@ def load_tokenizer(path: str | Path):
         from martlet.models import gguf
 
         return gguf.load_tokenizer(path)
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no usable tokenizer files in {path}: {e}") from e
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"no tokenizer in {path}: expected one of {', '.join(TOKENIZER_FILES)}")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def build_model(
