@@ -53,8 +53,9 @@ def load_test_tokenizer():
     return AutoTokenizer.from_pretrained(cache, local_files_only=True)
 
 
-def make_tiny_model(path: str | Path, variant: str = "llama", seed: int = 0) -> Path:
-    """Save a random tiny model of `variant` (see VARIANTS) with a real tokenizer at `path`."""
+def make_tiny_model(path: str | Path, variant: str = "llama", seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """Save a random tiny model of `variant` (see VARIANTS) at `path`, with a real tokenizer, or
+    without one (vocabulary of 4096, token-id prompts only) where the GGUF is not at hand."""
     import transformers
 
     if variant not in VARIANTS:
@@ -63,17 +64,16 @@ def make_tiny_model(path: str | Path, variant: str = "llama", seed: int = 0) -> 
     arch = spec.pop("arch")
     legacy_rope = spec.pop("legacy_rope", False)
     path = Path(path)
-    tokenizer = load_test_tokenizer()
+    tokenizer = load_test_tokenizer() if with_tokenizer else None
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
-    config = config_cls(
-        **{**_TINY, **spec}, vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id) if tokenizer else dict(vocab_size=4096)
+    config = config_cls(**{**_TINY, **spec}, **special)
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     if arch == "qwen2":  # transformers zero-inits biases; random ones test that we load them
@@ -82,7 +82,8 @@ def make_tiny_model(path: str | Path, variant: str = "llama", seed: int = 0) -> 
                 if name.endswith("bias"):
                     param.normal_(0, 0.05)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     if legacy_rope:
         _rewrite_rope_as_legacy(path / "config.json")
     return path

@@ -29,8 +29,7 @@ def batch_size_ladder(max_batch_size: int) -> list[int]:
 
     Steps of 8 keep the padding waste under 8 rows at large batch, where it costs little.
     """
-    ladder = [b for b in (1, 2, 4) if b < max_batch_size]
-    ladder += list(range(8, max_batch_size + 8, 8))
+    ladder = [1, 2, 4, *range(8, max_batch_size + 8, 8)]
     return ladder[: bisect.bisect_left(ladder, max_batch_size) + 1]
 
 
