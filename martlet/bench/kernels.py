@@ -8,7 +8,8 @@ Measured in one run, on CUDA:
 - prefill attention: TFLOP/s (causal: 2 * 2 * S^2 * D * Hq / 2 per sequence) vs PyTorch SDPA's flash
   backend on the same batch of equal-length sequences;
 - decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k.
-`--tune` also times a few tile configs and split counts, to choose the defaults from.
+`--tune` first times candidate tile configs and decode split targets on a few shapes, then runs the
+tables with the best of each (and times what paging costs); the kernels' defaults come from it.
 
 Times are `triton.testing.do_bench` medians after its warm-up. do_bench flushes the L2 before
 every timed call, so each call reads its inputs from DRAM, as a model's next layer would.
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -123,9 +126,9 @@ def block_tables_for(blocks: torch.Tensor, batch: int, seq_len: int, block_size:
 # ---- prefill -------------------------------------------------------------------------------------
 
 
-def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, d: int = 128, block_size: int = 16,
-                 configs: list | None = None) -> list[dict]:
-    """TFLOP/s of our kernel (each config) and of SDPA flash on `batch` causal prompts of seq_len."""
+def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, configs: list = (None,), block_size: int = 16,
+                 d: int = 128) -> list[dict]:
+    """TFLOP/s of our kernel (per config; None is the default) and of SDPA flash, `batch` causal prompts."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from martlet.kernels.prefill import prefill_attention
@@ -137,14 +140,6 @@ def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, d: int = 128, bloc
     tables = block_tables_for(blocks, batch, seq_len, block_size)
     qsl = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int32)
     seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
-    scale = d**-0.5
-    rows = []
-    for cfg in configs or [None]:
-        ms = bench_ms(lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, seq_len, scale,
-                                                        config=cfg))
-        rows.append({"seq_len": seq_len, "batch": batch, "hq": hq, "hkv": hkv, "head_dim": d,
-                     "block_size": block_size, "config": cfg and vars(cfg), "ms": ms,
-                     "TFLOP/s": flops / ms / 1e9})
 
     qs = q.view(batch, seq_len, hq, d).transpose(1, 2)
     ks, vs = (torch.randn(batch, hkv, seq_len, d, device="cuda", dtype=bf16) for _ in range(2))
@@ -155,16 +150,25 @@ def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, d: int = 128, bloc
         except RuntimeError:  # flash without native GQA: hand it repeated K/V (same FLOPs)
             ke, ve = (t.repeat_interleave(hq // hkv, dim=1) for t in (ks, vs))
             sdpa_ms = bench_ms(lambda: F.scaled_dot_product_attention(qs, ke, ve, is_causal=True))
-    for row in rows:
-        row.update(sdpa_ms=sdpa_ms, sdpa_tflops=flops / sdpa_ms / 1e9, vs_sdpa=sdpa_ms / row["ms"])
+    rows = []
+    for cfg in configs:
+        row = {"seq_len": seq_len, "batch": batch, "hq": hq, "hkv": hkv, "head_dim": d, "block_size": block_size,
+               "config": cfg and vars(cfg), "sdpa_ms": sdpa_ms, "sdpa_tflops": flops / sdpa_ms / 1e9}
+        try:
+            ms = bench_ms(lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, seq_len,
+                                                            d**-0.5, config=cfg))
+            row.update(ms=ms, **{"TFLOP/s": flops / ms / 1e9}, vs_sdpa=sdpa_ms / ms)
+        except Exception as e:  # a config the GPU cannot run (e.g. out of shared memory)
+            row.update(error=repr(e)[:300])
+        rows.append(row)
     return rows
 
 
-def prefill(seq_lens: list[int], total_tokens: int) -> list[dict]:
+def prefill(seq_lens: list[int], total_tokens: int, cfg) -> list[dict]:
     rows = []
     for hq, hkv in [(32, 32), (32, 8)]:
         for seq_len in seq_lens:
-            (row,) = prefill_case(seq_len, max(1, total_tokens // seq_len), hq, hkv)
+            (row,) = prefill_case(seq_len, max(1, total_tokens // seq_len), hq, hkv, configs=[cfg])
             rows.append(row)
             log(f"  S={seq_len:6d} B={row['batch']:3d} Hq/Hkv={hq}/{hkv}: {row['TFLOP/s']:6.1f} TFLOP/s, "
                 f"SDPA flash {row['sdpa_tflops']:6.1f} ({row['vs_sdpa']:.2f}x)")
@@ -174,35 +178,41 @@ def prefill(seq_lens: list[int], total_tokens: int) -> list[dict]:
 # ---- decode --------------------------------------------------------------------------------------
 
 
-def decode_case(batch: int, ctx: int, pool, hq: int = 32, d: int = 128, block_size: int = 16,
-                configs: list | None = None, splits: list[int] | None = None) -> list[dict]:
-    """GB/s of decode_attention over `batch` contexts of `ctx` tokens, each config x split count."""
+def decode_case(batch: int, ctx: int, pool, configs: list = (None,), splits: list[int] | None = None,
+                hq: int = 32) -> list[dict]:
+    """GB/s of decode_attention over `batch` contexts of `ctx` tokens, per config x split count."""
     from martlet.kernels.decode import decode_attention, decode_num_splits
 
     k_cache, v_cache, blocks = pool
-    hkv = k_cache.shape[1]
+    hkv, block_size, d = k_cache.shape[1:]
     tables = block_tables_for(blocks, batch, ctx, block_size)
     q = torch.randn(batch, hq, d, device="cuda", dtype=k_cache.dtype)
     seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     nbytes = 2 * batch * ctx * hkv * d * k_cache.element_size() + 2 * q.numel() * q.element_size()
-    default_splits = decode_num_splits(batch, hkv, ctx, q.device)
     rows = []
-    for cfg in configs or [None]:
-        for num_splits in splits or [default_splits]:
-            ms = bench_ms(lambda cfg=cfg, s=num_splits: decode_attention(
-                q, k_cache, v_cache, seq_lens, tables, d**-0.5, s, config=cfg))
-            rows.append({"batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d,
-                         "num_splits": num_splits, "config": cfg and vars(cfg), "bytes": nbytes, "ms": ms,
-                         "GB/s": nbytes / ms / 1e6})
+    for cfg in configs:
+        for num_splits in splits or [decode_num_splits(batch, hkv, ctx, q.device)]:
+            row = {"batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "num_splits": num_splits,
+                   "config": cfg and vars(cfg), "bytes": nbytes}
+            try:
+                ms = bench_ms(lambda cfg=cfg, s=num_splits: decode_attention(
+                    q, k_cache, v_cache, seq_lens, tables, d**-0.5, s, config=cfg))
+                row.update(ms=ms, **{"GB/s": nbytes / ms / 1e6})
+            except Exception as e:
+                row.update(error=repr(e)[:300])
+            rows.append(row)
     return rows
 
 
-def decode(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dict]:
+def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, programs_per_sm: int) -> list[dict]:
+    from martlet.kernels.decode import decode_num_splits
+
     pool = paged_cache(max(batches), max(contexts), 8, 128, 16, torch.bfloat16)
     rows = []
     for batch in batches:
         for ctx in contexts:
-            (row,) = decode_case(batch, ctx, pool)
+            splits = decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)
+            (row,) = decode_case(batch, ctx, pool, configs=[cfg], splits=[splits])
             row["vs_copy"] = row["GB/s"] / copy_gbs
             rows.append(row)
             log(f"  B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: {row['ms'] * 1e3:8.1f} us "
@@ -213,43 +223,82 @@ def decode(batches: list[int], contexts: list[int], copy_gbs: float) -> list[dic
 # ---- tuning --------------------------------------------------------------------------------------
 
 
+def geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def best(rows: list[dict], candidates: list, metric: str):
+    """The candidate with the highest geometric mean of `metric` over the shapes it was timed on."""
+    def score(cfg) -> float:
+        mine = [r for r in rows if r["config"] == vars(cfg)]
+        return 0.0 if not mine or any("error" in r for r in mine) else geomean([r[metric] for r in mine])
+
+    return max(candidates, key=score)
+
+
 def tune() -> dict:
+    """Time candidate tile configs (and decode split targets) on a few shapes; pick the best of each."""
     from martlet.kernels.decode import DecodeConfig, decode_num_splits
     from martlet.kernels.prefill import PrefillConfig
 
-    out = {"prefill": [], "decode": []}
-    prefill_configs = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2),
-                                                   (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3),
-                                                   (64, 128, 4, 2)]]
-    for seq_len, hkv in [(1024, 32), (4096, 32), (4096, 8)]:
-        rows = prefill_case(seq_len, 16384 // seq_len, 32, hkv, configs=prefill_configs)
+    out = {"prefill": [], "decode": [], "splits": []}
+    candidates = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
+                                              (128, 32, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]]
+    for seq_len, hkv in [(1024, 32), (4096, 32), (4096, 8), (16384, 32)]:
+        rows = prefill_case(seq_len, max(1, 16384 // seq_len), 32, hkv, configs=candidates)
         out["prefill"] += rows
-        for row in rows:
-            log(f"  prefill S={seq_len} Hkv={hkv} {row['config']}: {row['TFLOP/s']:.1f} TFLOP/s "
-                f"({row['vs_sdpa']:.2f}x SDPA)")
-    # The cost of paging: the same prompts with one page per 256 keys instead of 16.
-    for row in prefill_case(4096, 4, 32, 32, block_size=256):
-        out["prefill"].append(row)
-        log(f"  prefill S=4096 block_size=256: {row['TFLOP/s']:.1f} TFLOP/s ({row['vs_sdpa']:.2f}x SDPA)")
+        for r in rows:
+            log(f"  prefill S={seq_len} Hkv={hkv} {r['config']}: " + (
+                r["error"] if "error" in r else f"{r['TFLOP/s']:.1f} TFLOP/s ({r['vs_sdpa']:.2f}x SDPA)"))
+    out["prefill_config"] = best(out["prefill"], candidates, "TFLOP/s")
+    log(f"  -> prefill {out['prefill_config']}")
 
     pool = paged_cache(256, 8192, 8, 128, 16, torch.bfloat16)
-    decode_configs = [DecodeConfig(*c) for c in [(64, 4, 3), (64, 4, 2), (64, 4, 4), (32, 4, 3), (128, 4, 2),
-                                                 (128, 8, 3), (64, 8, 3), (32, 2, 4), (16, 2, 4)]]
-    for batch, ctx in [(1, 32768), (8, 8192), (64, 1024), (256, 256)]:
-        base = decode_num_splits(batch, 8, ctx, torch.device("cuda"))
-        splits = sorted({max(1, base // 2), base, min(2 * base, 128)})
-        rows = decode_case(batch, ctx, pool, configs=decode_configs, splits=splits)
+    shapes = [(1, 32768), (4, 16384), (16, 4096), (64, 1024), (256, 256), (256, 2048)]
+    candidates = [DecodeConfig(*c) for c in [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 8, 3),
+                                             (64, 8, 3), (32, 2, 4), (16, 2, 4)]]
+    for batch, ctx in shapes:
+        rows = decode_case(batch, ctx, pool, configs=candidates)
         out["decode"] += rows
-        for row in rows:
-            log(f"  decode B={batch} ctx={ctx} splits={row['num_splits']} {row['config']}: {row['GB/s']:.0f} GB/s")
-    # The cost of scattered pages: the same reads with every sequence's pages in order.
-    k_cache, v_cache, blocks = pool
+        for r in rows:
+            log(f"  decode B={batch} ctx={ctx} splits={r['num_splits']} {r['config']}: "
+                + (r["error"] if "error" in r else f"{r['GB/s']:.0f} GB/s"))
+    cfg = out["decode_config"] = best(out["decode"], candidates, "GB/s")
+    log(f"  -> decode {cfg}")
+    scores = {}
+    for programs_per_sm in (2, 4, 8, 16):
+        rows = [row for batch, ctx in shapes for row in decode_case(
+            batch, ctx, pool, configs=[cfg], splits=[decode_num_splits(batch, 8, ctx, torch.device("cuda"),
+                                                                       programs_per_sm)])]
+        for r in rows:
+            r["programs_per_sm"] = programs_per_sm
+            log(f"  decode B={r['batch']} ctx={r['context']} {programs_per_sm} programs/SM -> "
+                f"{r['num_splits']} splits: {r['GB/s']:.0f} GB/s")
+        out["splits"] += rows
+        scores[programs_per_sm] = geomean([r["GB/s"] for r in rows])
+    out["programs_per_sm"] = max(scores, key=scores.get)
+    log(f"  -> {out['programs_per_sm']} programs per SM")
+    return out
+
+
+def diagnose(prefill_cfg, decode_cfg, programs_per_sm: int) -> dict:
+    """What paging costs: the same work with long pages (prefill) or pages in order (decode)."""
+    from martlet.kernels.decode import decode_num_splits
+
+    out = {"prefill": [], "decode": []}
+    for block_size in (16, 256):
+        (r,) = prefill_case(4096, 4, 32, 32, configs=[prefill_cfg], block_size=block_size)
+        out["prefill"].append(r)
+        log(f"  prefill S=4096 block_size={block_size}: {r['TFLOP/s']:.1f} TFLOP/s")
+    k_cache, v_cache, blocks = pool = paged_cache(256, 2048, 8, 128, 16, torch.bfloat16)
     in_order = (k_cache, v_cache, torch.arange(blocks.numel(), device="cuda", dtype=torch.int32))
-    for batch, ctx in [(8, 8192), (256, 256)]:
-        (row,) = decode_case(batch, ctx, in_order)
-        row["pages"] = "in order"
-        out["decode"].append(row)
-        log(f"  decode B={batch} ctx={ctx} pages in order: {row['GB/s']:.0f} GB/s")
+    for batch, ctx in [(4, 16384), (256, 256), (256, 2048)]:
+        splits = [decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)]
+        for name, p in [("shuffled", pool), ("in order", in_order)]:
+            (r,) = decode_case(batch, ctx, p, configs=[decode_cfg], splits=splits)
+            r["pages"] = name
+            out["decode"].append(r)
+            log(f"  decode B={batch} ctx={ctx} pages {name}: {r['GB/s']:.0f} GB/s")
     return out
 
 
@@ -262,22 +311,24 @@ def table(results: dict) -> str:
         f"GPU: {results['gpu']} ({results['sms']} SMs), torch {results['torch']}, triton {results['triton']}",
         f"Ceilings: copy {c['copy_GB/s']:.0f} GB/s (read + write), read-only (sum) {c['read_GB/s']:.0f} GB/s, "
         f"bf16 GEMM 8192^3 {c['gemm_TFLOP/s']:.0f} TFLOP/s",
+        f"Configs: prefill {results['prefill_config'] or 'default'}, decode {results['decode_config'] or 'default'}, "
+        f"{results['programs_per_sm']} decode programs per SM",
         "",
         "| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results["elementwise"]:
+    for r in results.get("elementwise", []):
         torch_us = f"{r['torch_ms'] * 1e3:.1f}" if r["torch_ms"] else "-"
         lines.append(f"| {r['kernel']} | {r['tokens']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
                      f"{r['GB/s'] / c['copy_GB/s']:.0%} | {torch_us} |")
     lines += ["", "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s | vs SDPA |",
               "|---|---|---|---|---|---|---|"]
-    for r in results["prefill"]:
+    for r in results.get("prefill", []):
         lines.append(f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
                      f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |")
     lines += ["", "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
               "|---|---|---|---|---|---|"]
-    for r in results["decode"]:
+    for r in results.get("decode", []):
         lines.append(f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
                      f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |")
     return "\n".join(lines)
@@ -285,38 +336,56 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", help="write all numbers to this file")
+    parser.add_argument("--json", help="write all numbers to this file (after every section)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
-    parser.add_argument("--tune", action="store_true", help="also time tile configs and split counts")
+    parser.add_argument("--tune", action="store_true",
+                        help="first time candidate tile configs and split targets, then use the best of each")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("martlet.bench.kernels needs a CUDA GPU")
     import triton
 
+    from martlet.kernels.decode import PROGRAMS_PER_SM
+
     props = torch.cuda.get_device_properties(0)
     results = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
-               "triton": triton.__version__}
-    log(f"{props.name}: ceilings")
-    c = results["ceilings"] = {"copy_GB/s": copy_bandwidth(), "read_GB/s": read_bandwidth(),
-                               "gemm_TFLOP/s": gemm_tflops()}
+               "triton": triton.__version__, "prefill_config": None, "decode_config": None,
+               "programs_per_sm": PROGRAMS_PER_SM}
+
+    def section(key: str, title: str, fn: Callable[[], object]) -> None:
+        """Run one part; a failure is printed and the rest still runs. Save everything so far."""
+        log(title)
+        try:
+            results[key] = fn()
+        except Exception:
+            traceback.print_exc()
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=vars)
+
+    section("ceilings", f"{props.name}: ceilings",
+            lambda: {"copy_GB/s": copy_bandwidth(), "read_GB/s": read_bandwidth(), "gemm_TFLOP/s": gemm_tflops()})
+    c = results["ceilings"]
     log(f"  copy {c['copy_GB/s']:.0f} GB/s, read {c['read_GB/s']:.0f} GB/s, GEMM {c['gemm_TFLOP/s']:.0f} TFLOP/s")
-    log("memory-bound kernels")
-    results["elementwise"] = elementwise(4096 if args.quick else 16384)
-    log("prefill attention")
+    section("elementwise", "memory-bound kernels", lambda: elementwise(4096 if args.quick else 16384))
+    if args.tune:
+        section("tuning", "tuning", tune)
+        if "tuning" in results:
+            tuned = results["tuning"]
+            results.update(prefill_config=tuned["prefill_config"], decode_config=tuned["decode_config"],
+                           programs_per_sm=tuned["programs_per_sm"])
+    prefill_cfg, decode_cfg, programs_per_sm = (results[k] for k in ("prefill_config", "decode_config",
+                                                                     "programs_per_sm"))
     seq_lens = [512, 1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
-    results["prefill"] = prefill(seq_lens, total_tokens=16384)
-    log("decode attention")
+    section("prefill", "prefill attention", lambda: prefill(seq_lens, 16384, prefill_cfg))
     batches = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256]
     contexts = [128, 2048, 32768] if args.quick else [128, 512, 2048, 8192, 32768]
-    results["decode"] = decode(batches, contexts, results["ceilings"]["copy_GB/s"])
+    section("decode", "decode attention",
+            lambda: decode(batches, contexts, c["copy_GB/s"], decode_cfg, programs_per_sm))
     if args.tune:
-        log("tuning")
-        results["tuning"] = tune()
+        section("diagnostics", "diagnostics", lambda: diagnose(prefill_cfg, decode_cfg, programs_per_sm))
     print()
     print(table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from martlet.kernels.paged import LOG2E, check_cache, dot_precision, online_softmax_step, paged_offsets
 
-TARGET_PROGRAMS_PER_SM = 4  # enough resident programs to keep loads in flight on every SM
+PROGRAMS_PER_SM = 4  # enough resident programs to keep loads in flight on every SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
 MAX_SPLITS = 64
 
@@ -48,13 +48,16 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Splits per (sequence, KV head): fill the GPU, but keep each split at least MIN_KEYS_PER_SPLIT long.
+def decode_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM
+) -> int:
+    """Splits per (sequence, KV head): `programs_per_sm` programs for every SM, but none shorter than
+    MIN_KEYS_PER_SPLIT keys.
 
     `max_seq_len` is rounded up to a power of two, so the count only moves when the longest context
     crosses one; a CUDA graph captured for a fixed maximum keeps one split count for all replays.
     """
-    wanted = triton.cdiv(TARGET_PROGRAMS_PER_SM * _num_sms(device), max(num_seqs * num_kv_heads, 1))
+    wanted = triton.cdiv(programs_per_sm * _num_sms(device), max(num_seqs * num_kv_heads, 1))
     longest = triton.next_power_of_2(max(max_seq_len, 1))
     return max(1, min(wanted, triton.cdiv(longest, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 

@@ -45,24 +45,25 @@ def _rotary_kv_kernel(
     cos = tl.load(cos_sin_ptr + pos * stride_cos + offs_d, mask=d_mask, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
 
-    offs_h = tl.arange(0, BLOCK_HQ)
-    q1, q2, mask = _rotate(q_ptr + token * stride_qt, stride_qh, NUM_Q_HEADS, offs_h, offs_d, d_mask, cos, sin, HALF)
-    _store_halves(q_out_ptr + token * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :], q1, q2, mask, HALF)
+    q_heads = tl.arange(0, BLOCK_HQ)
+    q1, q2, q_mask = _rotate(q_ptr + token * stride_qt, stride_qh, NUM_Q_HEADS, q_heads, offs_d, d_mask, cos, sin,
+                             HALF)
+    q_out = q_out_ptr + token * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
+    _store_halves(q_out, q1, q2, q_mask, HALF)
 
     # A negative slot marks a padding token (e.g. in a CUDA graph's batch): rotate its q, store nothing.
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        offs_h = tl.arange(0, BLOCK_HKV)
-        k1, k2, mask = _rotate(
-            k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, offs_h, offs_d, d_mask, cos, sin, HALF
-        )
+        kv_heads = tl.arange(0, BLOCK_HKV)
+        k1, k2, kv_mask = _rotate(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, kv_heads, offs_d, d_mask, cos,
+                                  sin, HALF)
         cache = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
-        cache += offs_h[:, None] * stride_head + offs_d[None, :]
+        cache += kv_heads[:, None] * stride_head + offs_d[None, :]
         # Round to k's dtype before the cache's, as the reference does (rotary output, then the write).
         k_dtype = k_ptr.dtype.element_ty
-        _store_halves(k_cache_ptr + cache, k1.to(k_dtype), k2.to(k_dtype), mask, HALF)
-        v = v_ptr + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
-        _store_halves(v_cache_ptr + cache, tl.load(v, mask=mask), tl.load(v + HALF, mask=mask), mask, HALF)
+        _store_halves(k_cache_ptr + cache, k1.to(k_dtype), k2.to(k_dtype), kv_mask, HALF)
+        v = v_ptr + token * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :]
+        _store_halves(v_cache_ptr + cache, tl.load(v, mask=kv_mask), tl.load(v + HALF, mask=kv_mask), kv_mask, HALF)
 
 
 def rotary_kv_write(
