@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -209,10 +210,12 @@ def test_stream_equals_whole(server):
 
     messages = [{"role": "user", "content": "Tell me a story."}]
     whole = client.chat.completions.create(messages=messages, **kwargs)
-    chunks = list(client.chat.completions.create(messages=messages, stream=True, **kwargs))
+    chunks = list(client.chat.completions.create(messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **kwargs))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage == whole.usage
 
 
 def test_stop_string_spanning_tokens_in_stream(server, llm):
@@ -245,6 +248,65 @@ def test_48_concurrent_streams(server, llm):
     assert asyncio.run(run_all()) == expected
 
 
+@pytest.fixture(scope="module")
+def bare_model(model, tmp_path_factory) -> Path:
+    """The tiny model's config.json alone: dummy weights and no tokenizer, like the 7B benchmark dirs."""
+    bare = tmp_path_factory.mktemp("bare")
+    shutil.copy(model / "config.json", bare)
+    return bare
+
+
+def _serve_in_process(model_dir: Path, scenario) -> None:
+    """Run `scenario(engine, client)` against the app in this process, engine thread and all."""
+    from martlet.engine.llm_engine import LLMEngine
+    from martlet.server.api import build_app
+    from martlet.server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(LLMEngine.from_args(str(model_dir), load_format="dummy", device="cpu", max_model_len=64,
+                                             num_kv_blocks=8, quiet=True))
+    app = build_app(engine, "bare")
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://x") as c:
+            await scenario(engine, c)
+
+    asyncio.run(run())
+
+
+def test_tokens_only_model(bare_model):
+    async def scenario(engine, client: httpx.AsyncClient) -> None:
+        assert engine.tokenizer is None
+        body = {"prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True, "logprobs": 1}
+        whole = (await client.post("/v1/completions", json=body)).json()
+        assert whole["choices"][0]["text"] == "" and whole["usage"]["completion_tokens"] == 4
+        assert all(t.startswith("token_id:") for t in whole["choices"][0]["logprobs"]["tokens"])
+        streamed = (await client.post("/v1/completions", json={**body, "stream": True})).text
+        assert streamed.count('"text":""') == 4 and streamed.endswith("data: [DONE]\n\n")  # a chunk per token
+        for bad in ({"prompt": "text"}, {"prompt": [5], "stop": "x"}):
+            assert (await client.post("/v1/completions", json=bad)).status_code == 400
+        chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400
+
+    _serve_in_process(bare_model, scenario)
+
+
+def test_failed_engine_answers_503(bare_model):
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    async def scenario(engine, client: httpx.AsyncClient) -> None:
+        assert (await client.get("/health")).status_code == 200
+        engine.engine.step = broken_step
+        for _ in range(2):  # the request in flight when it broke, then one after
+            response = await client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
+            _check_error(response, 503)
+            assert "device lost" in response.json()["error"]["message"]
+        assert (await client.get("/health")).status_code == 503
+
+    _serve_in_process(bare_model, scenario)
+
+
 # ---- bad input, and the server carries on ------------------------------------------------------------
 
 
@@ -274,6 +336,12 @@ def test_bad_completion_requests(server, body, status, param):
 
 
 def test_errors_in_openai_shape_then_normal_service(server):
+    client = server.client()
+    kwargs = dict(model=MODEL_NAME, prompt=PROMPTS[3], max_tokens=120, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**kwargs).choices[0].text
+    in_flight = iter(client.completions.create(stream=True, **kwargs))
+    streamed = next(in_flight).choices[0].text  # a request in flight while the bad ones come
+
     auth = {"Authorization": f"Bearer {API_KEY}"}
     url = f"{server.url}/v1/completions"
     _check_error(httpx.post(url, content=b'{"prompt": "hi", ', headers=auth), 400)  # malformed JSON
@@ -281,7 +349,6 @@ def test_errors_in_openai_shape_then_normal_service(server):
     _check_error(httpx.post(url, json={"prompt": "hi"}), 401)
     _check_error(httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, headers=auth), 400)
     _check_error(httpx.get(f"{server.url}/v1/nothing-here", headers=auth), 404)
-    client = server.client()
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
                                        temperature=-2)
@@ -291,6 +358,7 @@ def test_errors_in_openai_shape_then_normal_service(server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
     assert client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=3).usage.completion_tokens == 3
+    assert streamed + "".join(chunk.choices[0].text for chunk in in_flight) == expected
 
 
 def test_models_health_metrics(server):

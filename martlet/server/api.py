@@ -19,9 +19,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from martlet.server.async_engine import AsyncEngine
+from martlet.server.async_engine import AsyncEngine, EngineError
 from martlet.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
-from martlet.server.serving import APIError, OpenAIServing, bad_request
+from martlet.server.serving import APIError, OpenAIServing, bad_request, engine_error
 
 
 def build_app(
@@ -78,6 +78,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         param = None if first.get("type") == "json_invalid" else _param(first)
         message = "; ".join(_describe(error) for error in errors[:3]) or "invalid request"
         return bad_request(message, param).response()
+
+    @app.exception_handler(EngineError)
+    async def failed_in_engine(request: Request, exc: EngineError) -> JSONResponse:
+        return engine_error(exc).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

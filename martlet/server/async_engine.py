@@ -32,7 +32,11 @@ from martlet.server.output_processor import Delta, OutputProcessor
 logger = logging.getLogger("martlet.server")
 
 
-class EngineDeadError(RuntimeError):
+class EngineError(RuntimeError):
+    """The engine could not serve a request it had accepted."""
+
+
+class EngineDeadError(EngineError):
     """The step thread stopped (a failed step, or shutdown): no request can be served."""
 
 
@@ -57,9 +61,9 @@ class AsyncEngine:
         self.max_model_len = engine.config.max_model_len
         self.stats = EngineStats(kv_cache_usage=engine.block_manager.usage)
         self.metrics = ServerMetrics(lambda: self.stats)
-        self.error: BaseException | None = None
+        self.error: EngineDeadError | None = None
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[RequestOutput | EngineError]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
@@ -104,8 +108,8 @@ class AsyncEngine:
         Closing or cancelling the iterator aborts whatever is still running.
         """
         if self.error is not None:
-            raise EngineDeadError(f"the engine has stopped: {self.error}")
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+            raise EngineDeadError(str(self.error))
+        outputs: asyncio.Queue[RequestOutput | EngineError] = asyncio.Queue()
         tracked: dict[str, _Tracked] = {}
         now = time.perf_counter()
         for i, (token_ids, p) in enumerate(zip(prompts, params)):
@@ -145,12 +149,12 @@ class AsyncEngine:
             if stream is not None:  # None: its client has left and its abort is on the way
                 stream.put_nowait(output)
 
-    def _fail(self, engine_id: str, error: BaseException) -> None:
+    def _fail(self, engine_id: str, error: EngineError) -> None:
         stream = self._streams.get(engine_id)
         if stream is not None:
             stream.put_nowait(error)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: EngineDeadError) -> None:
         self.error = self.error or error
         for engine_id in list(self._streams):
             self._fail(engine_id, error)
@@ -166,7 +170,7 @@ class AsyncEngine:
                 self._publish_stats()
         except Exception as exc:  # a failed step leaves the engine in an unknown state: stop serving
             logger.exception("engine step failed; the server can serve no more requests")
-            self._loop.call_soon_threadsafe(self._fail_all, exc)
+            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
 
     def _step(self) -> None:
         outputs = self.engine.step()
@@ -188,7 +192,7 @@ class AsyncEngine:
         try:
             self.engine.add_request(token_ids, params, request_id=engine_id)
         except ValueError as exc:  # checked on the front end already; this is a last line
-            self._loop.call_soon_threadsafe(self._fail, engine_id, exc)
+            self._loop.call_soon_threadsafe(self._fail, engine_id, EngineError(f"the engine refused it: {exc}"))
 
     def _stop(self) -> None:
         self._running = False
@@ -201,7 +205,7 @@ class AsyncEngine:
         )
 
 
-async def _latest_outputs(outputs: asyncio.Queue[RequestOutput | BaseException]) -> list[RequestOutput]:
+async def _latest_outputs(outputs: asyncio.Queue[RequestOutput | EngineError]) -> list[RequestOutput]:
     """Wait for outputs, then take all that are queued, keeping each request's latest only.
 
     Each output holds all of its request's tokens so far, so a reader that fell behind catches
@@ -212,7 +216,7 @@ async def _latest_outputs(outputs: asyncio.Queue[RequestOutput | BaseException])
         items.append(outputs.get_nowait())
     latest: dict[str, RequestOutput] = {}
     for item in items:
-        if isinstance(item, BaseException):
+        if isinstance(item, EngineError):
             raise item
         latest[item.request_id] = item
     return list(latest.values())

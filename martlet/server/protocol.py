@@ -48,7 +48,6 @@ class SamplingRequest(OpenAIBaseModel):
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     # vLLM's extensions
     top_k: int = -1
     min_p: float = 0.0

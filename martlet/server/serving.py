@@ -21,7 +21,7 @@ from pydantic import BaseModel
 
 from martlet.outputs import TokenLogprobs
 from martlet.sampling_params import SamplingParams
-from martlet.server.async_engine import AsyncEngine, EngineDeadError
+from martlet.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from martlet.server.output_processor import Delta
 from martlet.server.protocol import (
     AssistantMessage,
@@ -62,6 +62,10 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
+
+
+def engine_error(exc: EngineError) -> APIError:
+    return APIError(503 if isinstance(exc, EngineDeadError) else 500, str(exc), "server_error")
 
 
 @dataclass
@@ -183,7 +187,7 @@ class OpenAIServing:
     def _generate(self, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
                   ) -> AsyncIterator[tuple[int, Delta]]:
         if self.engine.error is not None:
-            raise APIError(503, "the engine has stopped; the server can serve no requests", "server_error")
+            raise engine_error(self.engine.error)
         if self.max_waiting is not None and self.engine.num_waiting + len(prompts) > self.max_waiting:
             raise APIError(429, f"the server is busy: more than {self.max_waiting} requests are waiting; retry later",
                            "rate_limit_error", code="rate_limit_exceeded")
@@ -313,8 +317,8 @@ async def _sse(
                 yield _event(make_chunk(index, delta))
             if include_usage:
                 yield _event(usage_chunk(_usage_of(prompts, completion_tokens)))
-        except EngineDeadError as exc:  # the status line is long gone: report it in the stream
-            yield _event(ErrorResponse(error=ErrorInfo(message=str(exc), type="server_error", code=503)))
+        except EngineError as exc:  # the status line is long gone: report it in the stream
+            yield _event(ErrorResponse(error=engine_error(exc).info))
     yield "data: [DONE]\n\n"
 
 
