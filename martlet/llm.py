@@ -39,7 +39,7 @@ class LLM:
         Every prompt is checked before any starts, so a bad one rejects the call and leaves the
         engine as it was.
         """
-        if isinstance(prompts, (str, dict)):
+        if not isinstance(prompts, (list, tuple)):
             prompts = [prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -51,11 +51,16 @@ class LLM:
                 "pass one SamplingParams or one per prompt"
             )
         requests = [self._tokenize(p) for p in prompts]
-        for token_ids, _ in requests:
-            self.engine.validate_prompt(token_ids)
-        order = {}
-        for i, ((token_ids, text), params) in enumerate(zip(requests, sampling_params)):
-            order[self.engine.add_request(token_ids, params, prompt=text)] = i
+        for (token_ids, _), params in zip(requests, sampling_params):
+            self.engine.validate_request(token_ids, params)
+        order: dict[str, int] = {}
+        try:
+            for i, ((token_ids, text), params) in enumerate(zip(requests, sampling_params)):
+                order[self.engine.add_request(token_ids, params, prompt=text)] = i
+        except BaseException:  # all or nothing: leave no request of this call behind
+            for request_id in order:
+                self.engine.abort_request(request_id)
+            raise
         return self._run(order, use_tqdm)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_LOGPROBS = 20  # top log-probabilities a request may ask for per token (vLLM's default limit)
+
 
 @dataclass
 class SamplingParams:
@@ -33,16 +35,28 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop_strings = [self.stop]
-        else:
-            self.stop_strings = list(self.stop or [])
+        self._check_types()
+        self.stop_strings = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self._validate()
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def _check_types(self) -> None:
+        """Wrong types get the same field-naming ValueError as wrong values, not a TypeError later."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+            _check(_is_number(getattr(self, name)), name, getattr(self, name), "must be a number")
+        for name in ("n", "top_k", "min_tokens"):
+            _check(_is_int(getattr(self, name)), name, getattr(self, name), "must be an integer")
+        for name in ("max_tokens", "logprobs", "seed"):
+            value = getattr(self, name)
+            _check(value is None or _is_int(value), name, value, "must be an integer or None")
+        _check(self.stop is None or isinstance(self.stop, (str, list, tuple)), "stop", self.stop,
+               "must be a string or a list of strings")
+        _check(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)), "stop_token_ids",
+               self.stop_token_ids, "must be a list of token ids")
 
     def _validate(self) -> None:
         _check(self.n == 1, "n", self.n, "must be 1 (parallel sampling is not supported yet)")
@@ -60,12 +74,25 @@ class SamplingParams:
         _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "must be >= 0")
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
+               f"must be in [0, {MAX_LOGPROBS}]")
         _check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", self.stop,
                "must be a non-empty string or a list of them")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(self.detokenize or not self.stop_strings, "stop", self.stop,
+               "needs detokenize=True (stop strings are matched in the text)")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                self.stop_token_ids, "must be a list of non-negative token ids")
-        _check(self.seed is None or isinstance(self.seed, int), "seed", self.seed, "must be an integer")
+        # The range torch.Generator.manual_seed accepts.
+        _check(self.seed is None or -(2**63) <= self.seed < 2**64, "seed", self.seed,
+               "must be in [-2**63, 2**64)")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

@@ -32,7 +32,7 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def add_tokens(self, new_token_ids: list[int]) -> str | None:
+    def add_tokens(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
         """Take the newly generated tokens; return the stop string they completed, if any."""
         self.token_ids += new_token_ids
         prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
             return None  # nothing printable yet: wait for the rest of the character
         delta = full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
-        return self._append(delta)
+        return self._append(delta, check_stop)
 
     def flush(self) -> None:
         """The request is over: emit whatever is left, even an incomplete character."""
@@ -51,10 +51,12 @@ class IncrementalDetokenizer:
             self._append(full[len(prefix) :])
         self.finished = True
 
-    def _append(self, delta: str) -> str | None:
+    def _append(self, delta: str, check_stop: bool = True) -> str | None:
         # Only the new text and the few characters before it can hold a new match.
         search_from = max(0, len(self.text) - self.holdback)
         self.text += delta
+        if not check_stop:
+            return None
         matches = [(at, stop) for stop in self.stop if (at := self.text.find(stop, search_from)) != -1]
         if not matches:
             return None

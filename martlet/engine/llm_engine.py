@@ -114,7 +114,13 @@ class LLMEngine:
             raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
         return self.tokenizer.encode(prompt)
 
-    def validate_prompt(self, token_ids: list[int]) -> None:
+    def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Everything about a request that can be wrong, checked before it is queued."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
         if not token_ids:
             raise ValueError("the prompt is empty: give at least one token")
         if len(token_ids) >= self.config.max_model_len:
@@ -131,7 +137,7 @@ class LLMEngine:
         self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
         request_id: str | None = None,
     ) -> str:
-        self.validate_prompt(prompt_token_ids)
+        self.validate_request(prompt_token_ids, params)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -198,7 +204,8 @@ class LLMEngine:
         if token in self.eos_token_ids and not params.ignore_eos:
             return self._finish(seq, "stop")
         if detok is not None:
-            stop = detok.add_tokens([token])
+            # As in vLLM, stop strings count only once min_tokens are out.
+            stop = detok.add_tokens([token], check_stop=seq.num_output_tokens >= params.min_tokens)
             if stop is not None:
                 return self._finish(seq, "stop", stop)
         max_tokens = params.max_tokens or self.config.max_model_len

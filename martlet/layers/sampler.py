@@ -49,12 +49,13 @@ class Sampler:
         device = logits.device
         temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        probs = filter_probs(
+        if any(s.params.top_k != -1 or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
+            probs = filter_probs(
             probs,
-            top_k=torch.tensor([s.params.top_k for s in seqs], device=device),
-            top_p=torch.tensor([s.params.top_p for s in seqs], device=device),
-            min_p=torch.tensor([s.params.min_p for s in seqs], device=device),
-        )
+                top_k=torch.tensor([s.params.top_k for s in seqs], device=device),
+                top_p=torch.tensor([s.params.top_p for s in seqs], device=device),
+                min_p=torch.tensor([s.params.min_p for s in seqs], device=device),
+            )
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
             if seq.generator is not None:
