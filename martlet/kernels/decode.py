@@ -40,7 +40,9 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> De
         return DecodeConfig(16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(32, 4, 2)
-    return DecodeConfig(64, 4, 3)
+    # Best geometric mean of 8 candidates on an H200 (benchmarks/results/kernels-H200-2026-11-21.md);
+    # small tiles, deep pipeline: more programs resident per SM, more loads in flight.
+    return DecodeConfig(32, 2, 4)
 
 
 @functools.cache
