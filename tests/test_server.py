@@ -145,6 +145,9 @@ def test_stop_string_spanning_tokens_is_never_shown():
     assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == ("stop", stop)
     # Tokens up to and including " fox" count as output, as the offline engine counts them.
     assert processor.num_tokens == token_ids.index(tokenizer.encode(" fox")[0]) + 1
+    # Stop strings count only once min_tokens are out, as offline (and in vLLM).
+    late = _feed(OutputProcessor(tokenizer, [1], greedy(64, stop=[stop], min_tokens=6)), token_ids)
+    assert "".join(d.text for d in late) == tokenizer.decode(token_ids)
 
 
 # ---- results match the offline engine ----------------------------------------------------------------
@@ -319,9 +322,10 @@ def _check_error(response: httpx.Response, status: int) -> None:
 @pytest.mark.parametrize("body, status, param", [
     ({"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
     ({"max_tokens": 4}, 400, "prompt"),
-    ({"prompt": "hi", "temperature": -1}, 400, None),
-    ({"prompt": "hi", "top_p": 0}, 400, None),
-    ({"prompt": "hi", "n": 2}, 400, None),
+    ({"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "hi", "n": 2}, 400, "n"),
+    ({"prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
     ({"prompt": "hi", "logprobs": 99}, 400, "logprobs"),
     ({"prompt": "hi", "max_tokens": 600}, 400, "max_tokens"),
     ({"prompt": [1] * 600}, 400, "prompt"),

@@ -68,6 +68,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._num_steps = 0
+        self._num_submitted = 0  # requests put in the inbox (event loop side)
+        self._num_added = 0  # requests taken out of it (step thread side)
 
     # ---- lifecycle (event loop side) ------------------------------------------------------------
 
@@ -88,17 +90,17 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        """Requests accepted but not in the running batch (as of the last step)."""
-        return max(0, len(self._streams) - self.stats.num_running)
+        """Requests queued for the batch: the engine's queue, plus those still in the inbox."""
+        return self.stats.num_waiting + self._num_submitted - self.stats.num_added
 
     # ---- requests (event loop side) -------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
         return self.engine.tokenize(text)
 
-    def validate_prompt(self, token_ids: list[int]) -> None:
-        """Raises ValueError for a prompt the engine would refuse (reads only its config)."""
-        self.engine.validate_prompt(token_ids)
+    def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError for a request the engine would refuse (reads only its config)."""
+        self.engine.validate_request(token_ids, params)
 
     async def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -116,7 +118,9 @@ class AsyncEngine:
             engine_id = f"{request_id}-{i}"
             tracked[engine_id] = _Tracked(i, len(token_ids), OutputProcessor(self.tokenizer, token_ids, p), now)
             self._streams[engine_id] = outputs
-            self._inbox.put(partial(self._add, engine_id, token_ids, replace(p, detokenize=False)))
+            self._num_submitted += 1
+            # The engine gets token work only: text and stop strings are the processor's.
+            self._inbox.put(partial(self._add, engine_id, token_ids, replace(p, detokenize=False, stop=None)))
         try:
             while not all(t.processor.finished for t in tracked.values()):
                 for output in await _latest_outputs(outputs):
@@ -125,10 +129,9 @@ class AsyncEngine:
                         continue  # tokens made after a stop string, before the abort landed
                     t.engine_finished = output.finished
                     delta = t.processor.process(output)
-                    if t.first_token is None and delta.token_ids:
+                    if t.first_token is None:
                         t.first_token = time.perf_counter()
-                    if delta.text or delta.token_ids or delta.finish_reason:
-                        yield t.index, delta
+                    yield t.index, delta
         finally:
             self._close(tracked)
 
@@ -165,9 +168,9 @@ class AsyncEngine:
         try:
             while self._running:
                 self._drain_inbox(wait=not self.engine.has_unfinished_requests())
+                self._publish_stats()
                 if self._running and self.engine.has_unfinished_requests():
                     self._step()
-                self._publish_stats()
         except Exception as exc:  # a failed step leaves the engine in an unknown state: stop serving
             logger.exception("engine step failed; the server can serve no more requests")
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
@@ -175,6 +178,7 @@ class AsyncEngine:
     def _step(self) -> None:
         outputs = self.engine.step()
         self._num_steps += 1
+        self._publish_stats()  # before the hand-off: a client that sees its token sees these counts
         if outputs:  # one hand-off per step, however many requests got a token
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
@@ -189,6 +193,7 @@ class AsyncEngine:
             command()
 
     def _add(self, engine_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        self._num_added += 1
         try:
             self.engine.add_request(token_ids, params, request_id=engine_id)
         except ValueError as exc:  # checked on the front end already; this is a last line
@@ -201,7 +206,7 @@ class AsyncEngine:
         scheduler = self.engine.scheduler
         self.stats = EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            kv_cache_usage=self.engine.block_manager.usage, num_steps=self._num_steps,
+            kv_cache_usage=self.engine.block_manager.usage, num_steps=self._num_steps, num_added=self._num_added,
         )
 
 

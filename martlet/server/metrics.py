@@ -30,6 +30,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_steps: int = 0
+    num_added: int = 0  # requests the engine has taken in, so far
 
 
 class ServerMetrics:

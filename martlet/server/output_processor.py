@@ -45,6 +45,7 @@ class OutputProcessor:
             self.detokenizer = IncrementalDetokenizer(
                 tokenizer, prompt_token_ids, params.stop_strings, params.skip_special_tokens
             )
+        self.min_tokens = params.min_tokens  # stop strings count only after these, as offline
         self.num_tokens = 0  # output tokens taken so far (a stop string can end them early)
         self.num_chars = 0  # characters of text handed out so far
         self.finish_reason: str | None = None
@@ -83,7 +84,7 @@ class OutputProcessor:
         """Detokenize one token; True if it completed a stop string (which ends the request)."""
         if self.detokenizer is None:
             return False
-        stop = self.detokenizer.add_tokens([token])
+        stop = self.detokenizer.add_tokens([token], check_stop=self.num_tokens >= self.min_tokens)
         if stop is None:
             return False
         self.finish_reason, self.stop_reason = "stop", stop

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI API, with vLLM's extensions.
 
-Requests check types only; value ranges are `SamplingParams`'s to check (one place for every
-rule, with the same messages offline and online), except the server's own limits.
+Requests check types only; value ranges are `SamplingParams`'s to check: one place for every
+rule, with the same messages offline and online.
 Unknown fields are ignored, as OpenAI does, and an explicit null means "the default".
 """
 
@@ -13,9 +13,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from martlet.sampling_params import SamplingParams
-
-# Top log-probabilities a request may ask for per token: more only fattens responses.
-MAX_LOGPROBS = 20
 
 
 class OpenAIBaseModel(BaseModel):
@@ -77,7 +74,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: int | None = None
 
 
 class TextPart(OpenAIBaseModel):
@@ -102,7 +99,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: int | None = None
     add_generation_prompt: bool = True
 
     @property

@@ -9,6 +9,7 @@ built from, so the two agree by construction.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
@@ -94,20 +95,20 @@ class OpenAIServing:
         params = self._sampling_params(body, prompts, body.max_tokens, body.logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         echoed = [self._prompt_text(p) if body.echo else "" for p in prompts]
-        choices = _CompletionChoices(echoed, self._token_text)
+        formatter = _CompletionChoices(echoed, self._token_text)
         deltas = self._generate(request_id, prompts, params)
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
             return CompletionResponse(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
         if body.stream:
-            pieces = _sse(deltas, lambda i, d: chunk([choices.piece(i, d)]), prompts, body.include_usage,
+            events = _sse(deltas, lambda i, d: chunk([formatter.piece(i, d)]), prompts, body.include_usage,
                           lambda usage: chunk([], usage))
-            return StreamingResponse(pieces, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream")
         merged = await _unless_disconnected(request, _merge(deltas, len(prompts)))
         if merged is None:
             return Response(status_code=499)  # nobody is listening
-        return _json(chunk([choices.piece(i, d) for i, d in enumerate(merged)], _usage(prompts, merged)))
+        return _json(chunk([formatter.piece(i, d) for i, d in enumerate(merged)], _usage(prompts, merged)))
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class OpenAIServing:
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        choices = _ChatChoices(body.top_logprobs or 0, self._token_text)
+        formatter = _ChatChoices(body.top_logprobs or 0, self._token_text)
         deltas = self._generate(request_id, [prompt], params)
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
@@ -126,14 +127,14 @@ class OpenAIServing:
 
         if body.stream:
             role = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
-            pieces = _sse(deltas, lambda i, d: chunk([choices.piece(i, d)]), [prompt], body.include_usage,
+            events = _sse(deltas, lambda i, d: chunk([formatter.piece(i, d)]), [prompt], body.include_usage,
                           lambda usage: chunk([], usage), first=role)
-            return StreamingResponse(pieces, media_type="text/event-stream")
+            return StreamingResponse(events, media_type="text/event-stream")
         merged = await _unless_disconnected(request, _merge(deltas, 1))
         if merged is None:
             return Response(status_code=499)
         return _json(ChatCompletionResponse(id=request_id, model=self.model_name,
-                                            choices=[choices.whole(0, merged[0])], usage=_usage([prompt], merged)))
+                                            choices=[formatter.whole(0, merged[0])], usage=_usage([prompt], merged)))
 
     # ---- checks, before the engine sees anything -------------------------------------------------
 
@@ -167,10 +168,9 @@ class OpenAIServing:
             raise bad_request("stop strings need a tokenizer, and this model has none: use stop_token_ids", "stop")
         result = []
         for prompt in prompts:
-            with _as_bad_request(None):
-                params = body.sampling_params(max_tokens, logprobs)
             with _as_bad_request("prompt"):
-                self.engine.validate_prompt(prompt.token_ids)
+                params = body.sampling_params(max_tokens, logprobs)
+                self.engine.validate_request(prompt.token_ids, params)
             room = self.engine.max_model_len - len(prompt.token_ids)
             if params.max_tokens is None:
                 params.max_tokens = room
@@ -204,12 +204,14 @@ class OpenAIServing:
 
 
 @contextmanager
-def _as_bad_request(param: str | None) -> Iterator[None]:
-    """Turn the ValueError of bad input (or a chat template's error) into a 400 naming `param`."""
+def _as_bad_request(param: str) -> Iterator[None]:
+    """Turn the ValueError of bad input (or a chat template's error) into a 400 naming the field:
+    the one a SamplingParams message names, else `param`."""
     try:
         yield
     except (ValueError, jinja2.TemplateError) as exc:
-        raise bad_request(str(exc), param) from exc
+        named = re.match(r"SamplingParams\.(\w+)", str(exc))
+        raise bad_request(str(exc), named[1] if named else param) from exc
 
 
 # ---- turning deltas into responses ------------------------------------------------------------
@@ -334,13 +336,12 @@ async def _unless_disconnected(request: Request, work: Awaitable[list[Delta]]) -
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this handler itself is cancelled (shutdown): never leave `work` running
         watcher.cancel()
-    if not task.done():
-        task.cancel()  # closing its engine iterator aborts the engine requests
-        return None
-    return task.result()
+        if not task.done():
+            task.cancel()  # closing its engine iterator aborts the engine requests
+    return task.result() if task in done else None
 
 
 async def _wait_for_disconnect(request: Request) -> None:
