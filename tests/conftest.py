@@ -4,13 +4,32 @@
 `tiny_llm` is that model loaded once on the CPU in float32. Tests that need a differently
 configured engine (a small KV pool, other limits) build their own `LLM` from `tiny_model`.
 Tests that use `tiny_llm` must leave it as they found it: no requests left, all blocks free.
+
+Without a GPU, Triton kernels run in Triton's interpreter: TRITON_INTERPRET must be set before
+any kernel is decorated, so it is set here, before pytest imports any test module, and tests
+marked `gpu` are skipped.
 """
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from martlet.testing import load_test_tokenizer, make_tiny_model
+import pytest
+import torch
+
+from martlet.testing import load_test_tokenizer, make_tiny_model  # imports no kernels
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.sampler = Sampler(config.device, config.seed)
+        self.pin_memory = self.device.type == "cuda"
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
         # Graphs need kernels that take everything from device tensors: the Triton backend's.
@@ -39,7 +40,6 @@ class ModelRunner:
             DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size, self.device)
             if use_graphs else None
         )
-        self.pin_memory = self.device.type == "cuda"
 
     # ---- the KV pool -------------------------------------------------------------------------
 
