@@ -105,7 +105,7 @@ class LLMEngine:
             enforce_eager=enforce_eager,
         )
         torch.manual_seed(seed)
-        return cls(config, model_config, _try_tokenizer(model, load_format), quiet=quiet)
+        return cls(config, model_config, _try_tokenizer(model), quiet=quiet)
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -257,14 +257,13 @@ def _check_positive(**values: int | None) -> None:
             raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-def _try_tokenizer(model: str, load_format: str):
-    """The tokenizer, or None for a config-only directory run with dummy weights."""
+def _try_tokenizer(model: str):
+    """The tokenizer, or None for a directory without one: such a model takes token ids only."""
     try:
         return load_tokenizer(model)
-    except FileNotFoundError:
-        if load_format == "dummy":
-            return None
-        raise
+    except FileNotFoundError as e:
+        logger.warning("%s: prompts must be token ids and outputs will have no text", e)
+        return None
 
 
 def _eos_token_ids(model: str, cfg: ModelConfig, tokenizer) -> list[int]:

@@ -30,16 +30,16 @@ class ModelRunner:
         self.block_size = config.block_size
         self.sampler = Sampler(config.device, config.seed)
         self.pin_memory = self.device.type == "cuda"
+        self.graphs: DecodeGraphs | None = None  # none while profiling; made once the pool exists
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
         # Graphs need kernels that take everything from device tensors: the Triton backend's.
         use_graphs = (
             self.device.type == "cuda" and config.attention_backend == "triton" and not config.enforce_eager
         )
-        self.graphs = (
-            DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size, self.device)
-            if use_graphs else None
-        )
+        if use_graphs:
+            self.graphs = DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size,
+                                       self.device)
 
     # ---- the KV pool -------------------------------------------------------------------------
 
