@@ -459,4 +459,4 @@ def test_bench_serve_against_our_server(server, tmp_path):
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_output_tokens"] == 4 * 3 + 6 * 3
-    assert result["output_throughput"] > 0 and result["ttft_ms"]["p50"] > 0
+    assert result["output_throughput"] > 0 and result["ttft_ms"]["p50"] > 0 and result["engine_steps_per_s"] > 0

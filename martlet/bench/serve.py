@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,9 @@ async def send(client: httpx.AsyncClient, url: str, payload: dict) -> Result:
     return result
 
 
-async def run_benchmark(args: argparse.Namespace, requests: list[Request], rng: random.Random) -> tuple[list, float]:
+async def run_benchmark(
+    args: argparse.Namespace, requests: list[Request], rng: random.Random,
+) -> tuple[list[Result], float, float | None]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=args.max_concurrency)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
@@ -131,6 +134,7 @@ async def run_benchmark(args: argparse.Namespace, requests: list[Request], rng: 
             bar.update(1)
             return result
 
+        steps_before = await engine_steps(client)
         start = time.perf_counter()
         tasks = []
         for request in requests:
@@ -140,7 +144,9 @@ async def run_benchmark(args: argparse.Namespace, requests: list[Request], rng: 
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
         bar.close()
-    return results, duration
+        steps_after = await engine_steps(client)
+    steps_per_s = None if steps_before is None or steps_after is None else (steps_after - steps_before) / duration
+    return results, duration, steps_per_s
 
 
 async def first_model(client: httpx.AsyncClient) -> str:
@@ -149,7 +155,17 @@ async def first_model(client: httpx.AsyncClient) -> str:
     return response.json()["data"][0]["id"]
 
 
-def summarize(requests: list[Request], results: list[Result], duration: float) -> dict:
+async def engine_steps(client: httpx.AsyncClient) -> float | None:
+    """Martlet's engine step counter, to compare the step rate under HTTP load with offline runs."""
+    try:
+        metrics = (await client.get("/metrics")).text
+    except httpx.HTTPError:
+        return None
+    found = re.search(r"^martlet_engine_steps_total (\S+)$", metrics, re.M)
+    return float(found[1]) if found else None
+
+
+def summarize(requests: list[Request], results: list[Result], duration: float, steps_per_s: float | None) -> dict:
     done = [(q, r) for q, r in zip(requests, results) if r.ok]
     output_tokens = sum(r.output_tokens for _, r in done)
     input_tokens = sum(len(q.prompt) for q, _ in done)
@@ -164,6 +180,7 @@ def summarize(requests: list[Request], results: list[Result], duration: float) -
         "request_throughput": len(done) / duration,
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
+        "engine_steps_per_s": steps_per_s,  # None for servers other than Martlet
         "ttft_ms": _stats([r.ttft for _, r in done]),
         "tpot_ms": _stats([r.tpot for _, r in done if r.tpot is not None]),
         "itl_ms": _stats([gap for _, r in done for gap in r.itl]),
@@ -189,6 +206,8 @@ def print_table(summary: dict) -> None:
         ("Output token throughput (tok/s)", f"{summary['output_throughput']:.2f}"),
         ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.2f}"),
     ]
+    if summary["engine_steps_per_s"] is not None:
+        rows.append(("Engine steps/s", f"{summary['engine_steps_per_s']:.2f}"))
     for key, title in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2el_ms", "E2E latency")):
         rows += [(f"{title} {stat} (ms)", f"{value:.2f}") for stat, value in summary[key].items()]
     width = max(len(name) for name, _ in rows) + 12
@@ -205,8 +224,8 @@ def print_table(summary: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     requests = load_workload(args.workload, args.num_prompts, args.vocab_size, rng)
-    results, duration = asyncio.run(run_benchmark(args, requests, rng))
-    summary = summarize(requests, results, duration)
+    results, duration, steps_per_s = asyncio.run(run_benchmark(args, requests, rng))
+    summary = summarize(requests, results, duration, steps_per_s)
     print_table(summary)
     if args.json:
         config = {k: getattr(args, k) for k in ("base_url", "workload", "num_prompts", "max_concurrency", "seed")}
