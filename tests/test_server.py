@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -40,10 +41,11 @@ class Server:
     def __init__(self, model: Path, log: Path, *args: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
         command = [sys.executable, "-m", "martlet.server", "--model", str(model), "--port", str(self.port),
                    "--served-model-name", MODEL_NAME, "--disable-access-log", *ENGINE_ARGS, *args]
-        self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        # One torch thread: the machine is shared, and spinning thread pools slow everyone down.
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 180
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -57,8 +59,8 @@ class Server:
         except httpx.HTTPError:
             return False
 
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
