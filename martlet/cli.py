@@ -135,16 +135,35 @@ def build_parser() -> argparse.ArgumentParser:
     throughput = bench.add_parser("throughput", help="many requests through the engine: tok/s, roofline")
     offline.add_throughput_args(throughput)
     throughput.set_defaults(func=offline.run_throughput)
+
+    # Imported here: the server and its bench import this module for the shared engine options.
+    from martlet import server
+    from martlet.bench import serve as bench_serve
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
+                                         "/v1/models, /health, /metrics)")
+    server.add_cli_args(serve)
+    serve.set_defaults(func=server.run)
+    serve_bench = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, tok/s")
+    bench_serve.add_cli_args(serve_bench)
+    serve_bench.set_defaults(func=bench_serve.run)
+    from martlet.bench import kernels
+
+    kernel_bench = bench.add_parser("kernels", help="Triton kernels against the GPU's ceilings and SDPA")
+    kernels.add_cli_args(kernel_bench)
+    kernel_bench.set_defaults(func=kernels.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"martlet: error: {e}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -334,13 +334,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write all numbers to this file (after every section)")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     parser.add_argument("--tune", action="store_true",
                         help="first time candidate tile configs and split targets, then use the best of each")
-    args = parser.parse_args()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cli_args(parser)
+    run(parser.parse_args())
+
+
+def run(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         sys.exit("martlet.bench.kernels needs a CUDA GPU")
     import triton
