@@ -5,11 +5,10 @@
 set -uo pipefail
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-CFG=benchmarks/models/llama-2-7b
+CFG=${CFG:-benchmarks/models/llama-2-7b}
 WL=benchmarks/workloads/sharegpt_like_1024.jsonl
-ENGINE="--config-dir $CFG --load-format dummy --dtype float16 --max-model-len 2304"
-python3 -m martlet.cli serve --model $CFG --load-format dummy --dtype float16 --max-model-len 2304 \
-  --port 8000 --disable-access-log >"$OUT/server.log" 2>&1 &
+ENGINE="--load-format dummy --dtype ${DTYPE:-float16} --max-model-len 2304"
+python3 -m martlet.cli serve --model $CFG $ENGINE --port 8000 --disable-access-log >"$OUT/server.log" 2>&1 &
 SERVER=$!
 python3 - <<'PY'
 import time, urllib.request
@@ -19,12 +18,12 @@ for _ in range(240):
     except Exception:
         time.sleep(1)
 PY
-for spec in ${RATES:-"4 256" "16 512" "inf 1024"}; do
-  read -r RATE N <<<"$spec"
+for spec in ${RATES:-4:256 16:512 inf:1024}; do  # request rate (1/s):number of requests
+  IFS=: read -r RATE N <<<"$spec"
   echo "== serve: request rate $RATE/s, $N requests"
   python3 -m martlet.cli bench serve --base-url http://127.0.0.1:8000 --workload $WL --num-prompts "$N" \
     --request-rate "$RATE" --vocab-size 32000 --json "$OUT/serve_rate_$RATE.json" 2>&1 | grep -v "it/s\]" | tail -22
 done
 kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
 echo "== offline throughput, same workload"
-python3 -m martlet.cli bench throughput $ENGINE --workload $WL --quiet --json "$OUT/offline_throughput.json" 2>&1 | tail -9
+python3 -m martlet.cli bench throughput --config-dir $CFG $ENGINE --workload $WL ${NUM_OFFLINE:+--num-prompts $NUM_OFFLINE} --quiet --json "$OUT/offline_throughput.json" 2>&1 | tail -9
