@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from martlet.engine.model_runner import LaunchedStep
 from martlet.engine.sequence import Sequence
 from martlet.layers.sampler import Sampler, apply_penalties, filter_probs, mask_stop_tokens
 from martlet.sampling_params import SamplingParams
@@ -309,9 +310,10 @@ def test_logprobs_hold_the_top_n_and_the_sampled_token():
     ]
     out = Sampler(CPU, 0)(logits, seqs)
     reference = torch.log_softmax(logits, -1)  # of the raw logits, before temperature
-    assert out.logprobs is not None and len(out.logprobs) == rows
+    tokens, logprobs = LaunchedStep.start(seqs, out).results()
+    assert logprobs is not None and len(logprobs) == rows
     outside = 0
-    for i, (row, token) in enumerate(zip(out.logprobs, out.token_ids.tolist())):
+    for i, (row, token) in enumerate(zip(logprobs, tokens)):
         n = counts[i % 5] or 0
         top = reference[i].topk(n).indices.tolist() if n else []
         assert set(row) == set(top) | {token}
@@ -327,12 +329,14 @@ def test_logprobs_with_greedy_and_penalties_are_of_the_raw_logits():
     out = Sampler(CPU, 0)(logits, [seq])
     assert out.token_ids.item() == 1  # the penalty moved the choice
     ref = torch.log_softmax(logits, -1)[0]
-    assert out.logprobs[0] == pytest.approx({0: ref[0].item(), 1: ref[1].item()})
+    _, logprobs = LaunchedStep.start([seq], out).results()
+    assert logprobs[0] == pytest.approx({0: ref[0].item(), 1: ref[1].item()})
 
 
 def test_no_logprobs_when_nobody_asks():
     seqs = [make_seq(SamplingParams(temperature=1.0)), make_seq(SamplingParams(temperature=0.0))]
-    assert Sampler(CPU, 0)(torch.randn(2, 10), seqs).logprobs is None
+    out = Sampler(CPU, 0)(torch.randn(2, 10), seqs)
+    assert out.top_ids is None and LaunchedStep.start(seqs, out).results()[1] is None
 
 
 # ---- engine level: seeds ----------------------------------------------------------------------

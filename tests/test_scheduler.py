@@ -25,7 +25,7 @@ def next_token(seq: Sequence) -> int:
 class Sim:
     def __init__(self, num_blocks=64, max_num_seqs=8, budget=64, prefix_caching=True):
         self.bm = BlockManager(num_blocks, BS, enable_prefix_caching=prefix_caching)
-        self.sched = Scheduler(self.bm, max_num_seqs, budget)
+        self.sched = Scheduler(self.bm, max_num_seqs, budget, max_model_len=4096)
         self.seqs: list[Sequence] = []
         self.history: list[ScheduledBatch] = []
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from martlet.engine.sequence import Sequence
+from martlet.engine.sequence import PLACEHOLDER, Sequence
 
 
 class Block:
@@ -68,6 +68,7 @@ class BlockManager:
                 break
             self._take(block_id)
             seq.block_table.append(block_id)
+            seq.num_hashed_blocks += 1
             seq.num_computed_tokens += self.block_size
             self.num_hit_tokens += self.block_size
             parent = h
@@ -85,9 +86,7 @@ class BlockManager:
             self._take(block_id)
             seq.block_table.append(block_id)
         if self.enable_prefix_caching:
-            first = seq.num_computed_tokens // self.block_size
-            for i in range(first, total // self.block_size):
-                self._remember(seq, i)
+            self._remember_full_blocks(seq, total // self.block_size)
 
     def free(self, seq: Sequence) -> None:
         # The tail is freed first so it is reused first: its prefix is the more valuable part.
@@ -97,6 +96,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_ids[block_id] = None
         seq.block_table.clear()
+        seq.num_hashed_blocks = 0
         seq.num_computed_tokens = 0
 
     def _take(self, block_id: int) -> None:
@@ -111,11 +111,17 @@ class BlockManager:
             del self.cached[block.hash]
         block.hash, block.token_ids = None, ()
 
-    def _remember(self, seq: Sequence, index: int) -> None:
-        block = self.blocks[seq.block_table[index]]
-        if block.hash is not None:
-            return
-        parent = self.blocks[seq.block_table[index - 1]].hash if index else None
-        tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
-        block.hash, block.token_ids = block_hash(parent, tokens), tokens
-        self.cached.setdefault(block.hash, block.block_id)
+    def _remember_full_blocks(self, seq: Sequence, num_full: int) -> None:
+        """Register the sequence's full blocks for prefix caching, in order (each hash chains its
+        parent's), stopping at a block that still holds a token not sampled yet."""
+        while seq.num_hashed_blocks < num_full:
+            index = seq.num_hashed_blocks
+            tokens = tuple(seq.token_ids[index * self.block_size : (index + 1) * self.block_size])
+            if PLACEHOLDER in tokens:
+                return
+            block = self.blocks[seq.block_table[index]]
+            if block.hash is None:
+                parent = self.blocks[seq.block_table[index - 1]].hash if index else None
+                block.hash, block.token_ids = block_hash(parent, tokens), tokens
+                self.cached.setdefault(block.hash, block.block_id)
+            seq.num_hashed_blocks += 1

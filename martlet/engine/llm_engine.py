@@ -19,10 +19,11 @@ import torch
 from martlet.config import EngineConfig, ModelConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
-from martlet.engine.model_runner import ModelRunner, completes_prompt
+from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
-from martlet.engine.sequence import Sequence
+from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import get_attention_backend
+from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
 from martlet.outputs import CompletionOutput, RequestOutput
 from martlet.sampling_params import SamplingParams
@@ -58,11 +59,14 @@ class LLMEngine:
         if not quiet:
             logger.info("KV cache: %d blocks of %d tokens = %d tokens", num_blocks, config.block_size, capacity)
         self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len)
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
         # Called with every scheduled batch before it runs (benchmarks count its cost).
         self.on_step: Callable[[ScheduledBatch], None] | None = None
         self.requests: dict[str, Sequence] = {}
+        self.in_flight: LaunchedStep | None = None  # launched, tokens not collected yet
+        self.in_flight_slots: list[int] = []  # where each of its tokens goes in its sequence
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
@@ -161,34 +165,58 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None
 
     # ---- the loop ----------------------------------------------------------------------------
 
     def step(self, final_only: bool = False) -> list[RequestOutput]:
-        """Schedule, execute, update. Returns an output for every request that got a token, or
-        with `final_only` for every request that finished."""
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
-        if self.on_step is not None:
-            self.on_step(batch)
-        sampled = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
-        result = self.runner.execute(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-        if result is None:
-            return []
-        now = time.perf_counter()
-        token_ids = result.token_ids.tolist()  # the step's one host-device sync
+        """Schedule and launch a step, then collect the tokens of the step before it.
+
+        The device runs step N while the host schedules and launches step N+1; only then does
+        the host wait for step N's tokens (the one sync), which were sampled into the device-side
+        input of N+1 already. A sequence that finishes at step N has one step computed in vain.
+
+        Returns an output for every request that got a token, or with `final_only` for every
+        request that finished.
+        """
         outputs = []
-        for i, seq in enumerate(sampled):
-            seq.append_token(token_ids[i])
-            if result.logprobs is not None and seq.params.logprobs is not None:
-                seq.output_logprobs.append(result.logprobs[i])
+        if self.in_flight is not None and any(has_penalty(s) for s in self.scheduler.running):
+            outputs = self._collect(final_only)  # penalties count the output tokens on the host
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch:
+            if self.on_step is not None:
+                self.on_step(batch)
+            launched = self.runner.execute(batch)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+        outputs += self._collect(final_only)
+        if launched is not None:
+            self.in_flight = launched
+            self.in_flight_slots = [len(seq) for seq in launched.seqs]
+            for seq in launched.seqs:
+                if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
+                    seq.append_token(PLACEHOLDER)
+        return outputs
+
+    def _collect(self, final_only: bool) -> list[RequestOutput]:
+        """Wait for the step in flight; put its tokens in place and see who finished."""
+        launched, slots = self.in_flight, self.in_flight_slots
+        if launched is None:
+            return []
+        self.in_flight = None
+        token_ids, logprobs = launched.results()
+        now = time.perf_counter()
+        outputs = []
+        for i, seq in enumerate(launched.seqs):
+            if seq.is_finished:  # finished or aborted while the step ran: its token is dropped
+                continue
+            seq.token_ids[slots[i]] = token_ids[i]
+            if logprobs is not None and seq.params.logprobs is not None:
+                seq.output_logprobs.append(logprobs[i])
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
-            self._check_finished(seq)
+            self._check_finished(seq, slots[i])
             if seq.is_finished or not final_only:
                 outputs.append(self.make_output(seq))
             if seq.is_finished:
@@ -196,23 +224,26 @@ class LLMEngine:
                 self.detokenizers.pop(seq.request_id, None)
         return outputs
 
-    def _check_finished(self, seq: Sequence) -> None:
-        params, token = seq.params, seq.token_ids[-1]
-        detok = self.detokenizers.get(seq.request_id)
+    def _check_finished(self, seq: Sequence, slot: int) -> None:
+        """Stop conditions for the token now at `slot` (a later one may be in flight already)."""
+        params, token = seq.params, seq.token_ids[slot]
+        num_output = slot + 1 - seq.num_prompt_tokens
         if token in params.stop_token_ids:
-            return self._finish(seq, "stop", token)
+            return self._finish(seq, slot, "stop", token)
         if token in self.eos_token_ids and not params.ignore_eos:
-            return self._finish(seq, "stop")
+            return self._finish(seq, slot, "stop")
+        detok = self.detokenizers.get(seq.request_id)
         if detok is not None:
             # As in vLLM, stop strings count only once min_tokens are out.
-            stop = detok.add_tokens([token], check_stop=seq.num_output_tokens >= params.min_tokens)
+            stop = detok.add_tokens([token], check_stop=num_output >= params.min_tokens)
             if stop is not None:
-                return self._finish(seq, "stop", stop)
+                return self._finish(seq, slot, "stop", stop)
         max_tokens = params.max_tokens or self.config.max_model_len
-        if seq.num_output_tokens >= max_tokens or len(seq) >= self.config.max_model_len:
-            return self._finish(seq, "length")
+        if num_output >= max_tokens or slot + 1 >= self.config.max_model_len:
+            return self._finish(seq, slot, "length")
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def _finish(self, seq: Sequence, slot: int, reason: str, stop_reason: int | str | None = None) -> None:
+        del seq.token_ids[slot + 1 :]  # a token launched after the last one is not output
         detok = self.detokenizers.get(seq.request_id)
         if detok is not None:
             detok.flush()

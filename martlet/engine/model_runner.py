@@ -7,14 +7,16 @@ leaves more of the prompt for later is computed into the cache and produces noth
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from martlet.config import EngineConfig, ModelConfig
 from martlet.engine.cuda_graphs import DecodeGraphs
 from martlet.engine.scheduler import ScheduledBatch
-from martlet.engine.sequence import Sequence
+from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
-from martlet.layers.sampler import Sampler, SamplerOutput
+from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
 
@@ -31,6 +33,7 @@ class ModelRunner:
         self.sampler = Sampler(config.device, config.seed)
         self.pin_memory = self.device.type == "cuda"
         self.graphs: DecodeGraphs | None = None  # none while profiling; made once the pool exists
+        self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
         # Graphs need kernels that take everything from device tensors: the Triton backend's.
@@ -94,9 +97,9 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch, sample: bool = True) -> SamplerOutput | None:
-        """Run one step. Returns tokens for the sequences that complete their prompt or decode
-        (those for which `completes_prompt` holds), in batch order."""
+    def execute(self, batch: ScheduledBatch, sample: bool = True) -> LaunchedStep | None:
+        """Launch one step and return without waiting for the device. The sampled tokens, for the
+        sequences that complete their prompt or decode (`completes_prompt`), follow in the result."""
         input_ids, positions, meta, logits_indices = self._prepare(batch)
         if self.graphs is not None and sample and self.graphs.can_run(meta):
             logits = self.graphs.run(input_ids, positions, meta)
@@ -106,7 +109,11 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden[self._tensor(logits_indices, torch.int64)])
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
-        return self.sampler(logits, seqs)
+        sampled = self.sampler(logits, seqs)
+        for row, seq in enumerate(seqs):
+            seq.sample_row = row
+        self.last_token_ids = sampled.token_ids
+        return LaunchedStep.start(seqs, sampled)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         input_ids: list[int] = []
@@ -116,8 +123,15 @@ class ModelRunner:
         seq_lens: list[int] = []
         logits_indices: list[int] = []
         bs = self.block_size
+        # A decode's input may be the token the previous step is still sampling: it is taken from
+        # that step's output on the device, without a round trip through the host.
+        pending_at: list[int] = []
+        pending_rows: list[int] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
+            if seq.token_ids[start + n - 1] == PLACEHOLDER:
+                pending_at.append(len(input_ids) + n - 1)
+                pending_rows.append(seq.sample_row)
             input_ids += seq.token_ids[start : start + n]
             span = range(start, start + n)
             positions += span
@@ -144,7 +158,10 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta, logits_indices
+        input_ids_t = tensor(input_ids, torch.int64)
+        if pending_at:
+            input_ids_t[tensor(pending_at, torch.int64)] = self.last_token_ids[tensor(pending_rows, torch.int64)]
+        return input_ids_t, tensor(positions, torch.int64), meta, logits_indices
 
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A host list on the device; through pinned memory on a GPU so the copy does not block."""
@@ -152,6 +169,39 @@ class ModelRunner:
         if self.pin_memory:
             host = host.pin_memory()
         return host.to(self.device, non_blocking=True)
+
+
+@dataclass
+class LaunchedStep:
+    """A launched step whose sampled tokens are on their way to the host."""
+
+    seqs: list[Sequence]  # the sequences that get a token, in sampler row order
+    host: SamplerOutput  # host copies, filled by non-blocking copies from the device
+    ready: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, seqs: list[Sequence], sampled: SamplerOutput) -> LaunchedStep:
+        if sampled.token_ids.device.type != "cuda":
+            return cls(seqs, sampled, None)
+        # Queued right behind the sampler, ahead of whatever step is launched next.
+        host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
+                               for t in (sampled.token_ids, sampled.top_ids, sampled.top_logprobs,
+                                         sampled.sampled_logprobs)))
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(seqs, host, ready)
+
+    def results(self) -> tuple[list[int], list[dict[int, float]] | None]:
+        """Tokens, and logprob rows if any sequence asked; waits for this step only."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        tokens = self.host.token_ids.tolist()
+        if self.host.top_ids is None:
+            return tokens, None
+        counts = [s.params.logprobs or 0 for s in self.seqs]
+        rows = logprob_rows(self.host.top_ids.tolist(), self.host.top_logprobs.tolist(), tokens,
+                            self.host.sampled_logprobs.tolist(), counts)
+        return tokens, rows
 
 
 def completes_prompt(seq: Sequence, num_new_tokens: int) -> bool:

@@ -35,8 +35,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int) -> None:
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -56,6 +58,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.has_pending_token and seq.reached_length_limit(self.max_model_len):
+                i += 1  # its last token, still being sampled, ends it: nothing to compute
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self.block_manager.can_allocate(seq, num_new):
                 preempted = True

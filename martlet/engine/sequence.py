@@ -15,6 +15,9 @@ import torch
 from martlet.outputs import RequestMetrics
 from martlet.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled by a step still running on the device (see LLMEngine.step).
+PLACEHOLDER = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
@@ -43,6 +46,8 @@ class Sequence:
         # recomputed from its prompt plus everything it generated so far.
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks of block_table registered for prefix caching
+        self.sample_row = 0  # row of this sequence's token in the last step's sampler output
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []
@@ -68,6 +73,15 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def has_pending_token(self) -> bool:
+        return self.token_ids[-1] == PLACEHOLDER
+
+    def reached_length_limit(self, max_model_len: int) -> bool:
+        """No further token may follow: max_tokens or the context length is used up."""
+        max_tokens = self.params.max_tokens or max_model_len
+        return self.num_output_tokens >= max_tokens or len(self.token_ids) >= max_model_len
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

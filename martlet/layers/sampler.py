@@ -20,9 +20,24 @@ from martlet.engine.sequence import Sequence
 
 @dataclass
 class SamplerOutput:
+    """Device tensors, so that reading them (a sync) can wait until the host needs them."""
+
     token_ids: torch.Tensor  # [N] int64
-    # Per row {token id: logprob} of the top-N tokens and the sampled one; None if nobody asked.
-    logprobs: list[dict[int, float]] | None = None
+    # If any row asked for logprobs: top-N ids and logprobs [N, K], and the sampled token's [N].
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+    sampled_logprobs: torch.Tensor | None = None
+
+
+def logprob_rows(top_ids: list[list[int]], top_logprobs: list[list[float]], tokens: list[int],
+                 sampled_logprobs: list[float], counts: list[int]) -> list[dict[int, float]]:
+    """Per row: {token id: logprob} for the row's top-N tokens and its sampled one."""
+    rows = []
+    for i, n in enumerate(counts):
+        row = dict(zip(top_ids[i][:n], top_logprobs[i][:n]))
+        row[tokens[i]] = sampled_logprobs[i]
+        rows.append(row)
+    return rows
 
 
 class Sampler:
@@ -32,8 +47,10 @@ class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         logits = logits.float()
-        logprobs = self._logprobs(logits, seqs) if any(s.params.logprobs is not None for s in seqs) else None
-        if any(_has_penalty(s) for s in seqs):
+        all_logprobs = None
+        if any(s.params.logprobs is not None for s in seqs):
+            all_logprobs = torch.log_softmax(logits, dim=-1)  # of the raw logits, as vLLM reports them
+        if any(has_penalty(s) for s in seqs):
             logits = apply_penalties(logits, seqs)
         if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
             logits = mask_stop_tokens(logits, seqs)
@@ -41,51 +58,43 @@ class Sampler:
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits, seqs)
-        if logprobs is not None:
-            logprobs = _with_sampled(logprobs, tokens)
-        return SamplerOutput(tokens, logprobs)
+        if all_logprobs is None:
+            return SamplerOutput(tokens)
+        k = max(max(s.params.logprobs or 0 for s in seqs), 1)
+        top_logprobs, top_ids = all_logprobs.topk(k, dim=-1)
+        sampled = all_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        return SamplerOutput(tokens, top_ids, top_logprobs, sampled)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+        temperature = to_device([s.params.temperature or 1.0 for s in seqs], device)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if any(s.params.top_k != -1 or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
             probs = filter_probs(
             probs,
-                top_k=torch.tensor([s.params.top_k for s in seqs], device=device),
-                top_p=torch.tensor([s.params.top_p for s in seqs], device=device),
-                min_p=torch.tensor([s.params.min_p for s in seqs], device=device),
+                top_k=to_device([s.params.top_k for s in seqs], device),
+                top_p=to_device([s.params.top_p for s in seqs], device),
+                min_p=to_device([s.params.min_p for s in seqs], device),
             )
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
             if seq.generator is not None:
                 noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
+        greedy = to_device([s.params.greedy for s in seqs], device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> tuple:
-        all_logprobs = torch.log_softmax(logits, dim=-1)
-        counts = [s.params.logprobs or 0 for s in seqs]
-        top_values, top_ids = all_logprobs.topk(max(max(counts), 1), dim=-1)
-        return all_logprobs, (top_ids, top_values), counts
+
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A host list on the device without waiting for the device: through pinned memory on a GPU
+    (a copy from pageable memory would wait for all work queued before it)."""
+    host = torch.tensor(values)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
-def _with_sampled(logprobs: tuple, tokens: torch.Tensor) -> list[dict[int, float]]:
-    """Per row: {token id: logprob} for the top-N tokens and the sampled one."""
-    all_logprobs, (top_ids, top_values), counts = logprobs
-    sampled_lp = all_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    top_ids, top_values, token_list = top_ids.tolist(), top_values.tolist(), tokens.tolist()
-    rows: list[dict[int, float]] = []
-    for i, n in enumerate(counts):
-        row = dict(zip(top_ids[i][:n], top_values[i][:n]))
-        row[token_list[i]] = sampled_lp[i]
-        rows.append(row)
-    return rows
-
-
-def _has_penalty(seq: Sequence) -> bool:
+def has_penalty(seq: Sequence) -> bool:
     p = seq.params
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
