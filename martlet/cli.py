@@ -110,48 +110,44 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True)
+    add_engine_args(parser)
+    add_sampling_args(parser)
+
+
+def _chat_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(parser)
+    add_sampling_args(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="martlet", description="Martlet LLM inference engine")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal")
-    gen.add_argument("--prompt", required=True)
-    add_engine_args(gen)
-    add_sampling_args(gen)
-    gen.set_defaults(func=cmd_generate)
-
-    chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
-    chat.add_argument("--system", default=None, help="system prompt")
-    add_engine_args(chat)
-    add_sampling_args(chat)
-    chat.set_defaults(func=cmd_chat)
-
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from martlet.bench import offline
-
-    latency = bench.add_parser("latency", help="one batch start to finish: TTFT, ms per token, roofline")
-    offline.add_latency_args(latency)
-    latency.set_defaults(func=offline.run_latency)
-    throughput = bench.add_parser("throughput", help="many requests through the engine: tok/s, roofline")
-    offline.add_throughput_args(throughput)
-    throughput.set_defaults(func=offline.run_throughput)
-
-    # Imported here: the server and its bench import this module for the shared engine options.
+    # Imported here: the server and the serving bench import this module for the shared options.
     from martlet import server
+    from martlet.bench import kernels, offline
     from martlet.bench import serve as bench_serve
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, "
-                                         "/v1/models, /health, /metrics)")
-    server.add_cli_args(serve)
-    serve.set_defaults(func=server.run)
-    serve_bench = bench.add_parser("serve", help="load an OpenAI-compatible server: TTFT, TPOT, ITL, tok/s")
-    bench_serve.add_cli_args(serve_bench)
-    serve_bench.set_defaults(func=bench_serve.run)
-    from martlet.bench import kernels
-
-    kernel_bench = bench.add_parser("kernels", help="Triton kernels against the GPU's ceilings and SDPA")
-    kernels.add_cli_args(kernel_bench)
-    kernel_bench.set_defaults(func=kernels.run)
+    parser = argparse.ArgumentParser(prog="martlet", description="Martlet LLM inference engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    for subparsers, name, help_text, add_args, run in [
+        (commands, "generate", "generate text for one prompt, streamed to the terminal", _generate_args,
+         cmd_generate),
+        (commands, "chat", "interactive chat using the model's chat template", _chat_args, cmd_chat),
+        (commands, "serve", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, "
+         "/health, /metrics)", server.add_cli_args, server.run),
+        (bench, "latency", "one batch start to finish: TTFT, ms per token, roofline", offline.add_latency_args,
+         offline.run_latency),
+        (bench, "throughput", "many requests through the engine: tok/s, roofline", offline.add_throughput_args,
+         offline.run_throughput),
+        (bench, "serve", "load an OpenAI-compatible server: TTFT, TPOT, ITL, tok/s", bench_serve.add_cli_args,
+         bench_serve.run),
+        (bench, "kernels", "Triton kernels against the GPU's ceilings and SDPA", kernels.add_cli_args, kernels.run),
+    ]:
+        command = subparsers.add_parser(name, help=help_text)
+        add_args(command)
+        command.set_defaults(func=run)
     return parser
 
 
