@@ -71,7 +71,7 @@ class Sampler:
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if any(s.params.top_k != -1 or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
             probs = filter_probs(
-            probs,
+                probs,
                 top_k=to_device([s.params.top_k for s in seqs], device),
                 top_p=to_device([s.params.top_p for s in seqs], device),
                 min_p=to_device([s.params.min_p for s in seqs], device),
