@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, online_softmax_step, paged_offsets
+from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
@@ -97,11 +97,8 @@ def _decode_kernel(
     for tile in range(start, end, BLOCK_N):
         keys = tile + offs_n
         n_mask = keys < end
-        offs = paged_offsets(block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
-                             offs_d, BLOCK_SIZE)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
+                            stride_slot, offs_d, d_mask, BLOCK_SIZE)
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, n_mask[None, :], True, PRECISION)
 
     # An empty split (context shorter than the split count needs) contributes zeros with weight 0.

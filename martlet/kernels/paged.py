@@ -29,6 +29,18 @@ def paged_offsets(
 
 
 @triton.jit
+def load_kv_tile(
+    k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
+    offs_d, d_mask, BLOCK_SIZE: tl.constexpr,
+):
+    """The K and V tiles [N, D] of `keys` (those outside `n_mask` read as zeros)."""
+    offs = paged_offsets(block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot, offs_d,
+                         BLOCK_SIZE)
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    return tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+
+
+@triton.jit
 def online_softmax_step(
     q, k, v, m_i, l_i, acc, qk_scale, mask, USE_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):

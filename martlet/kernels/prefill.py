@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, online_softmax_step, paged_offsets
+from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, paged_offsets
 
 
 @dataclass(frozen=True)
@@ -88,11 +88,8 @@ def _prefill_kernel(
     for start in range(band_start, band_end, BLOCK_N):
         keys = start + offs_n
         n_mask = keys < ctx_len
-        offs = paged_offsets(block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
-                             offs_d, BLOCK_SIZE)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
+                            stride_slot, offs_d, d_mask, BLOCK_SIZE)
         causal = (keys[None, :] <= q_pos[:, None]) & n_mask[None, :]
         m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, causal, True, PRECISION)
 
