@@ -24,8 +24,8 @@ import httpx
 import openai
 import pytest
 
-from martlet.outputs import CompletionOutput, RequestOutput
 from martlet.sampling_params import SamplingParams
+from martlet.server.async_engine import AsyncEngine, EngineError, EngineStartupError
 from martlet.server.output_processor import Delta, OutputProcessor
 from martlet.testing import load_test_tokenizer, make_tiny_model
 
@@ -116,12 +116,10 @@ def greedy(max_tokens: int, **kwargs) -> SamplingParams:
 
 
 def _feed(processor: OutputProcessor, token_ids: list[int], finish_reason: str = "length") -> list[Delta]:
-    """Send a request's tokens through `processor` one step at a time, as the engine would."""
+    """Send a request's tokens through `processor` one step at a time, as the engine core would."""
     deltas = []
-    for n in range(1, len(token_ids) + 1):
-        done = n == len(token_ids)
-        completion = CompletionOutput(0, "", token_ids[:n], finish_reason if done else None)
-        deltas.append(processor.process(RequestOutput("r", None, [1], [completion], finished=done)))
+    for n, token in enumerate(token_ids, 1):
+        deltas.append(processor.process([token], None, finish_reason if n == len(token_ids) else None, None))
         if processor.finished:
             break
     return deltas
@@ -261,14 +259,12 @@ def bare_model(model, tmp_path_factory) -> Path:
     return bare
 
 
-def _serve_in_process(model_dir: Path, scenario) -> None:
-    """Run `scenario(engine, client)` against the app in this process, engine thread and all."""
-    from martlet.engine.llm_engine import LLMEngine
+def _serve_in_process(model_dir: Path, scenario) -> AsyncEngine:
+    """Run `scenario(engine, client)` against the app in this process (its engine core in a child)."""
     from martlet.server.api import build_app
-    from martlet.server.async_engine import AsyncEngine
 
-    engine = AsyncEngine(LLMEngine.from_args(str(model_dir), load_format="dummy", device="cpu", max_model_len=64,
-                                             num_kv_blocks=8, quiet=True))
+    engine = AsyncEngine(str(model_dir), dict(load_format="dummy", device="cpu", max_model_len=64, num_kv_blocks=8,
+                                              quiet=True))
     app = build_app(engine, "bare")
 
     async def run() -> None:
@@ -277,6 +273,7 @@ def _serve_in_process(model_dir: Path, scenario) -> None:
             await scenario(engine, c)
 
     asyncio.run(run())
+    return engine
 
 
 def test_tokens_only_model(bare_model):
@@ -287,29 +284,46 @@ def test_tokens_only_model(bare_model):
         assert whole["choices"][0]["text"] == "" and whole["usage"]["completion_tokens"] == 4
         assert all(t.startswith("token_id:") for t in whole["choices"][0]["logprobs"]["tokens"])
         streamed = (await client.post("/v1/completions", json={**body, "stream": True})).text
-        assert streamed.count('"text":""') == 4 and streamed.endswith("data: [DONE]\n\n")  # a chunk per token
+        assert streamed.endswith("data: [DONE]\n\n")
+        chunks = [json.loads(event[len("data: "):])["choices"][0] for event in streamed.split("\n\n")[:-2]]
+        # Every chunk carries the tokens made since the last (one, unless this reader fell a step
+        # behind the engine core, which runs freely in its own process), all four in the end.
+        assert all(c["text"] == "" and c["logprobs"]["tokens"] for c in chunks)
+        assert sum(len(c["logprobs"]["tokens"]) for c in chunks) == 4 and chunks[-1]["finish_reason"] == "length"
         for bad in ({"prompt": "text"}, {"prompt": [5], "stop": "x"}):
             assert (await client.post("/v1/completions", json=bad)).status_code == 400
         chat = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 400
+        # Past the front end's checks (here skipped), the engine core refuses the request alone.
+        with pytest.raises(EngineError, match="refused"):
+            async for _ in engine.generate("bad", [[10**9]], [greedy(2)]):
+                pass
+        assert (await client.post("/v1/completions", json=body)).status_code == 200
 
-    _serve_in_process(bare_model, scenario)
+    engine = _serve_in_process(bare_model, scenario)
+    assert engine.core_process.exitcode == 0  # the app's end stopped it
 
 
-def test_failed_engine_answers_503(bare_model):
-    def broken_step(*args, **kwargs):
-        raise RuntimeError("device lost")
-
+def test_dead_engine_answers_503(bare_model):
     async def scenario(engine, client: httpx.AsyncClient) -> None:
         assert (await client.get("/health")).status_code == 200
-        engine.engine.step = broken_step
-        for _ in range(2):  # the request in flight when it broke, then one after
-            response = await client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2})
-            _check_error(response, 503)
-            assert "device lost" in response.json()["error"]["message"]
+        core = engine.core_process.pid
+        os.kill(core, signal.SIGSTOP)  # frozen, so the next request is surely in flight when it dies
+        in_flight = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": [5, 6], "max_tokens": 2}))
+        while engine.num_waiting == 0:
+            await asyncio.sleep(0.01)
+        os.kill(core, signal.SIGKILL)
+        for response in (await in_flight, await client.post("/v1/completions", json={"prompt": [5], "max_tokens": 2})):
+            _check_error(response, 503)  # the request in flight when it died, then one after
+            assert "engine process died" in response.json()["error"]["message"]
         assert (await client.get("/health")).status_code == 503
 
-    _serve_in_process(bare_model, scenario)
+    assert _serve_in_process(bare_model, scenario).core_process.exitcode == -signal.SIGKILL
+
+
+def test_engine_that_cannot_start_is_a_clear_error(tmp_path):
+    with pytest.raises(EngineStartupError, match="does not exist"):
+        AsyncEngine(str(tmp_path / "nothing-here"), dict(device="cpu", quiet=True))
 
 
 # ---- bad input, and the server carries on ------------------------------------------------------------
@@ -438,6 +452,7 @@ def test_full_queue_answers_429(busy_server):
 
 
 def test_sigterm_finishes_in_flight_requests_and_exits_0(busy_server):
+    core = _engine_core_pid(busy_server.proc.pid)
     stream = busy_server.client().completions.create(model=MODEL_NAME, prompt="Story:", max_tokens=40,
                                                      stream=True, extra_body={"ignore_eos": True},
                                                      stream_options={"include_usage": True})
@@ -446,8 +461,16 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(busy_server):
     chunks += list(stream)
     assert chunks[-1].usage.completion_tokens == 40
     assert busy_server.proc.wait(timeout=60) == 0
+    assert not Path(f"/proc/{core}").exists()  # stopped and reaped by the server before it exited
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{busy_server.url}/health")
+
+
+def _engine_core_pid(server_pid: int) -> int:
+    """The server's engine core process (its other child is multiprocessing's resource tracker)."""
+    children = [int(pid) for f in Path(f"/proc/{server_pid}/task").glob("*/children") for pid in f.read_text().split()]
+    [core] = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return core
 
 
 def test_bench_serve_against_our_server(server, tmp_path):

@@ -1,4 +1,4 @@
-"""`martlet serve`: an OpenAI-compatible HTTP server over an engine that steps on its own thread.
+"""`martlet serve`: an OpenAI-compatible HTTP server, with the engine stepping in a process of its own.
 
     python -m martlet.server --model PATH [--host 127.0.0.1] [--port 8000] [engine options]
 
@@ -37,22 +37,26 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from martlet.engine.llm_engine import LLMEngine
     from martlet.server.api import build_app
-    from martlet.server.async_engine import AsyncEngine
+    from martlet.server.async_engine import AsyncEngine, EngineStartupError
+    from martlet.server.engine_core import LOG_FORMAT
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     model = model_path(args)
-    engine = AsyncEngine(LLMEngine.from_args(model, **engine_kwargs(args)))
-    if engine.tokenizer is None:
-        logging.getLogger("martlet.server").warning(
-            "%s has no tokenizer: serving token ids only (prompts as token ids, empty text)", model)
-    app = build_app(engine, args.served_model_name or model, args.api_key, args.max_waiting)
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
-    # found: make that handler end the process with status 0, since the shutdown was clean.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    try:
+        engine = AsyncEngine(model, engine_kwargs(args))
+    except EngineStartupError as exc:
+        logging.getLogger("martlet.server").error("the engine could not start: %s", exc)
+        return 1
+    try:
+        app = build_app(engine, args.served_model_name or model, args.api_key, args.max_waiting)
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
+        # found: make that handler end the process with status 0, since the shutdown was clean.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        engine.shutdown()  # done already, unless uvicorn ended before its app did (say, the port was taken)
     return 0
 
 

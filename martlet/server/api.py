@@ -1,8 +1,8 @@
 """The FastAPI app: routes, the API key, and every error in OpenAI's shape.
 
-The app starts the engine's step thread when it starts serving and stops it after uvicorn has
-let the in-flight requests finish (or has cancelled them, which aborts them), so SIGTERM ends
-the process cleanly.
+The app starts reading the engine core's outputs when it starts serving, and stops the core
+after uvicorn has let the in-flight requests finish (or has cancelled them, which aborts them),
+so SIGTERM ends both processes cleanly.
 """
 
 from __future__ import annotations

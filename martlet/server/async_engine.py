@@ -1,35 +1,58 @@
-"""An LLMEngine stepping on its own thread, with an asyncio face for the HTTP server.
+"""The front end's side of the engine: the engine core process, with an asyncio face.
 
-Two sides, one hand-off each way:
-- The step thread owns the engine. Between steps it drains an inbox of commands (add a request,
-  abort one, stop); when there is nothing to run it sleeps on that inbox. It never touches a
-  tokenizer or a socket, so the accelerator never waits on HTTP or text.
-- The event loop owns everything else. Each step's outputs cross over in one
-  `call_soon_threadsafe` and land in per-request asyncio queues, so a token reaches its stream
-  the step it is made; there the `OutputProcessor` turns tokens into text.
+`AsyncEngine` starts the engine core (engine_core.py) in a process of its own, waits until it is
+ready, and loads the tokenizer here. From then on three parties share the work:
 
-A request that leaves early (its client went away, a stop string hit) aborts its engine request
-through the inbox, so its KV blocks are free by the end of the current step.
+- the event loop checks requests, sends them to the core, and turns each request's tokens into
+  text (`OutputProcessor`) for its HTTP response;
+- a reader thread takes the core's one message per step off the pipe and hands all of it to the
+  event loop in one `call_soon_threadsafe`, into per-request streams, so a token reaches its
+  client the step it is made;
+- the core process steps, and waits on nothing but the accelerator.
+
+A request that leaves early (its client went away, a stop string hit) sends an abort, which the
+core takes before its next step, so its KV blocks are free by the end of the current one. If the
+core dies, every open request fails with `EngineDeadError`, and so does every later one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import queue
+import multiprocessing
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from types import SimpleNamespace
 
 from martlet.engine.llm_engine import LLMEngine
-from martlet.outputs import RequestOutput
+from martlet.models.loader import load_tokenizer
 from martlet.sampling_params import SamplingParams
+from martlet.server.engine_core import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    CoreFailed,
+    CoreReady,
+    RequestDelta,
+    Shutdown,
+    StepOutputs,
+    run_engine_core,
+)
 from martlet.server.metrics import EngineStats, ServerMetrics
 from martlet.server.output_processor import Delta, OutputProcessor
 
 logger = logging.getLogger("martlet.server")
+
+CORE_EXIT_TIMEOUT = 30.0  # seconds a stopping core gets to finish its step and exit before it is killed
+
+
+class EngineStartupError(RuntimeError):
+    """The engine core could not be started (a missing model file, too little memory, ...)."""
 
 
 class EngineError(RuntimeError):
@@ -37,7 +60,7 @@ class EngineError(RuntimeError):
 
 
 class EngineDeadError(EngineError):
-    """The step thread stopped (a failed step, or shutdown): no request can be served."""
+    """The engine core has stopped (it failed, or the server is shutting down): no request can be served."""
 
 
 @dataclass
@@ -52,55 +75,99 @@ class _Tracked:
     engine_finished: bool = False
 
 
+class _Stream:
+    """Where the core's outputs for one `generate` call wait: `put` never blocks, and `take` gets
+    all that came since the last take, so a reader that fell behind catches up in one go."""
+
+    def __init__(self) -> None:
+        self._items: list[RequestDelta | EngineError] = []
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestDelta | EngineError) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    async def take(self) -> list[RequestDelta | EngineError]:
+        await self._ready.wait()
+        self._ready.clear()
+        items, self._items = self._items, []
+        return items
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        # Read-only after start, so the event loop may use them freely; the tokenizer is used
-        # only there, since the engine runs with detokenize=False.
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.config.max_model_len
-        self.stats = EngineStats(kv_cache_usage=engine.block_manager.usage)
+    def __init__(self, model: str, engine_kwargs: dict) -> None:
+        """Start the engine core and wait until its model is loaded; raises EngineStartupError."""
+        self.stats = EngineStats()
         self.metrics = ServerMetrics(lambda: self.stats)
         self.error: EngineDeadError | None = None
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | EngineError]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._running = False
-        self._num_steps = 0
-        self._num_submitted = 0  # requests put in the inbox (event loop side)
-        self._num_added = 0  # requests taken out of it (step thread side)
+        self._reader: threading.Thread | None = None
+        self._num_submitted = 0  # requests sent to the core; its stats count those it has taken
+        self._stopping = False
+        self.core_process, self._commands, self._outputs = _start_core(model, engine_kwargs)
+        try:
+            ready = self._wait_until_ready()
+            self.tokenizer = _load_tokenizer(model)  # used on the event loop only
+        except BaseException:
+            self.shutdown()
+            raise
+        self.max_model_len = ready.max_model_len
+        # All that `LLMEngine.validate_request` reads of an engine: with it, the front end applies the
+        # engine's own rules, and a bad request is refused before it crosses to the core.
+        self._limits = SimpleNamespace(config=SimpleNamespace(max_model_len=ready.max_model_len),
+                                       model_config=SimpleNamespace(vocab_size=ready.vocab_size))
+
+    def _wait_until_ready(self) -> CoreReady:
+        try:
+            message = self._outputs.recv()
+        except EOFError:  # it died before it could say why (killed, out of memory, a crash in C)
+            message = CoreFailed(f"the engine process exited with code {self._exit_code()}")
+        if isinstance(message, CoreFailed):
+            raise EngineStartupError(message.error)
+        return message
 
     # ---- lifecycle (event loop side) ------------------------------------------------------------
 
     def start(self) -> None:
+        """Start handing the core's outputs to the running event loop."""
         self._loop = asyncio.get_running_loop()
-        self._running = True
-        self._thread = threading.Thread(target=self._run, name="martlet-engine", daemon=True)
-        self._thread.start()
+        self._reader = threading.Thread(target=self._read_outputs, name="martlet-core-outputs", daemon=True)
+        self._reader.start()
 
     def shutdown(self) -> None:
-        """Stop the step thread after its current step; requests still open fail."""
-        if self._thread is None:
+        """Stop the core after its current step and wait for it to exit; requests still open fail."""
+        if self._stopping:
             return
-        self._inbox.put(self._stop)
-        self._thread.join()
-        self._thread = None
+        self._stopping = True
+        with contextlib.suppress(OSError):  # it may be gone already
+            self._commands.send(Shutdown())
+        self.core_process.join(CORE_EXIT_TIMEOUT)
+        if self.core_process.is_alive():
+            logger.warning("the engine core did not stop within %.0f s: killing it", CORE_EXIT_TIMEOUT)
+            self.core_process.kill()
+            self.core_process.join()
+        if self._reader is not None:
+            self._reader.join()
+        self._commands.close()
+        self._outputs.close()
         self._fail_all(EngineDeadError("the server is shutting down"))
 
     @property
     def num_waiting(self) -> int:
-        """Requests queued for the batch: the engine's queue, plus those still in the inbox."""
+        """Requests queued for the batch: the engine's queue, plus those on their way to it."""
         return self.stats.num_waiting + self._num_submitted - self.stats.num_added
 
     # ---- requests (event loop side) -------------------------------------------------------------
 
     def tokenize(self, text: str) -> list[int]:
-        return self.engine.tokenize(text)
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: send the prompt as a list of token ids")
+        return self.tokenizer.encode(text)
 
     def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
-        """Raises ValueError for a request the engine would refuse (reads only its config)."""
-        self.engine.validate_request(token_ids, params)
+        """Raises ValueError for a request the engine would refuse, by the engine's own rules."""
+        LLMEngine.validate_request(self._limits, token_ids, params)
 
     async def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -111,117 +178,119 @@ class AsyncEngine:
         """
         if self.error is not None:
             raise EngineDeadError(str(self.error))
-        outputs: asyncio.Queue[RequestOutput | EngineError] = asyncio.Queue()
+        stream = _Stream()
         tracked: dict[str, _Tracked] = {}
         now = time.perf_counter()
-        for i, (token_ids, p) in enumerate(zip(prompts, params)):
-            engine_id = f"{request_id}-{i}"
-            tracked[engine_id] = _Tracked(i, len(token_ids), OutputProcessor(self.tokenizer, token_ids, p), now)
-            self._streams[engine_id] = outputs
-            self._num_submitted += 1
-            # The engine gets token work only: text and stop strings are the processor's.
-            self._inbox.put(partial(self._add, engine_id, token_ids, replace(p, detokenize=False, stop=None)))
         try:
+            for i, (token_ids, p) in enumerate(zip(prompts, params)):
+                core_id = f"{request_id}-{i}"
+                tracked[core_id] = _Tracked(i, len(token_ids), OutputProcessor(self.tokenizer, token_ids, p), now)
+                self._streams[core_id] = stream
+                # The engine gets token work only: text and stop strings are the processor's.
+                self._send(AddRequest(core_id, token_ids, replace(p, detokenize=False, stop=None)))
+                self._num_submitted += 1
             while not all(t.processor.finished for t in tracked.values()):
-                for output in await _latest_outputs(outputs):
-                    t = tracked[output.request_id]
-                    if t.processor.finished:
-                        continue  # tokens made after a stop string, before the abort landed
-                    t.engine_finished = output.finished
-                    delta = t.processor.process(output)
-                    if t.first_token is None:
-                        t.first_token = time.perf_counter()
-                    yield t.index, delta
+                for core_id, delta in _to_deltas(tracked, await stream.take()).items():
+                    yield tracked[core_id].index, delta
         finally:
             self._close(tracked)
 
+    def _send(self, command: Command) -> None:
+        try:
+            self._commands.send(command)
+        except OSError as exc:  # the core is gone; the reader thread is about to say so
+            raise EngineDeadError("the engine process has stopped") from exc
+
     def _close(self, tracked: dict[str, _Tracked]) -> None:
         end = time.perf_counter()
-        for engine_id, t in tracked.items():
-            self._streams.pop(engine_id, None)
+        for core_id, t in tracked.items():
+            self._streams.pop(core_id, None)
             if not t.engine_finished:
-                self._inbox.put(partial(self.engine.abort_request, engine_id))
+                with contextlib.suppress(EngineDeadError):  # a dead core holds no blocks
+                    self._send(AbortRequest(core_id))
             self.metrics.observe_request(
                 t.processor.finish_reason or "abort", t.num_prompt_tokens, t.processor.num_tokens,
                 t.arrival, t.first_token, end,
             )
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
+    def _deliver(self, outputs: StepOutputs) -> None:
+        for delta in outputs.deltas:
+            stream = self._streams.get(delta[0])
             if stream is not None:  # None: its client has left and its abort is on the way
-                stream.put_nowait(output)
+                stream.put(delta)
+        for core_id, reason in outputs.refused:
+            self._fail(core_id, EngineError(f"the engine refused it: {reason}"))
 
-    def _fail(self, engine_id: str, error: EngineError) -> None:
-        stream = self._streams.get(engine_id)
+    def _fail(self, core_id: str, error: EngineError) -> None:
+        stream = self._streams.get(core_id)
         if stream is not None:
-            stream.put_nowait(error)
+            stream.put(error)
 
     def _fail_all(self, error: EngineDeadError) -> None:
         self.error = self.error or error
-        for engine_id in list(self._streams):
-            self._fail(engine_id, error)
+        for core_id in list(self._streams):
+            self._fail(core_id, error)
 
-    # ---- the step thread ------------------------------------------------------------------------
+    # ---- the reader thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _read_outputs(self) -> None:
         try:
-            while self._running:
-                self._drain_inbox(wait=not self.engine.has_unfinished_requests())
-                self._publish_stats()
-                if self._running and self.engine.has_unfinished_requests():
-                    self._step()
-        except Exception as exc:  # a failed step leaves the engine in an unknown state: stop serving
-            logger.exception("engine step failed; the server can serve no more requests")
-            self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"the engine failed: {exc!r}"))
-
-    def _step(self) -> None:
-        outputs = self.engine.step()
-        self._num_steps += 1
-        self._publish_stats()  # before the hand-off: a client that sees its token sees these counts
-        if outputs:  # one hand-off per step, however many requests got a token
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
-
-    def _drain_inbox(self, wait: bool) -> None:
-        if wait:
-            self._inbox.get()()
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
+            while not isinstance(message := self._outputs.recv(), CoreFailed):
+                self.stats = message.stats  # before the hand-off: a client that sees its token sees these
+                self._loop.call_soon_threadsafe(self._deliver, message)
+            error = f"the engine failed: {message.error}"
+        except (EOFError, OSError):
+            if self._stopping:
                 return
-            command()
+            error = f"the engine process died (exit code {self._exit_code()})"
+        logger.error("%s; the server can serve no more requests", error)
+        self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(error))
 
-    def _add(self, engine_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        self._num_added += 1
-        try:
-            self.engine.add_request(token_ids, params, request_id=engine_id)
-        except ValueError as exc:  # checked on the front end already; this is a last line
-            self._loop.call_soon_threadsafe(self._fail, engine_id, EngineError(f"the engine refused it: {exc}"))
-
-    def _stop(self) -> None:
-        self._running = False
-
-    def _publish_stats(self) -> None:
-        scheduler = self.engine.scheduler
-        self.stats = EngineStats(
-            num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
-            kv_cache_usage=self.engine.block_manager.usage, num_steps=self._num_steps, num_added=self._num_added,
-        )
+    def _exit_code(self) -> int | None:
+        self.core_process.join(5)  # its pipe closes a moment before it is reaped
+        return self.core_process.exitcode
 
 
-async def _latest_outputs(outputs: asyncio.Queue[RequestOutput | EngineError]) -> list[RequestOutput]:
-    """Wait for outputs, then take all that are queued, keeping each request's latest only.
-
-    Each output holds all of its request's tokens so far, so a reader that fell behind catches
-    up in one go instead of paying for every step it missed.
-    """
-    items = [await outputs.get()]
-    while not outputs.empty():
-        items.append(outputs.get_nowait())
-    latest: dict[str, RequestOutput] = {}
+def _to_deltas(tracked: dict[str, _Tracked], items: list[RequestDelta | EngineError]) -> dict[str, Delta]:
+    """Turn what the core sent since the last look into one delta per engine request."""
+    deltas: dict[str, Delta] = {}
     for item in items:
         if isinstance(item, EngineError):
             raise item
-        latest[item.request_id] = item
-    return list(latest.values())
+        core_id, token_ids, logprobs, finish_reason, stop_reason = item
+        t = tracked[core_id]
+        if t.processor.finished:
+            continue  # tokens made after a stop string, before the abort landed
+        t.engine_finished = finish_reason is not None
+        delta = t.processor.process(token_ids, logprobs, finish_reason, stop_reason)
+        if t.first_token is None:
+            t.first_token = time.perf_counter()
+        if core_id in deltas:
+            deltas[core_id] += delta
+        else:
+            deltas[core_id] = delta
+    return deltas
+
+
+def _start_core(model: str, engine_kwargs: dict) -> tuple[BaseProcess, Connection, Connection]:
+    """The engine core process, the pipe we send it commands on, and the one it answers on."""
+    context = multiprocessing.get_context("spawn")  # a forked child would share our CUDA state, if any
+    core_commands, commands = context.Pipe(duplex=False)
+    outputs, core_outputs = context.Pipe(duplex=False)
+    process = context.Process(
+        target=run_engine_core, name="martlet-engine-core",
+        args=(model, engine_kwargs, core_commands, core_outputs, logging.getLogger().getEffectiveLevel()),
+    )
+    process.start()
+    # Now only the core holds its ends, so when it dies our reads end instead of waiting forever.
+    core_commands.close()
+    core_outputs.close()
+    return process, commands, outputs
+
+
+def _load_tokenizer(model: str):
+    """The model's tokenizer, or None for a directory without one (it serves token ids only)."""
+    try:
+        return load_tokenizer(model)
+    except FileNotFoundError:
+        return None

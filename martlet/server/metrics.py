@@ -3,7 +3,8 @@
 A dedicated `CollectorRegistry` keeps two servers in one process (tests) from colliding, and keeps
 the default registry's process metrics out of our page. Request metrics are observed on the front
 end when a request ends, so latencies are what a client sees (queueing included); engine gauges
-are read from the step thread's latest snapshot when /metrics is scraped.
+are read from the latest counts the engine core sent (it sends them with every step) when
+/metrics is scraped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
 
 @dataclass(frozen=True)
 class EngineStats:
-    """What the step thread last saw; replaced whole, so a reader never sees half an update."""
+    """The engine core's counts after a step; replaced whole, so a reader never sees half an update."""
 
     num_running: int = 0
     num_waiting: int = 0

@@ -1,6 +1,6 @@
-"""From a request's token outputs to text deltas, on the front end's side of the engine.
+"""From a request's tokens to text deltas, on the front end's side of the engine.
 
-The engine thread runs with `detokenize=False`: it produces token ids and nothing else, so the
+The engine core runs with `detokenize=False`: it produces token ids and nothing else, so the
 step loop never waits on a tokenizer. Here each request's tokens go through the same
 `IncrementalDetokenizer` the offline engine uses, fed one token at a time in the same order and
 with the same stop rules, so the text comes out exactly as `LLM.generate` would give it. A stop
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from martlet.engine.detokenizer import IncrementalDetokenizer
-from martlet.outputs import RequestOutput, TokenLogprobs
+from martlet.outputs import TokenLogprobs
 from martlet.sampling_params import SamplingParams
 
 
@@ -37,7 +37,7 @@ class Delta:
 
 
 class OutputProcessor:
-    """Follows one request: turns each `RequestOutput` the engine sends into a `Delta`."""
+    """Follows one request: turns the tokens the engine sends for it into `Delta`s."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.detokenizer = None
@@ -55,27 +55,26 @@ class OutputProcessor:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def process(self, output: RequestOutput) -> Delta:
-        """Take the engine's latest output for this request (it holds every token so far)."""
-        completion = output.outputs[0]
-        start = self.num_tokens
-        new_tokens = completion.token_ids[start:]
-        if completion.finished:
-            self.finish_reason, self.stop_reason = completion.finish_reason, completion.stop_reason
+    def process(self, token_ids: list[int], logprobs: list[TokenLogprobs] | None, finish_reason: str | None,
+                stop_reason: int | str | None) -> Delta:
+        """Take the tokens the engine made for this request since the last call (and their logprobs)."""
+        if finish_reason is not None:
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
         # The engine itself stops only on a stop token or EOS (stop strings are ours): that last
         # token counts as output but, as in the offline engine, never reaches the text.
-        shown = len(new_tokens) - 1 if completion.finish_reason == "stop" else len(new_tokens)
-        for i, token in enumerate(new_tokens):
+        shown = len(token_ids) - 1 if finish_reason == "stop" else len(token_ids)
+        start = self.num_tokens
+        for i, token in enumerate(token_ids):
             self.num_tokens += 1
             if i < shown and self._add_token(token):
                 break
+        taken = self.num_tokens - start
         if self.finished and self.detokenizer is not None:
             self.detokenizer.flush()
-        logprobs = completion.logprobs[start : self.num_tokens] if completion.logprobs is not None else None
         return Delta(
             text=self._take_text(),
-            token_ids=completion.token_ids[start : self.num_tokens],
-            logprobs=logprobs,
+            token_ids=token_ids[:taken],
+            logprobs=logprobs[:taken] if logprobs is not None else None,
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
         )
