@@ -44,18 +44,18 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
     for i, (p, n) in enumerate(zip(prompts, outs)):
         engine.add_request(p["prompt_token_ids"], exact_params(n), request_id=f"r{i}")
     for _ in range(skip_steps):
-        engine.step(final_only=True)
+        engine.step("final")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            engine.step(final_only=True)
+            engine.step("final")
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     print("host ms/step (first 8 + window + rest):",
           {k: round(1e3 * v / (skip_steps + steps), 2) for k, v in totals.items()})
     while engine.has_unfinished_requests():
-        engine.step(final_only=True)
+        engine.step("final")
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     print(f"wall {1e3 * wall / steps:.2f} ms/step, GPU kernels {gpu_us / 1e3 / steps:.2f} ms/step "

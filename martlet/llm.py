@@ -103,7 +103,7 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(order)
         with tqdm(total=len(order), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step(final_only=True):
+                for out in self.engine.step("final"):
                     if out.request_id in order:
                         results[order[out.request_id]] = out
                         bar.update(1)

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -29,6 +30,8 @@ from martlet.outputs import CompletionOutput, RequestOutput
 from martlet.sampling_params import SamplingParams
 
 logger = logging.getLogger("martlet")
+
+OutputKind = Literal["cumulative", "delta", "final"]
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -120,22 +123,8 @@ class LLMEngine:
 
     def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
         """Everything about a request that can be wrong, checked before it is queued."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab}), got {params.stop_token_ids}")
-        if not token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        if len(token_ids) >= self.config.max_model_len:
-            raise ValueError(
-                f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
-                f"{self.config.max_model_len} (the prompt must leave room for at least one new token)"
-            )
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        validate_request(token_ids, params, max_model_len=self.config.max_model_len,
+                         vocab_size=self.model_config.vocab_size)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
@@ -169,19 +158,21 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------
 
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
+    def step(self, output_kind: OutputKind = "cumulative") -> list[RequestOutput]:
         """Schedule and launch a step, then collect the tokens of the step before it.
 
         The device runs step N while the host schedules and launches step N+1; only then does
         the host wait for step N's tokens (the one sync), which were sampled into the device-side
         input of N+1 already. A sequence that finishes at step N has one step computed in vain.
 
-        Returns an output for every request that got a token, or with `final_only` for every
-        request that finished.
+        Returns, per `output_kind`: "cumulative", an output with all tokens so far for every
+        request that got a token; "delta", the same but with only this step's token in `token_ids`
+        and `logprobs` (text stays cumulative), which saves copying long outputs every step;
+        "final", the whole output of every request that finished.
         """
         outputs = []
         if self.in_flight is not None and any(has_penalty(s) for s in self.scheduler.running):
-            outputs = self._collect(final_only)  # penalties count the output tokens on the host
+            outputs = self._collect(output_kind)  # penalties count the output tokens on the host
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -190,7 +181,7 @@ class LLMEngine:
             launched = self.runner.execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n
-        outputs += self._collect(final_only)
+        outputs += self._collect(output_kind)
         if launched is not None:
             self.in_flight = launched
             self.in_flight_slots = [len(seq) for seq in launched.seqs]
@@ -199,7 +190,7 @@ class LLMEngine:
                     seq.append_token(PLACEHOLDER)
         return outputs
 
-    def _collect(self, final_only: bool) -> list[RequestOutput]:
+    def _collect(self, output_kind: OutputKind) -> list[RequestOutput]:
         """Wait for the step in flight; put its tokens in place and see who finished."""
         launched, slots = self.in_flight, self.in_flight_slots
         if launched is None:
@@ -217,8 +208,8 @@ class LLMEngine:
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             self._check_finished(seq, slots[i])
-            if seq.is_finished or not final_only:
-                outputs.append(self.make_output(seq))
+            if seq.is_finished or output_kind != "final":
+                outputs.append(self.make_output(seq, slots[i] if output_kind == "delta" else None))
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
                 self.detokenizers.pop(seq.request_id, None)
@@ -249,16 +240,21 @@ class LLMEngine:
             detok.flush()
         self.scheduler.finish(seq, reason, stop_reason)
 
-    def make_output(self, seq: Sequence) -> RequestOutput:
+    def make_output(self, seq: Sequence, delta_slot: int | None = None) -> RequestOutput:
+        """The request's output so far, or with `delta_slot` only the token at that slot."""
         detok = self.detokenizers.get(seq.request_id)
+        logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
+        token_ids = seq.output_token_ids
+        if delta_slot is not None:
+            token_ids, logprobs = [seq.token_ids[delta_slot]], logprobs and logprobs[-1:]
         completion = CompletionOutput(
             index=0,
             # While running, only text no stop string can take back; all of it once finished.
             text="" if detok is None else (detok.text if seq.is_finished else detok.stable_text),
-            token_ids=seq.output_token_ids,
+            token_ids=token_ids,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
-            logprobs=seq.output_logprobs if seq.params.logprobs is not None else None,
+            logprobs=logprobs,
         )
         return RequestOutput(
             request_id=seq.request_id,
@@ -268,6 +264,25 @@ class LLMEngine:
             finished=seq.is_finished,
             metrics=seq.metrics,
         )
+
+
+def validate_request(token_ids: list[int], params: SamplingParams, *, max_model_len: int, vocab_size: int) -> None:
+    """`LLMEngine.validate_request` for a front end that holds no engine, only its limits (the
+    server's engine runs in a process of its own, and a bad request must not cross over)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+    if any(t >= vocab_size for t in params.stop_token_ids):
+        raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab_size}), got {params.stop_token_ids}")
+    if not token_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if len(token_ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt is {len(token_ids)} tokens long, but max_model_len is "
+            f"{max_model_len} (the prompt must leave room for at least one new token)"
+        )
+    bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:

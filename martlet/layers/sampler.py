@@ -120,14 +120,16 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Rows still short of min_tokens may not pick a token that would end them."""
-    logits = logits.clone()
+    rows, cols = [], []
     for i, seq in enumerate(seqs):
         if seq.num_output_tokens < seq.params.min_tokens:
-            stop_ids = list(seq.params.stop_token_ids)
-            if not seq.params.ignore_eos:
-                stop_ids += seq.eos_token_ids
-            logits[i, stop_ids] = float("-inf")
-    return logits
+            stop_ids = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else seq.eos_token_ids)
+            rows += [i] * len(stop_ids)
+            cols += stop_ids
+    if not rows:  # ignore_eos and no stop token ids: nothing could end these rows early
+        return logits
+    index = (to_device(rows, logits.device), to_device(cols, logits.device))
+    return logits.index_put(index, torch.tensor(float("-inf"), device=logits.device))
 
 
 def filter_probs(

@@ -27,9 +27,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from types import SimpleNamespace
 
-from martlet.engine.llm_engine import LLMEngine
+from martlet.engine import llm_engine
 from martlet.models.loader import load_tokenizer
 from martlet.sampling_params import SamplingParams
 from martlet.server.engine_core import (
@@ -113,10 +112,7 @@ class AsyncEngine:
             self.shutdown()
             raise
         self.max_model_len = ready.max_model_len
-        # All that `LLMEngine.validate_request` reads of an engine: with it, the front end applies the
-        # engine's own rules, and a bad request is refused before it crosses to the core.
-        self._limits = SimpleNamespace(config=SimpleNamespace(max_model_len=ready.max_model_len),
-                                       model_config=SimpleNamespace(vocab_size=ready.vocab_size))
+        self.vocab_size = ready.vocab_size
 
     def _wait_until_ready(self) -> CoreReady:
         try:
@@ -167,7 +163,7 @@ class AsyncEngine:
 
     def validate_request(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raises ValueError for a request the engine would refuse, by the engine's own rules."""
-        LLMEngine.validate_request(self._limits, token_ids, params)
+        llm_engine.validate_request(token_ids, params, max_model_len=self.max_model_len, vocab_size=self.vocab_size)
 
     async def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],

@@ -118,7 +118,7 @@ class EngineCore:
         self.engine = engine
         self.outputs = outputs
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
-        self.num_sent: dict[str, int] = {}  # output tokens of each live request sent so far
+        self.live: set[str] = set()  # requests the front end still listens to
         self.refused: list[tuple[str, str]] = []
         self.num_steps = 0
         self.num_added = 0
@@ -155,7 +155,7 @@ class EngineCore:
                 self._add(request_id, prompt_token_ids, params)
             case AbortRequest(request_id):
                 self.engine.abort_request(request_id)
-                self.num_sent.pop(request_id, None)
+                self.live.discard(request_id)
             case Shutdown():
                 self.stopping = True
 
@@ -166,22 +166,19 @@ class EngineCore:
         except ValueError as exc:  # the front end checked it already: this is a last line
             self.refused.append((request_id, str(exc)))
             return
-        self.num_sent[request_id] = 0
+        self.live.add(request_id)
 
     def _step(self) -> list[RequestDelta]:
-        outputs = self.engine.step()
+        outputs = self.engine.step("delta")  # each output holds this step's token only
         self.num_steps += 1
         # A request aborted while its step ran may still report: nobody is listening for it.
-        return [self._delta(output) for output in outputs if output.request_id in self.num_sent]
+        return [self._delta(output) for output in outputs if output.request_id in self.live]
 
     def _delta(self, output: RequestOutput) -> RequestDelta:
-        """The output's tokens (it holds all of them so far) that the front end has not had yet."""
         completion = output.outputs[0]
-        start = self.num_sent.pop(output.request_id)
-        if not output.finished:
-            self.num_sent[output.request_id] = len(completion.token_ids)
-        logprobs = completion.logprobs[start:] if completion.logprobs is not None else None
-        return (output.request_id, completion.token_ids[start:], logprobs, completion.finish_reason,
+        if output.finished:
+            self.live.discard(output.request_id)
+        return (output.request_id, completion.token_ids, completion.logprobs, completion.finish_reason,
                 completion.stop_reason)
 
     def _stats(self) -> EngineStats:
