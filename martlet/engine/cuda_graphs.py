@@ -7,8 +7,8 @@ step is padded up to the next rung; padding rows write nowhere (slot -1) and rea
 (context length 0).
 
 The attention backend may shape its decode launch by the longest context too (the split count
-of split-K decode), so a graph is keyed by (batch rung, the backend's `decode_launch_key`) and
-captured the first time a step needs it.
+of split-K decode), so a graph is keyed by (batch rung, the backend's `decode_launch_key`). Every
+rung is captured at start for short contexts; other keys the first time a step needs them.
 """
 
 from __future__ import annotations
@@ -58,6 +58,14 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        # Every rung for short contexts now, largest first so the smaller ones reuse its memory:
+        # a capture in the middle of serving would stall that step by a whole capture.
+        for rung in reversed(self.ladder):
+            self.graphs[self._key(rung, 1)] = self._capture(rung, 1)
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.ladder)
+
+    def _key(self, rung: int, max_seq_len: int) -> tuple[int, int]:
+        return rung, self.backend.decode_launch_key(rung, self.num_kv_heads, max_seq_len)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.num_prefills == 0 and padded_batch_size(self.ladder, meta.num_decodes) is not None
@@ -74,7 +82,7 @@ class DecodeGraphs:
         self.seq_lens[bs:rung].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
-        key = (rung, self.backend.decode_launch_key(rung, self.num_kv_heads, meta.max_seq_len))
+        key = self._key(rung, meta.max_seq_len)
         if key not in self.graphs:
             self.graphs[key] = self._capture(rung, meta.max_seq_len)
         graph, logits = self.graphs[key]
