@@ -65,8 +65,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int | None = None) -> None:
+    """The cache layout the kernels assume, and (given the query heads) a whole GQA group per KV head."""
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have the same shape and strides")
     if k_cache.stride(-1) != 1:
         raise ValueError("the KV cache's head_dim must be contiguous")
+    num_kv_heads = k_cache.shape[1]
+    if num_q_heads is not None and num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV head groups")

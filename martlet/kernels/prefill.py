@@ -110,9 +110,7 @@ def prefill_attention(
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    check_cache(k_cache, v_cache)
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV head groups")
+    check_cache(k_cache, v_cache, num_q_heads)
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
