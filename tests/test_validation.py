@@ -209,6 +209,8 @@ def test_config_only_directory(tmp_path, tiny_model):
         llm.generate("text", GREEDY, use_tqdm=False)
     out = llm.generate({"prompt_token_ids": [1, 2, 3]}, GREEDY, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 5 and out.text == ""
+    with pytest.raises(ValueError, match="stop needs a tokenizer"):
+        llm.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=5, stop="x"), use_tqdm=False)
 
 
 def test_sharded_index_with_missing_shard(tmp_path, tiny_model):

@@ -1,8 +1,9 @@
 """The engine core: requests in, one step at a time, outputs out.
 
-`step()` is the whole loop: schedule, execute, update. Everything about text (tokenizing,
-detokenizing, stop strings) sits at the edges, in `add_request` and `_update_text`, so a front
-end that does those elsewhere can drive the same core.
+`step()` is the whole loop: schedule, launch, collect. Everything about text (tokenizing,
+detokenizing, stop strings) sits at the edges, in `add_request` and `_check_finished`, and only
+for requests with `detokenize=True`, so a front end that does those elsewhere (the server) can
+drive the same core.
 """
 
 from __future__ import annotations
@@ -125,6 +126,8 @@ class LLMEngine:
         """Everything about a request that can be wrong, checked before it is queued."""
         validate_request(token_ids, params, max_model_len=self.config.max_model_len,
                          vocab_size=self.model_config.vocab_size)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop needs a tokenizer, and this model has none: use stop_token_ids")
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
