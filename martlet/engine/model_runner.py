@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from martlet.config import EngineConfig, ModelConfig
+from martlet.device import to_device
 from martlet.engine.cuda_graphs import DecodeGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
@@ -31,7 +32,6 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.sampler = Sampler(config.device, config.seed)
-        self.pin_memory = self.device.type == "cuda"
         self.graphs: DecodeGraphs | None = None  # none while profiling; made once the pool exists
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
@@ -107,7 +107,7 @@ class ModelRunner:
             hidden = self.model(input_ids, positions, meta)
             if not sample or not logits_indices:
                 return None
-            logits = self.model.compute_logits(hidden[self._tensor(logits_indices, torch.int64)])
+            logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
         sampled = self.sampler(logits, seqs)
         for row, seq in enumerate(seqs):
@@ -144,7 +144,10 @@ class ModelRunner:
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         num_prefill_tokens = sum(batch.num_new_tokens[: batch.num_prefills])
 
-        tensor = self._tensor
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return to_device(values, self.device, dtype)
+
         meta = AttentionMetadata(
             slot_mapping=tensor(slots, torch.int64),
             query_start_loc=tensor(query_start_loc, torch.int32),
@@ -162,13 +165,6 @@ class ModelRunner:
         if pending_at:
             input_ids_t[tensor(pending_at, torch.int64)] = self.last_token_ids[tensor(pending_rows, torch.int64)]
         return input_ids_t, tensor(positions, torch.int64), meta, logits_indices
-
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        """A host list on the device; through pinned memory on a GPU so the copy does not block."""
-        host = torch.tensor(values, dtype=dtype)
-        if self.pin_memory:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from martlet.device import to_device
 from martlet.engine.sequence import Sequence
 
 
@@ -83,15 +84,6 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         greedy = to_device([s.params.greedy for s in seqs], device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
-
-
-def to_device(values: list, device: torch.device) -> torch.Tensor:
-    """A host list on the device without waiting for the device: through pinned memory on a GPU
-    (a copy from pageable memory would wait for all work queued before it)."""
-    host = torch.tensor(values)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def has_penalty(seq: Sequence) -> bool:
