@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from martlet.bench.roofline import measure_ceilings
+
 GIB = 1 << 30
 
 
@@ -43,23 +45,10 @@ def log(msg: str) -> None:
 # ---- ceilings ------------------------------------------------------------------------------------
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting bytes read and written."""
-    src = torch.randn(GIB // 2, device="cuda")  # 2 GiB of fp32
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / ms / 1e6
-
-
 def read_bandwidth() -> float:
     """GB/s of summing 2 GiB: a read-only stream, which is what decode attention is."""
     src = torch.randn(GIB // 2, device="cuda")
     return src.numel() * 4 / bench_ms(lambda: src.sum()) / 1e6
-
-
-def gemm_tflops(n: int = 8192) -> float:
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / bench_ms(lambda: a @ b) / 1e9
 
 
 # ---- memory-bound kernels ------------------------------------------------------------------------
@@ -370,8 +359,11 @@ def run(args: argparse.Namespace) -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=vars)
 
-    section("ceilings", f"{props.name}: ceilings",
-            lambda: {"copy_GB/s": copy_bandwidth(), "read_GB/s": read_bandwidth(), "gemm_TFLOP/s": gemm_tflops()})
+    def ceilings() -> dict:
+        measured = measure_ceilings(torch.device("cuda"), torch.bfloat16)  # the ones bench latency uses too
+        return {"copy_GB/s": measured.copy_gb_s, "read_GB/s": read_bandwidth(), "gemm_TFLOP/s": measured.gemm_tflops}
+
+    section("ceilings", f"{props.name}: ceilings", ceilings)
     c = results["ceilings"]
     log(f"  copy {c['copy_GB/s']:.0f} GB/s, read {c['read_GB/s']:.0f} GB/s, GEMM {c['gemm_TFLOP/s']:.0f} TFLOP/s")
     section("elementwise", "memory-bound kernels", lambda: elementwise(4096 if args.quick else 16384))
