@@ -232,8 +232,7 @@ class LLMEngine:
             stop = detok.add_tokens([token], check_stop=num_output >= params.min_tokens)
             if stop is not None:
                 return self._finish(seq, slot, "stop", stop)
-        max_tokens = params.max_tokens or self.config.max_model_len
-        if num_output >= max_tokens or slot + 1 >= self.config.max_model_len:
+        if seq.reached_length_limit(self.config.max_model_len, num_tokens=slot + 1):
             return self._finish(seq, slot, "length")
 
     def _finish(self, seq: Sequence, slot: int, reason: str, stop_reason: int | str | None = None) -> None:

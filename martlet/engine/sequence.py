@@ -78,10 +78,12 @@ class Sequence:
     def has_pending_token(self) -> bool:
         return self.token_ids[-1] == PLACEHOLDER
 
-    def reached_length_limit(self, max_model_len: int) -> bool:
-        """No further token may follow: max_tokens or the context length is used up."""
+    def reached_length_limit(self, max_model_len: int, num_tokens: int | None = None) -> bool:
+        """No token may follow the first `num_tokens` (default: all of them): max_tokens or the
+        context length is used up."""
+        num_tokens = len(self.token_ids) if num_tokens is None else num_tokens
         max_tokens = self.params.max_tokens or max_model_len
-        return self.num_output_tokens >= max_tokens or len(self.token_ids) >= max_model_len
+        return num_tokens - self.num_prompt_tokens >= max_tokens or num_tokens >= max_model_len
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
