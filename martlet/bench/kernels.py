@@ -7,9 +7,12 @@ Measured in one run, on CUDA:
 - memory-bound kernels (RMSNorm, fused add + RMSNorm, SiLU * up, rotary + KV write): GB/s, vs copy;
 - prefill attention: TFLOP/s (causal: 2 * 2 * S^2 * D * Hq / 2 per sequence) vs PyTorch SDPA's flash
   backend on the same batch of equal-length sequences;
-- decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k.
+- decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k;
+- the few-token matmul: GB/s of weight read vs copy and vs cuBLAS (`F.linear`), Llama-2-7B's
+  projections at 1, 4 and 16 tokens.
 `--tune` first times candidate tile configs and decode split targets on a few shapes, then runs the
 tables with the best of each (and times what paging costs); the kernels' defaults come from it.
+`--only SECTION` runs the ceilings and that one section.
 
 Times are `triton.testing.do_bench` medians after its warm-up. do_bench flushes the L2 before
 every timed call, so each call reads its inputs from DRAM, as a model's next layer would.
@@ -209,6 +212,47 @@ def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, progra
     return rows
 
 
+# ---- few-token matmul ---------------------------------------------------------------------------
+
+# Llama-2-7B's projections, (N, K): QKV, O, gate|up, down, LM head.
+LINEAR_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
+
+
+def skinny_linear_case(tokens: int, n: int, k: int, configs: list, copy_gbs: float) -> list[dict]:
+    """GB/s (weight bytes) of skinny_linear per config, and of cuBLAS on the same product."""
+    from martlet.kernels.linear import skinny_linear
+
+    fp16 = torch.float16
+    weight = torch.randn(n, k, device="cuda", dtype=fp16) / k**0.5
+    x = torch.randn(tokens, k, device="cuda", dtype=fp16)
+    nbytes = weight.numel() * weight.element_size()
+    cublas_ms = bench_ms(lambda: F.linear(x, weight))
+    rows = []
+    for cfg in configs:
+        row = {"tokens": tokens, "n": n, "k": k, "config": cfg and vars(cfg), "bytes": nbytes,
+               "cublas_ms": cublas_ms}
+        try:
+            ms = bench_ms(lambda cfg=cfg: skinny_linear(x, weight, config=cfg))
+            row.update(ms=ms, vs_copy=nbytes / ms / 1e6 / copy_gbs, vs_cublas=cublas_ms / ms,
+                       **{"GB/s": nbytes / ms / 1e6})
+        except Exception as e:
+            row.update(error=repr(e)[:300])
+        rows.append(row)
+    return rows
+
+
+def skinny_linears(copy_gbs: float, cfg) -> list[dict]:
+    rows = []
+    for tokens in (1, 4, 16):
+        for n, k in LINEAR_SHAPES:
+            (row,) = skinny_linear_case(tokens, n, k, [cfg], copy_gbs)
+            rows.append(row)
+            log(f"  M={tokens:2d} N={n:5d} K={k:5d}: {row['ms'] * 1e3:6.1f} us "
+                f"{row['GB/s']:5.0f} GB/s ({row['vs_copy']:.0%} of copy), cuBLAS {row['cublas_ms'] * 1e3:6.1f} us "
+                f"({row['vs_cublas']:.2f}x)")
+    return rows
+
+
 # ---- tuning --------------------------------------------------------------------------------------
 
 
@@ -225,12 +269,10 @@ def best(rows: list[dict], candidates: list, metric: str):
     return max(candidates, key=score)
 
 
-def tune() -> dict:
-    """Time candidate tile configs (and decode split targets) on a few shapes; pick the best of each."""
-    from martlet.kernels.decode import DecodeConfig, decode_num_splits
+def tune_prefill() -> dict:
     from martlet.kernels.prefill import PrefillConfig
 
-    out = {"prefill": [], "decode": [], "splits": []}
+    out = {"prefill": []}
     candidates = [PrefillConfig(*c) for c in [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3),
                                               (128, 32, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]]
     for seq_len, hkv in [(1024, 32), (4096, 32), (4096, 8), (16384, 32)]:
@@ -241,7 +283,14 @@ def tune() -> dict:
                 r["error"] if "error" in r else f"{r['TFLOP/s']:.1f} TFLOP/s ({r['vs_sdpa']:.2f}x SDPA)"))
     out["prefill_config"] = best(out["prefill"], candidates, "TFLOP/s")
     log(f"  -> prefill {out['prefill_config']}")
+    return out
 
+
+def tune_decode() -> dict:
+    """Tile configs, then split targets (programs per SM) with the best config."""
+    from martlet.kernels.decode import DecodeConfig, decode_num_splits
+
+    out = {"decode": [], "splits": []}
     pool = paged_cache(256, 8192, 8, 128, 16, torch.bfloat16)
     shapes = [(1, 32768), (4, 16384), (16, 4096), (64, 1024), (256, 256), (256, 2048)]
     candidates = [DecodeConfig(*c) for c in [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 8, 3),
@@ -267,6 +316,24 @@ def tune() -> dict:
         scores[programs_per_sm] = geomean([r["GB/s"] for r in rows])
     out["programs_per_sm"] = max(scores, key=scores.get)
     log(f"  -> {out['programs_per_sm']} programs per SM")
+    return out
+
+
+def tune_skinny_linear(copy_gbs: float) -> dict:
+    from martlet.kernels.linear import SkinnyConfig
+
+    candidates = [SkinnyConfig(n, k, w, s) for n in (16, 32, 64) for k in (128, 256, 512)
+                  for w, s in [(4, 3), (4, 4), (4, 6), (8, 4), (2, 4)]]
+    out = {"skinny_linear": []}
+    for tokens in (1, 16):
+        for n, k in LINEAR_SHAPES:
+            rows = skinny_linear_case(tokens, n, k, candidates, copy_gbs)
+            out["skinny_linear"] += rows
+            top = sorted((r for r in rows if "error" not in r), key=lambda r: -r["GB/s"])[:3]
+            log(f"  M={tokens} N={n} K={k}: cuBLAS {rows[0]['bytes'] / rows[0]['cublas_ms'] / 1e6:.0f} GB/s, best "
+                + ", ".join(f"{r['config']} {r['GB/s']:.0f}" for r in top))
+    out["skinny_config"] = best(out["skinny_linear"], candidates, "GB/s")
+    log(f"  -> skinny linear {out['skinny_config']}")
     return out
 
 
@@ -301,26 +368,39 @@ def table(results: dict) -> str:
         f"Ceilings: copy {c['copy_GB/s']:.0f} GB/s (read + write), read-only (sum) {c['read_GB/s']:.0f} GB/s, "
         f"bf16 GEMM 8192^3 {c['gemm_TFLOP/s']:.0f} TFLOP/s",
         f"Configs: prefill {results['prefill_config'] or 'default'}, decode {results['decode_config'] or 'default'}, "
-        f"{results['programs_per_sm']} decode programs per SM",
-        "",
-        "| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
-        "|---|---|---|---|---|---|",
+        f"{results['programs_per_sm']} decode programs per SM, "
+        f"few-token matmul {results['skinny_config'] or 'default'}",
     ]
+    if results.get("elementwise"):
+        lines += ["", "| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
+                  "|---|---|---|---|---|---|"]
     for r in results.get("elementwise", []):
         torch_us = f"{r['torch_ms'] * 1e3:.1f}" if r["torch_ms"] else "-"
         lines.append(f"| {r['kernel']} | {r['tokens']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
                      f"{r['GB/s'] / c['copy_GB/s']:.0%} | {torch_us} |")
-    lines += ["", "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s | vs SDPA |",
-              "|---|---|---|---|---|---|---|"]
+    if results.get("prefill"):
+        lines += ["", "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s "
+                  "| vs SDPA |", "|---|---|---|---|---|---|---|"]
     for r in results.get("prefill", []):
         lines.append(f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
                      f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |")
-    lines += ["", "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
-              "|---|---|---|---|---|---|"]
+    if results.get("decode"):
+        lines += ["", "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
+                  "|---|---|---|---|---|---|"]
     for r in results.get("decode", []):
         lines.append(f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
                      f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |")
+    if results.get("skinny_linear"):
+        lines += ["", "| few-token matmul (fp16) | N x K | us | GB/s | % of copy | cuBLAS us | vs cuBLAS |",
+                  "|---|---|---|---|---|---|---|"]
+    for r in results.get("skinny_linear", []):
+        lines.append(f"| {r['tokens']} tokens | {r['n']} x {r['k']} | "
+                     f"{r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['vs_copy']:.0%} | {r['cublas_ms'] * 1e3:.1f} | "
+                     f"{r['vs_cublas']:.2f}x |")
     return "\n".join(lines)
+
+
+SECTIONS = ("elementwise", "prefill", "decode", "skinny_linear")
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -328,6 +408,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller shapes")
     parser.add_argument("--tune", action="store_true",
                         help="first time candidate tile configs and split targets, then use the best of each")
+    parser.add_argument("--only", choices=SECTIONS, help="run the ceilings and this section alone")
 
 
 def main() -> None:
@@ -346,7 +427,7 @@ def run(args: argparse.Namespace) -> None:
     props = torch.cuda.get_device_properties(0)
     results = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                "triton": triton.__version__, "prefill_config": None, "decode_config": None,
-               "programs_per_sm": PROGRAMS_PER_SM}
+               "programs_per_sm": PROGRAMS_PER_SM, "skinny_config": None}
 
     def section(key: str, title: str, fn: Callable[[], object]) -> None:
         """Run one part; a failure is printed and the rest still runs. Save everything so far."""
@@ -359,6 +440,12 @@ def run(args: argparse.Namespace) -> None:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=vars)
 
+    def tuned(key: str, title: str, tuner: Callable[[], dict], *settings: str) -> None:
+        """With --tune, run `tuner` and take its picks of `settings` for the section's table."""
+        if args.tune:
+            section(key, title, tuner)
+            results.update({name: results[key][name] for name in settings if key in results})
+
     def ceilings() -> dict:
         measured = measure_ceilings(torch.device("cuda"), torch.bfloat16)  # the ones bench latency uses too
         return {"copy_GB/s": measured.copy_gb_s, "read_GB/s": read_bandwidth(), "gemm_TFLOP/s": measured.gemm_tflops}
@@ -366,23 +453,27 @@ def run(args: argparse.Namespace) -> None:
     section("ceilings", f"{props.name}: ceilings", ceilings)
     c = results["ceilings"]
     log(f"  copy {c['copy_GB/s']:.0f} GB/s, read {c['read_GB/s']:.0f} GB/s, GEMM {c['gemm_TFLOP/s']:.0f} TFLOP/s")
-    section("elementwise", "memory-bound kernels", lambda: elementwise(4096 if args.quick else 16384))
-    if args.tune:
-        section("tuning", "tuning", tune)
-        if "tuning" in results:
-            tuned = results["tuning"]
-            results.update(prefill_config=tuned["prefill_config"], decode_config=tuned["decode_config"],
-                           programs_per_sm=tuned["programs_per_sm"])
-    prefill_cfg, decode_cfg, programs_per_sm = (results[k] for k in ("prefill_config", "decode_config",
-                                                                     "programs_per_sm"))
-    seq_lens = [512, 1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
-    section("prefill", "prefill attention", lambda: prefill(seq_lens, 16384, prefill_cfg))
-    batches = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256]
-    contexts = [128, 2048, 32768] if args.quick else [128, 512, 2048, 8192, 32768]
-    section("decode", "decode attention",
-            lambda: decode(batches, contexts, c["copy_GB/s"], decode_cfg, programs_per_sm))
-    if args.tune:
-        section("diagnostics", "diagnostics", lambda: diagnose(prefill_cfg, decode_cfg, programs_per_sm))
+    wanted = [args.only] if args.only else SECTIONS
+    if "elementwise" in wanted:
+        section("elementwise", "memory-bound kernels", lambda: elementwise(4096 if args.quick else 16384))
+    if "prefill" in wanted:
+        tuned("tuning_prefill", "tuning prefill", tune_prefill, "prefill_config")
+        seq_lens = [512, 1024, 4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+        section("prefill", "prefill attention", lambda: prefill(seq_lens, 16384, results["prefill_config"]))
+    if "decode" in wanted:
+        tuned("tuning_decode", "tuning decode", tune_decode, "decode_config", "programs_per_sm")
+        batches = [1, 16, 256] if args.quick else [1, 4, 16, 64, 256]
+        contexts = [128, 2048, 32768] if args.quick else [128, 512, 2048, 8192, 32768]
+        section("decode", "decode attention", lambda: decode(
+            batches, contexts, c["copy_GB/s"], results["decode_config"], results["programs_per_sm"]))
+    if "skinny_linear" in wanted:
+        tuned("tuning_skinny", "tuning the few-token matmul", lambda: tune_skinny_linear(c["copy_GB/s"]),
+              "skinny_config")
+        section("skinny_linear", "few-token matmul (fp16)",
+                lambda: skinny_linears(c["copy_GB/s"], results["skinny_config"]))
+    if args.tune and {"prefill", "decode"} <= set(wanted):
+        section("diagnostics", "diagnostics", lambda: diagnose(
+            results["prefill_config"], results["decode_config"], results["programs_per_sm"]))
     print()
     print(table(results))
 

@@ -1,0 +1,51 @@
+"""The few-token matmul against torch.nn.functional.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import DEVICE, assert_close, dtypes
+
+from martlet.kernels.linear import MAX_TOKENS, SkinnyConfig, skinny_linear
+
+
+def random(shape, seed, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize(
+    "m, n, k, config",
+    [
+        (1, 48, 64, SkinnyConfig(block_k=32)),  # K a multiple of the tile
+        (3, 50, 100, SkinnyConfig(block_k=32)),  # ragged N and K: masked edges
+        (MAX_TOKENS, 17, 70, SkinnyConfig(block_n=32, block_k=64)),  # one program wider than N
+        (7, 33, 257, None),  # default tile, K one past a tile
+        pytest.param(5, 12288, 4096, None, marks=pytest.mark.gpu),
+    ],
+)
+def test_skinny_linear(m, n, k, config, dtype):
+    x = random((m, k), m + n, dtype)
+    weight = random((n, k), k, dtype) / k**0.5
+    out = skinny_linear(x, weight, config=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out, F.linear(x.float(), weight.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+def test_skinny_linear_bias_and_strided_rows(dtype):
+    # A view with a row stride wider than K, as a slice of a larger activation is.
+    x = random((4, 96), 1, dtype)[:, :80]
+    weight, bias = random((40, 80), 2, dtype), random((40,), 3, dtype)
+    out = skinny_linear(x, weight, bias, config=SkinnyConfig(block_k=32))
+    assert_close(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
+
+
+def test_skinny_linear_refuses_what_it_cannot_do():
+    weight = torch.zeros(8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="at most"):
+        skinny_linear(torch.zeros(MAX_TOKENS + 1, 16, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        skinny_linear(torch.zeros(2, 15, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="one dtype"):
+        skinny_linear(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), weight)
+    assert skinny_linear(torch.zeros(0, 16, device=DEVICE), weight).shape == (0, 8)
