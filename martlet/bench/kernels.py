@@ -9,7 +9,7 @@ Measured in one run, on CUDA:
   backend on the same batch of equal-length sequences;
 - decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k;
 - the few-token matmul: GB/s of weight read vs copy and vs cuBLAS (`F.linear`), Llama-2-7B's
-  projections at 1, 4, 16 and 32 tokens.
+  projections at 1, 4 and 16 tokens.
 `--tune` first times candidate tile configs and decode split targets on a few shapes, then runs the
 tables with the best of each (and times what paging costs); the kernels' defaults come from it.
 `--only SECTION` runs the ceilings and that one section.
@@ -243,7 +243,7 @@ def skinny_linear_case(tokens: int, n: int, k: int, configs: list, copy_gbs: flo
 
 def skinny_linears(copy_gbs: float, cfg) -> list[dict]:
     rows = []
-    for tokens in (1, 4, 16, 32):
+    for tokens in (1, 4, 16):
         for n, k in LINEAR_SHAPES:
             (row,) = skinny_linear_case(tokens, n, k, [cfg], copy_gbs)
             rows.append(row)
