@@ -59,8 +59,9 @@ def main() -> None:
     groups = {}
     for s in steps:
         lo, hi = next(g for g in BATCH_GROUPS if g[0] <= s["seqs"] <= g[1])
-        key = ("with prefill" if s["prefill"] else "decode only", f"{lo}-{hi}" if hi < 1 << 20 else f"{lo}+")
-        g = groups.setdefault(key, {"steps": 0, "seconds": 0.0, "floor": 0.0})
+        key = ("with prefill" if s["prefill"] else "decode only", lo)
+        g = groups.setdefault(key, {"sequences": f"{lo}-{hi}" if hi < 1 << 20 else f"{lo}+", "steps": 0,
+                                    "seconds": 0.0, "floor": 0.0})
         g["steps"] += 1
         g["seconds"] += s["seconds"]
         g["floor"] += s["floor"]
@@ -69,13 +70,13 @@ def main() -> None:
           f"{len(steps)} steps in {total:.2f} s ({sum(r['output_len'] for r in rows) / total:,.1f} output tok/s)")
     print("| step kind | sequences | steps | seconds | share | ms/step | floor s | % of floor |")
     print("|---|---|---|---|---|---|---|---|")
-    for (kind, batch), g in sorted(groups.items()):
-        print(f"| {kind} | {batch} | {g['steps']} | {g['seconds']:.2f} | {g['seconds'] / total:.0%} | "
+    for (kind, _), g in sorted(groups.items()):
+        print(f"| {kind} | {g['sequences']} | {g['steps']} | {g['seconds']:.2f} | {g['seconds'] / total:.0%} | "
               f"{1e3 * g['seconds'] / g['steps']:.2f} | {g['floor']:.2f} | {g['floor'] / g['seconds']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ceilings": ceilings.as_dict(), "seconds": total, "steps": steps,
-                       "groups": [{"kind": k, "sequences": b, **g} for (k, b), g in sorted(groups.items())]}, f)
+                       "groups": [{"kind": k, **g} for (k, _), g in sorted(groups.items())]}, f)
 
 
 if __name__ == "__main__":
