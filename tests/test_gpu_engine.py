@@ -5,13 +5,16 @@ The ladder and padding logic of the decode graphs is plain Python and is tested 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import random
 
 import pytest
 import torch
 
 from martlet import LLM, SamplingParams
-from martlet.engine.cuda_graphs import batch_size_ladder, padded_batch_size
+from martlet.engine.cuda_graphs import batch_size_ladder, capture_plan, padded_batch_size
+from martlet.kernels.decode import decode_num_splits
 from martlet.testing import make_tiny_model
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,6 +35,21 @@ def test_padded_batch_size():
     assert [padded_batch_size(ladder, b) for b in (1, 2, 3, 5, 8, 9, 17, 255, 256)] == [
         1, 2, 4, 8, 8, 16, 24, 256, 256]
     assert padded_batch_size(ladder, 257) is None
+
+
+@pytest.mark.parametrize("num_kv_heads, max_model_len", [(32, 2304), (8, 8192), (2, 1000)])
+def test_capture_plan_covers_every_key_a_step_can_ask_for(num_kv_heads, max_model_len):
+    ladder = batch_size_ladder(256)
+
+    def key(rung: int, longest: int) -> tuple[int, int]:
+        return rung, decode_num_splits(rung, num_kv_heads, longest, torch.device("cpu"))
+
+    plan = capture_plan(ladder, max_model_len, key)
+    planned = [key(*p) for p in plan]
+    assert len(set(planned)) == len(planned), "a graph would be captured twice"
+    needed = {key(rung, n) for rung in ladder for n in range(1, max_model_len + 1)}
+    assert set(planned) == needed
+    assert [rung for rung, _ in plan] == sorted((rung for rung, _ in plan), reverse=True)
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +86,42 @@ def test_graphs_match_eager(tiny, dtype):
     path, prompts = tiny
     eager = greedy_tokens(path, prompts, device="cuda", dtype=dtype, enforce_eager=True)
     assert greedy_tokens(path, prompts, device="cuda", dtype=dtype) == eager
+
+
+def compiled_kernel_variants() -> dict[str, int]:
+    """How many variants Triton has compiled of each of our kernels so far."""
+    import triton
+
+    import martlet.kernels as kernels
+
+    counts = {}
+    for module in pkgutil.iter_modules(kernels.__path__):
+        for name, fn in vars(importlib.import_module(f"martlet.kernels.{module.name}")).items():
+            if isinstance(fn, triton.runtime.jit.JITFunction):
+                counts[name] = sum(len(cache[0]) for cache in fn.device_caches.values())
+    return counts
+
+
+@needs_gpu
+@pytest.mark.gpu
+def test_no_kernel_compiles_after_start(tiny):
+    """Serving must not stall on a compile: requests of any length, alone or joining a running batch
+    (mixed steps), use only kernel variants built while the engine started."""
+    path, _ = tiny
+    llm = LLM(path, quiet=True, device="cuda", dtype="float16", num_kv_blocks=256)
+    engine = llm.engine
+    compiled = compiled_kernel_variants()
+    rng = random.Random(1)
+    for i, n in enumerate([1, 2, 9, 16, 17, 33, 100, 130]):
+        engine.add_request([rng.randrange(4096) for _ in range(n)], SamplingParams(max_tokens=4), request_id=f"a{i}")
+        while engine.has_unfinished_requests():
+            engine.step()
+    for burst in (2, 3, 6, 20):
+        for j in range(burst):  # one arrival per step: prefills mix with the running decodes
+            n = rng.randrange(1, 150)
+            engine.add_request([rng.randrange(4096) for _ in range(n)], SamplingParams(max_tokens=30),
+                               request_id=f"b{burst}-{j}")
+            engine.step()
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert compiled_kernel_variants() == compiled

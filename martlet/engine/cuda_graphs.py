@@ -8,13 +8,16 @@ step is padded up to the next rung; padding rows write nowhere (slot -1) and rea
 
 The attention backend may shape its decode launch by the longest context too (the split count
 of split-K decode), so a graph is keyed by (batch rung, the backend's `decode_launch_key`). Every
-rung is captured at start for short contexts; other keys the first time a step needs them.
+key a step can ask for is captured at start: a capture in the middle of serving would stall that
+step, and every request in it, by the capture's time.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,6 +42,26 @@ def padded_batch_size(ladder: list[int], batch_size: int) -> int | None:
     return ladder[i] if i < len(ladder) else None
 
 
+def capture_plan(
+    ladder: list[int], max_model_len: int, graph_key: Callable[[int, int], object]
+) -> list[tuple[int, int]]:
+    """(rung, longest context) for every distinct graph_key(rung, longest context) a step can need,
+    largest rung first.
+
+    Launch keys move only where the longest context crosses a power of two, so trying each power
+    of two up to max_model_len's finds them all.
+    """
+    plan: dict[object, tuple[int, int]] = {}
+    for rung in reversed(ladder):
+        length = 1
+        while True:
+            plan.setdefault(graph_key(rung, length), (rung, length))
+            if length >= max_model_len:
+                break
+            length *= 2
+    return list(plan.values())
+
+
 class DecodeGraphs:
     """Static input buffers, and one graph per (rung, launch key) that reads them."""
 
@@ -58,11 +81,13 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
-        # Every rung for short contexts now, largest first so the smaller ones reuse its memory:
-        # a capture in the middle of serving would stall that step by a whole capture.
-        for rung in reversed(self.ladder):
-            self.graphs[self._key(rung, 1)] = self._capture(rung, 1)
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.ladder)
+        # Largest rung first, so the smaller ones reuse its memory.
+        start = time.perf_counter()
+        for rung, length in capture_plan(self.ladder, max_model_len, self._key):
+            self.graphs[self._key(rung, length)] = self._capture(rung, length)
+        logger.info("captured %d decode CUDA graphs in %.1f s: batch sizes %s, each for every split count of "
+                    "attention up to a context of %d", len(self.graphs), time.perf_counter() - start, self.ladder,
+                    max_model_len)
 
     def _key(self, rung: int, max_seq_len: int) -> tuple[int, int]:
         return rung, self.backend.decode_launch_key(rung, self.num_kv_heads, max_seq_len)
@@ -82,10 +107,7 @@ class DecodeGraphs:
         self.seq_lens[bs:rung].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
-        key = self._key(rung, meta.max_seq_len)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(rung, meta.max_seq_len)
-        graph, logits = self.graphs[key]
+        graph, logits = self.graphs[self._key(rung, meta.max_seq_len)]
         graph.replay()
         return logits[:bs]
 

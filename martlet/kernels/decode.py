@@ -65,7 +65,13 @@ def decode_num_splits(
     return max(1, min(wanted, triton.cdiv(longest, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
-@triton.jit
+# Triton compiles a variant per value class of each int argument (1, multiple of 16, other) and per
+# pointer alignment. The block-table width and the split count change from step to step, and with
+# them these strides; in a mixed step the decodes' seq_lens and block_tables start after the
+# prefills', at any alignment. Left specialized, each would compile a new variant (a fraction of a
+# second) in the middle of serving.
+@triton.jit(do_not_specialize=["seq_lens_ptr", "block_tables_ptr", "stride_ot", "stride_oh", "stride_lt",
+                               "stride_lh", "stride_bt"])
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
@@ -110,16 +116,16 @@ def _decode_kernel(
         tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=offs_g < GROUP)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt", "stride_ph", "stride_lt", "stride_lh", "num_splits"])
 def _merge_kernel(
     partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     lse = tl.load(lse_ptr + seq * stride_lt + head * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     # Only a padding sequence (length 0) has every split empty: keep it finite, its output is zeros.
     lse_max = tl.max(lse, 0)
@@ -172,7 +178,7 @@ def decode_attention(
         _merge_kernel[(num_seqs, num_q_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
             BLOCK_D=block_d, num_warps=4,
         )
     return out

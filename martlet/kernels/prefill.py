@@ -42,7 +42,9 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
     return PrefillConfig(128, 32, 4, 3)
 
 
-@triton.jit
+# The block-table width changes from step to step: a specialized stride_bt would compile a new
+# variant (about a second) the first time it lands in another value class (1, multiple of 16, other).
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head, stride_slot, stride_bt,
