@@ -60,6 +60,7 @@ class Run:
         engine = self.llm.engine
         engine.on_step = lambda batch: costs.append(step_cost(batch))
         params = [exact_params(n) for n in output_lens]
+        hits_before = engine.block_manager.num_hit_tokens
         _sync(engine)
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)
@@ -76,6 +77,7 @@ class Run:
             "total_tok_s": (num_in + num_out) / seconds, "ttft_ms": 1e3 * statistics.median(ttfts),
             "roofline_seconds": ideal, "roofline_pct": 100 * ideal / seconds,
             "preemptions": sum(o.metrics.num_preemptions for o in outputs),
+            "prefix_cache_hit_tokens": engine.block_manager.num_hit_tokens - hits_before,
         }
 
 
@@ -119,15 +121,22 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_latency(args: argparse.Namespace) -> dict:
-    """One batch of `batch_size` equal prompts, start to finish; the median of a few iterations."""
+    """One batch of `batch_size` prompts of equal length, start to finish; the median of a few iterations.
+
+    Every iteration draws new prompts: the same ones again would be served from the prefix cache,
+    and the timed iterations would skip their prefill.
+    """
     llm, run, ceilings = _setup(args)
     vocab = llm.engine.model_config.vocab_size
-    prompts = random_prompts([args.input_len] * args.batch_size, vocab)
     outs = [args.output_len] * args.batch_size
-    for _ in tqdm(range(args.num_iters_warmup), desc="Warm-up", disable=args.quiet):
-        run(prompts, outs, progress=False)
-    iters = [run(prompts, outs, progress=False) for _ in tqdm(range(args.num_iters), desc="Timing",
-                                                               disable=args.quiet)]
+
+    def iteration(seed: int) -> dict:
+        return run(random_prompts([args.input_len] * args.batch_size, vocab, seed), outs, progress=False)
+
+    warmups = args.num_iters_warmup
+    for seed in tqdm(range(warmups), desc="Warm-up", disable=args.quiet):
+        iteration(seed)
+    iters = [iteration(warmups + i) for i in tqdm(range(args.num_iters), desc="Timing", disable=args.quiet)]
     result = sorted(iters, key=lambda r: r["seconds"])[len(iters) // 2]
     decode_steps = max(args.output_len - 1, 1)
     result["ms_per_output_token"] = 1e3 * (result["seconds"] - result["ttft_ms"] / 1e3) / decode_steps
@@ -139,6 +148,7 @@ def run_latency(args: argparse.Namespace) -> dict:
         ("time to first token", f"{result['ttft_ms']:.1f} ms"),
         ("per output token", f"{result['ms_per_output_token']:.2f} ms"),
         ("output throughput", f"{result['output_tok_s']:,.1f} tok/s"),
+        ("prefix-cache hits", f"{result['prefix_cache_hit_tokens']} prompt tokens"),
         ("roofline", f"{result['roofline_seconds']:.3f} s = {result['roofline_pct']:.1f}% achieved"),
     ], result)
     return result
@@ -181,6 +191,7 @@ def run_throughput(args: argparse.Namespace) -> dict:
         ("output throughput", f"{result['output_tok_s']:,.1f} tok/s"),
         ("total throughput", f"{result['total_tok_s']:,.1f} tok/s"),
         ("preemptions", f"{result['preemptions']}"),
+        ("prefix-cache hits", f"{result['prefix_cache_hit_tokens']} prompt tokens"),
         ("roofline", f"{result['roofline_seconds']:.2f} s = {result['roofline_pct']:.1f}% achieved"),
     ], result)
     return result
