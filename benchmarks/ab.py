@@ -1,0 +1,19 @@
+"""A/B runs of engine internals: set module constants, then run any `martlet` command.
+
+    PYTHONPATH=$PWD python3 benchmarks/ab.py martlet.kernels.linear.MAX_TOKENS=0 [NAME=VALUE ...] bench latency ...
+
+Each NAME=VALUE (VALUE a Python literal) is set before the command runs, e.g.
+`martlet.kernels.linear.MAX_TOKENS=0` sends every matmul to cuBLAS.
+"""
+
+import ast
+import importlib
+import sys
+
+from martlet.cli import main
+
+while len(sys.argv) > 1 and "=" in sys.argv[1] and not sys.argv[1].startswith("-"):
+    name, value = sys.argv.pop(1).split("=", 1)
+    module, attr = name.rsplit(".", 1)
+    setattr(importlib.import_module(module), attr, ast.literal_eval(value))
+main()
