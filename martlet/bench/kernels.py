@@ -361,43 +361,46 @@ def diagnose(prefill_cfg, decode_cfg, programs_per_sm: int) -> dict:
 # ---- report --------------------------------------------------------------------------------------
 
 
+def markdown_rows(header: str, rows: list[dict], row: Callable[[dict], str]) -> list[str]:
+    """A blank line, `header` and its rule, then row(r) per entry; nothing when there are no rows."""
+    if not rows:
+        return []
+    return ["", header, "|" + "---|" * (header.count("|") - 1), *map(row, rows)]
+
+
 def table(results: dict) -> str:
     c = results["ceilings"]
-    lines = [
+
+    def elementwise_row(r: dict) -> str:
+        torch_us = f"{r['torch_ms'] * 1e3:.1f}" if r["torch_ms"] else "-"
+        return (f"| {r['kernel']} | {r['tokens']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+                f"{r['GB/s'] / c['copy_GB/s']:.0%} | {torch_us} |")
+
+    return "\n".join([
         f"GPU: {results['gpu']} ({results['sms']} SMs), torch {results['torch']}, triton {results['triton']}",
         f"Ceilings: copy {c['copy_GB/s']:.0f} GB/s (read + write), read-only (sum) {c['read_GB/s']:.0f} GB/s, "
         f"bf16 GEMM 8192^3 {c['gemm_TFLOP/s']:.0f} TFLOP/s",
         f"Configs: prefill {results['prefill_config'] or 'default'}, decode {results['decode_config'] or 'default'}, "
         f"{results['programs_per_sm']} decode programs per SM, "
         f"few-token matmul {results['skinny_config'] or 'default'}",
-    ]
-    if results.get("elementwise"):
-        lines += ["", "| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
-                  "|---|---|---|---|---|---|"]
-    for r in results.get("elementwise", []):
-        torch_us = f"{r['torch_ms'] * 1e3:.1f}" if r["torch_ms"] else "-"
-        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
-                     f"{r['GB/s'] / c['copy_GB/s']:.0%} | {torch_us} |")
-    if results.get("prefill"):
-        lines += ["", "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s "
-                  "| vs SDPA |", "|---|---|---|---|---|---|---|"]
-    for r in results.get("prefill", []):
-        lines.append(f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
-                     f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |")
-    if results.get("decode"):
-        lines += ["", "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
-                  "|---|---|---|---|---|---|"]
-    for r in results.get("decode", []):
-        lines.append(f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
-                     f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |")
-    if results.get("skinny_linear"):
-        lines += ["", "| few-token matmul (fp16) | N x K | us | GB/s | % of copy | cuBLAS us | vs cuBLAS |",
-                  "|---|---|---|---|---|---|---|"]
-    for r in results.get("skinny_linear", []):
-        lines.append(f"| {r['tokens']} tokens | {r['n']} x {r['k']} | "
-                     f"{r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['vs_copy']:.0%} | {r['cublas_ms'] * 1e3:.1f} | "
-                     f"{r['vs_cublas']:.2f}x |")
-    return "\n".join(lines)
+        *markdown_rows("| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
+                       results.get("elementwise", []), elementwise_row),
+        *markdown_rows(
+            "| prefill (bf16, hd 128, causal) | batch | Hq/Hkv | ms | TFLOP/s | SDPA flash TFLOP/s | vs SDPA |",
+            results.get("prefill", []),
+            lambda r: f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
+                      f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |"),
+        *markdown_rows(
+            "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
+            results.get("decode", []),
+            lambda r: f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
+                      f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |"),
+        *markdown_rows(
+            "| few-token matmul (fp16) | N x K | us | GB/s | % of copy | cuBLAS us | vs cuBLAS |",
+            results.get("skinny_linear", []),
+            lambda r: f"| {r['tokens']} tokens | {r['n']} x {r['k']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | "
+                      f"{r['vs_copy']:.0%} | {r['cublas_ms'] * 1e3:.1f} | {r['vs_cublas']:.2f}x |"),
+    ])
 
 
 SECTIONS = ("elementwise", "prefill", "decode", "skinny_linear")
