@@ -3,7 +3,7 @@
     python3 benchmarks/profile_steps.py [--config-dir DIR] [--case b1|b256|sharegpt ...]
 
 For each case, a window of engine steps runs under torch.profiler; printed: wall ms per step,
-GPU kernel ms per step (the rest is the GPU waiting on the host), and the top kernels.
+the time the device was busy (the rest it waited on the host), and the top kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import time
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from martlet import LLM
@@ -35,33 +36,54 @@ def timed(obj: object, name: str, totals: dict[str, float]) -> None:
     setattr(obj, name, wrapper)
 
 
+def busy_us(events) -> float:
+    """Time the device spent running at least one kernel or copy: the union of their intervals."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    total, reach = 0.0, float("-inf")
+    for start, end in spans:
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
 def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: int, steps: int) -> None:
+    """Device activity only is traced, so the host runs at its usual pace and idle device time shows."""
     engine = llm.engine
-    totals: dict[str, float] = {}
-    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "_prepare"), (engine.runner, "execute"),
-                      (engine.runner, "sampler"), (engine, "_check_finished")):
-        timed(obj, name, totals)
     for i, (p, n) in enumerate(zip(prompts, outs)):
         engine.add_request(p["prompt_token_ids"], exact_params(n), request_id=f"r{i}")
     for _ in range(skip_steps):
         engine.step("final")
+    totals: dict[str, float] = {}
+    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "_prepare"), (engine.runner, "execute"),
+                      (engine.runner, "sampler"), (engine, "_check_finished")):
+        timed(obj, name, totals)
+    window: list[tuple[int, int, int]] = []  # per step: decodes, their context tokens, prefill tokens
+    engine.on_step = lambda b: window.append((len(b.seqs) - b.num_prefills,
+                                              sum(len(s) for s in b.seqs[b.num_prefills:]),
+                                              sum(b.num_new_tokens[: b.num_prefills])))
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             engine.step("final")
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    print("host ms/step (first 8 + window + rest):",
-          {k: round(1e3 * v / (skip_steps + steps), 2) for k, v in totals.items()})
+    engine.on_step = None
+    print("host ms/step:", {k: round(1e3 * v / steps, 2) for k, v in totals.items()})
     while engine.has_unfinished_requests():
         engine.step("final")
+    busy = busy_us(prof.events())
+    print(f"wall {1e3 * wall / steps:.2f} ms/step, device busy {busy / 1e3 / steps:.2f} ms/step "
+          f"({100 * busy / 1e6 / wall:.0f}%); {sum(w[2] for w in window) / steps:.0f} prefill tokens and "
+          f"{sum(w[0] for w in window) / steps:.0f} decodes per step")
+    cfg = engine.model_config
+    kv_bytes = sum(w[1] for w in window) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events)
-    print(f"wall {1e3 * wall / steps:.2f} ms/step, GPU kernels {gpu_us / 1e3 / steps:.2f} ms/step "
-          f"({100 * gpu_us / 1e6 / wall:.0f}% busy)")
-    print(events.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
-    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+    decode_us = sum(e.self_device_time_total for e in events if e.key == "_decode_kernel")
+    if decode_us:
+        print(f"decode attention: {kv_bytes / 1e9:.1f} GB of K/V in {decode_us / 1e3:.1f} ms, "
+              f"{kv_bytes / decode_us / 1e3:,.0f} GB/s")
+    print(events.table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60))
 
 
 def main() -> None:
@@ -76,9 +98,9 @@ def main() -> None:
     for case in args.case:
         print(f"===== {case}", flush=True)
         if case == "sharegpt":
-            rows = [json.loads(x) for x in open("benchmarks/workloads/sharegpt_like_1024.jsonl")][:600]
+            rows = [json.loads(x) for x in open("benchmarks/workloads/sharegpt_like_1024.jsonl")]
             prompts = random_prompts([r["input_len"] for r in rows], vocab)
-            profile_steps(llm, prompts, [r["output_len"] for r in rows], skip_steps=60, steps=40)
+            profile_steps(llm, prompts, [r["output_len"] for r in rows], skip_steps=200, steps=60)
         else:
             batch, input_len, output_len = CASES[case]
             prompts = random_prompts([input_len] * batch, vocab)
