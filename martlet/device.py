@@ -1,8 +1,17 @@
-"""Moving host data to the device without stalling it."""
+"""The device: how many SMs it has, and moving host data to it without stalling it."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors; on the CPU (the Triton interpreter) a nominal 4, so that kernels
+    that size their grids by it still see several programs in tests."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -241,11 +241,13 @@ def skinny_linear_case(tokens: int, n: int, k: int, configs: list, copy_gbs: flo
     return rows
 
 
-def skinny_linears(copy_gbs: float, cfg) -> list[dict]:
+def skinny_linears(copy_gbs: float) -> list[dict]:
+    """Each shape with its own tile (`skinny_config`). Its tiles were tuned inside a CUDA graph, as the
+    engine runs them (benchmarks/gemm_graph.py): timed alone, launch and cold start weigh more."""
     rows = []
-    for tokens in (1, 4, 16):
+    for tokens in (1, 4, 16, 32):
         for n, k in LINEAR_SHAPES:
-            (row,) = skinny_linear_case(tokens, n, k, [cfg], copy_gbs)
+            (row,) = skinny_linear_case(tokens, n, k, [None], copy_gbs)
             rows.append(row)
             log(f"  M={tokens:2d} N={n:5d} K={k:5d}: {row['ms'] * 1e3:6.1f} us "
                 f"{row['GB/s']:5.0f} GB/s ({row['vs_copy']:.0%} of copy), cuBLAS {row['cublas_ms'] * 1e3:6.1f} us "
@@ -319,24 +321,6 @@ def tune_decode() -> dict:
     return out
 
 
-def tune_skinny_linear(copy_gbs: float) -> dict:
-    from martlet.kernels.linear import SkinnyConfig
-
-    candidates = [SkinnyConfig(n, k, w, s) for n in (16, 32, 64) for k in (128, 256, 512)
-                  for w, s in [(4, 3), (4, 4), (4, 6), (8, 4), (2, 4)]]
-    out = {"skinny_linear": []}
-    for tokens in (1, 16):
-        for n, k in LINEAR_SHAPES:
-            rows = skinny_linear_case(tokens, n, k, candidates, copy_gbs)
-            out["skinny_linear"] += rows
-            top = sorted((r for r in rows if "error" not in r), key=lambda r: -r["GB/s"])[:3]
-            log(f"  M={tokens} N={n} K={k}: cuBLAS {rows[0]['bytes'] / rows[0]['cublas_ms'] / 1e6:.0f} GB/s, best "
-                + ", ".join(f"{r['config']} {r['GB/s']:.0f}" for r in top))
-    out["skinny_config"] = best(out["skinny_linear"], candidates, "GB/s")
-    log(f"  -> skinny linear {out['skinny_config']}")
-    return out
-
-
 def diagnose(prefill_cfg, decode_cfg, programs_per_sm: int) -> dict:
     """What paging costs: the same work with long pages (prefill) or pages in order (decode)."""
     from martlet.kernels.decode import decode_num_splits
@@ -381,8 +365,7 @@ def table(results: dict) -> str:
         f"Ceilings: copy {c['copy_GB/s']:.0f} GB/s (read + write), read-only (sum) {c['read_GB/s']:.0f} GB/s, "
         f"bf16 GEMM 8192^3 {c['gemm_TFLOP/s']:.0f} TFLOP/s",
         f"Configs: prefill {results['prefill_config'] or 'default'}, decode {results['decode_config'] or 'default'}, "
-        f"{results['programs_per_sm']} decode programs per SM, "
-        f"few-token matmul {results['skinny_config'] or 'default'}",
+        f"{results['programs_per_sm']} decode programs per SM, few-token matmul per shape",
         *markdown_rows("| memory-bound kernel (bf16) | tokens | us | GB/s | % of copy | torch eager us |",
                        results.get("elementwise", []), elementwise_row),
         *markdown_rows(
@@ -430,7 +413,7 @@ def run(args: argparse.Namespace) -> None:
     props = torch.cuda.get_device_properties(0)
     results = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
                "triton": triton.__version__, "prefill_config": None, "decode_config": None,
-               "programs_per_sm": PROGRAMS_PER_SM, "skinny_config": None}
+               "programs_per_sm": PROGRAMS_PER_SM}
 
     def section(key: str, title: str, fn: Callable[[], object]) -> None:
         """Run one part; a failure is printed and the rest still runs. Save everything so far."""
@@ -470,10 +453,7 @@ def run(args: argparse.Namespace) -> None:
         section("decode", "decode attention", lambda: decode(
             batches, contexts, c["copy_GB/s"], results["decode_config"], results["programs_per_sm"]))
     if "skinny_linear" in wanted:
-        tuned("tuning_skinny", "tuning the few-token matmul", lambda: tune_skinny_linear(c["copy_GB/s"]),
-              "skinny_config")
-        section("skinny_linear", "few-token matmul (fp16)",
-                lambda: skinny_linears(c["copy_GB/s"], results["skinny_config"]))
+        section("skinny_linear", "few-token matmul (fp16)", lambda: skinny_linears(c["copy_GB/s"]))
     if args.tune and {"prefill", "decode"} <= set(wanted):
         section("diagnostics", "diagnostics", lambda: diagnose(
             results["prefill_config"], results["decode_config"], results["programs_per_sm"]))

@@ -14,19 +14,18 @@ sequence's partition length is worked out in the kernel from its actual length.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from martlet.device import num_sms
 from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
 MAX_SPLITS = 64
-
 
 @dataclass(frozen=True)
 class DecodeConfig:
@@ -35,20 +34,17 @@ class DecodeConfig:
     num_stages: int
 
 
+# Best geometric mean of 8 candidates on an H200 (benchmarks/results/kernels-H200-2026-11-21.md);
+# small tiles, deep pipeline: more programs resident per SM, more loads in flight.
+HALF_CONFIG = DecodeConfig(32, 2, 4)
+
+
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
     if device.type != "cuda":
         return DecodeConfig(16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(32, 4, 2)
-    # Best geometric mean of 8 candidates on an H200 (benchmarks/results/kernels-H200-2026-11-21.md);
-    # small tiles, deep pipeline: more programs resident per SM, more loads in flight.
-    return DecodeConfig(32, 2, 4)
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    # On the CPU (the interpreter) a nominal 4, so tests still see several splits.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return HALF_CONFIG
 
 
 def decode_num_splits(
@@ -60,7 +56,7 @@ def decode_num_splits(
     `max_seq_len` is rounded up to a power of two, so the count only moves when the longest context
     crosses one; a CUDA graph captured for a fixed maximum keeps one split count for all replays.
     """
-    wanted = triton.cdiv(programs_per_sm * _num_sms(device), max(num_seqs * num_kv_heads, 1))
+    wanted = triton.cdiv(programs_per_sm * num_sms(device), max(num_seqs * num_kv_heads, 1))
     longest = triton.next_power_of_2(max(max_seq_len, 1))
     return max(1, min(wanted, triton.cdiv(longest, MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 

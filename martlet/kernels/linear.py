@@ -5,60 +5,94 @@ bound by how fast W streams from memory. cuBLAS splits such products over K and 
 kernel; here each program owns BLOCK_N output features and streams their full rows of W through
 a pipelined loop, so one launch reads W once, with many programs' loads in flight at a time.
 
+The tile depends on the weight's width (`skinny_config`): a narrow weight has about one program
+per SM, each streaming long rows through a deep pipeline; a wide one has several per SM.
+
 Reference: `torch.nn.functional.linear`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_TOKENS = 16  # one tile of rows: tl.dot's smallest M
+from martlet.device import num_sms
+
+MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
 
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    # Tuned on an H200 (`python -m martlet.bench.kernels --only skinny_linear --tune`).
     block_n: int = 32
     block_k: int = 256
     num_warps: int = 2
-    num_stages: int = 4
+    num_stages: int = 5
+
+
+def skinny_config(n: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
+    """The tile for an [N, K] weight: the best per Llama-2-7B projection, timed inside a CUDA graph
+    at 16 and 32 tokens on an H200 (benchmarks/gemm_graph.py; benchmarks/results/skinny-linear-H200-2026-11-21.md).
+    fp32 takes half the K tile, so a pipeline stage holds the same bytes and fits in shared memory.
+    """
+    columns_of_32 = triton.cdiv(n, 32)
+    if columns_of_32 <= 2 * num_sms(device):  # o, down (N 4096): one program per SM
+        cfg = SkinnyConfig(32, 256, 2, 5)
+    elif columns_of_32 <= 4 * num_sms(device):  # qkv (N 12288)
+        cfg = SkinnyConfig(32, 128, 2, 4)
+    else:
+        cfg = SkinnyConfig(64, 128, 4, 3)  # gate_up (N 22016), LM head
+    return replace(cfg, block_k=cfg.block_k // 2) if dtype.itemsize > 2 else cfg
+
+
+@triton.jit
+def _dot(x, w, FP32: tl.constexpr):
+    if FP32:
+        return tl.dot(x, tl.trans(w), input_precision="ieee")
+    return tl.dot(x, tl.trans(w))
 
 
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                    other=0.0)
-        if FP32:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _dot(x, w, FP32)
+        if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
+            w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+            acc_up += _dot(x, w_up, FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SILU_AND_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None,
+    silu_and_mul: bool = False,
 ) -> torch.Tensor:
-    """x [M, K], M <= MAX_TOKENS; weight [N, K], last dimensions contiguous -> [M, N]."""
+    """x [M, K], M <= MAX_TOKENS; weight [N, K], last dimensions contiguous -> [M, N].
+
+    With `silu_and_mul`, weight is a gated MLP's merged [gate; up] and the result SiLU(x gate^T) * (x up^T),
+    [M, N / 2]: the activation is applied to the accumulators, so the [M, N] product never goes to memory.
+    """
     n, k = weight.shape
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
@@ -67,13 +101,17 @@ def skinny_linear(
         raise ValueError(f"skinny_linear takes at most {MAX_TOKENS} tokens, got {m}")
     if x.stride(1) != 1 or weight.stride(1) != 1 or x.dtype != weight.dtype:
         raise ValueError("x and weight need contiguous rows and one dtype")
-    cfg = config or SkinnyConfig()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if silu_and_mul and (n % 2 or bias is not None):
+        raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
+    cfg = config or skinny_config(n, x.dtype, x.device)
+    # Gated, a program reads block_n / 2 gate rows and as many up rows: as many weight bytes as ungated.
+    out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
+    out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
-        _skinny_linear_kernel[(triton.cdiv(n, cfg.block_n),)](
-            x, weight, bias, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, FP32=x.dtype == torch.float32,
-            BLOCK_M=MAX_TOKENS, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+        _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
+            x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
+            BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps,
         )
     return out

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 
 from martlet.config import ModelConfig
-from martlet.layers.activation import SiluAndMul
 from martlet.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from martlet.layers.linear import Linear
+from martlet.layers.linear import Linear, SiluGateUpLinear
 from martlet.layers.norm import RMSNorm
 from martlet.layers.rotary import RotaryEmbedding
 
@@ -48,12 +47,11 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.gate_up_proj = SiluGateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies SiLU(gate) * up
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kernel_helpers import DEVICE, assert_close, dtypes
 
 from martlet.kernels.linear import MAX_TOKENS, SkinnyConfig, skinny_linear
+from martlet.layers.activation import silu_and_mul
 
 
 def random(shape, seed, dtype):
@@ -19,6 +20,7 @@ def random(shape, seed, dtype):
         (1, 48, 64, SkinnyConfig(block_k=32)),  # K a multiple of the tile
         (3, 50, 100, SkinnyConfig(block_k=32)),  # ragged N and K: masked edges
         (MAX_TOKENS, 17, 70, SkinnyConfig(block_n=32, block_k=64)),  # one program wider than N
+        (21, 50, 100, SkinnyConfig(block_k=32)),  # the 32-row tile, partly masked
         (7, 33, 257, None),  # default tile, K one past a tile
         pytest.param(5, 12288, 4096, None, marks=pytest.mark.gpu),
     ],
@@ -40,12 +42,25 @@ def test_skinny_linear_bias_and_strided_rows(dtype):
     assert_close(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("m, half, k", [(1, 40, 64), (21, 50, 100), (MAX_TOKENS, 17, 70)])
+def test_skinny_linear_silu_and_mul(m, half, k, dtype):
+    """The gated MLP's [gate; up] projection with SiLU(gate) * up in the epilogue."""
+    x = random((m, k), m, dtype)
+    weight = random((2 * half, k), k, dtype) / k**0.5
+    out = skinny_linear(x, weight, config=SkinnyConfig(block_k=32), silu_and_mul=True)
+    assert out.shape == (m, half)
+    assert_close(out, silu_and_mul(F.linear(x.float(), weight.float())), dtype)
+
+
 def test_skinny_linear_refuses_what_it_cannot_do():
     weight = torch.zeros(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="at most"):
         skinny_linear(torch.zeros(MAX_TOKENS + 1, 16, device=DEVICE), weight)
     with pytest.raises(ValueError, match="does not fit"):
         skinny_linear(torch.zeros(2, 15, device=DEVICE), weight)
+    with pytest.raises(ValueError, match="even height"):
+        skinny_linear(torch.zeros(2, 16, device=DEVICE), torch.zeros(7, 16, device=DEVICE), silu_and_mul=True)
     with pytest.raises(ValueError, match="one dtype"):
         skinny_linear(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), weight)
     assert skinny_linear(torch.zeros(0, 16, device=DEVICE), weight).shape == (0, 8)
