@@ -5,7 +5,8 @@ set -uo pipefail
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # shared/ does not travel to the GPU machine: benchmarks/ holds copies of its configs and workload
-CFG=${CFG:-benchmarks/models/llama-2-7b}
+HERE=$(cd "$(dirname "$0")" && pwd)
+CFG=${CFG:-$HERE/models/llama-2-7b}
 M="python3 -m martlet.cli bench"
 COMMON="--config-dir $CFG --load-format dummy --dtype float16 --max-model-len 2304 --quiet ${EXTRA:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -17,5 +18,5 @@ for row in ${ROWS:-1,8,256 256,8,256 1,1024,1024 32,1024,1024}; do
 done
 if [ -z "${SKIP_WORKLOAD:-}" ]; then
   echo "== throughput sharegpt-like"
-  $M throughput $COMMON --workload benchmarks/workloads/sharegpt_like_1024.jsonl --json "$OUT/throughput_sharegpt.json" 2>&1 | tail -9
+  $M throughput $COMMON --workload "$HERE/workloads/sharegpt_like_1024.jsonl" --json "$OUT/throughput_sharegpt.json" 2>&1 | tail -9
 fi
