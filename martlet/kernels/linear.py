@@ -22,6 +22,9 @@ import triton.language as tl
 from martlet.device import num_sms
 
 MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
+# The SiLU-gated variant pays off with the 16-row tile only: b1 decode +1.5%, b32 -2.7% (H200,
+# benchmarks/results/skinny-linear-H200-2026-11-21.md).
+SILU_AND_MUL_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)

@@ -14,25 +14,20 @@ from torch import nn
 from martlet.layers.activation import SiluAndMul
 
 
-def _few_tokens_on_gpu(x: torch.Tensor) -> bool:
-    from martlet.kernels import linear
-
-    return x.is_cuda and x.shape[0] <= linear.MAX_TOKENS
-
-
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _few_tokens_on_gpu(x):
-            from martlet.kernels.linear import skinny_linear
+        if x.is_cuda:
+            from martlet.kernels import linear
 
-            return skinny_linear(x, self.weight, self.bias)
+            if x.shape[0] <= linear.MAX_TOKENS:
+                return linear.skinny_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-class SiluGateUpLinear(nn.Linear):
+class SiluGateUpLinear(Linear):
     """A gated MLP's merged [gate; up] projection with its activation: x -> SiLU(x gate^T) * (x up^T).
 
-    For a few tokens on the GPU the activation runs on the matmul's accumulators, in the same
+    For up to 16 tokens on the GPU the activation runs on the matmul's accumulators, in the same
     kernel; otherwise the projection and `SiluAndMul` run one after the other.
     """
 
@@ -41,8 +36,9 @@ class SiluGateUpLinear(nn.Linear):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _few_tokens_on_gpu(x):
-            from martlet.kernels.linear import skinny_linear
+        if x.is_cuda:
+            from martlet.kernels import linear
 
-            return skinny_linear(x, self.weight, silu_and_mul=True)
-        return self.act(F.linear(x, self.weight))
+            if x.shape[0] <= linear.SILU_AND_MUL_MAX_TOKENS:
+                return linear.skinny_linear(x, self.weight, silu_and_mul=True)
+        return self.act(super().forward(x))

@@ -64,3 +64,14 @@ def test_skinny_linear_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="one dtype"):
         skinny_linear(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), weight)
     assert skinny_linear(torch.zeros(0, 16, device=DEVICE), weight).shape == (0, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [3, 16, 24, 40])  # fused, fused at the limit, 32-row tile then SiLU, cuBLAS then SiLU
+def test_silu_gate_up_linear_every_path(m):
+    from martlet.layers.linear import SiluGateUpLinear
+
+    layer = SiluGateUpLinear(256, 2 * 96).to("cuda", torch.float16)
+    x = random((m, 256), m, torch.float16)
+    expected = silu_and_mul(F.linear(x.float(), layer.weight.float()))
+    assert_close(layer(x), expected, torch.float16)
