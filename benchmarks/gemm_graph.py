@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gemm_sweep import layer_shapes  # this script's directory is on sys.path
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels.linear import SkinnyConfig, skinny_config, skinny_linear
@@ -51,13 +52,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="*", default=[16, 24, 32])
     args = ap.parse_args()
     config = json.loads((Path(args.config_dir) / "config.json").read_text())
-    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    shapes = {"qkv": (3 * h, h), "o": (h, h), "gate_up": (2 * i, h), "down": (h, i)}
+    layers = config["num_hidden_layers"]
     copy_gbs = measure_ceilings(torch.device("cuda"), torch.float16).copy_gb_s
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbs:.0f} GB/s; {layers} matmuls per graph", flush=True)
     for m in args.tokens:
         totals: dict[str, float] = {}
-        for name, (n, k) in shapes.items():
+        for name, (n, k) in layer_shapes(config).items():
             ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
             floor_us = 2 * n * k / copy_gbs / 1e3

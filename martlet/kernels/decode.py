@@ -27,6 +27,7 @@ PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep l
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
 MAX_SPLITS = 64
 
+
 @dataclass(frozen=True)
 class DecodeConfig:
     block_n: int
