@@ -166,6 +166,19 @@ def test_decodes_are_scheduled_before_new_prefills():
     sim2.assert_all_done()
 
 
+def test_decodes_run_longest_context_first():
+    sim = Sim(budget=64)
+    short = sim.add(prompt(3), max_tokens=5)
+    long_ = sim.add(prompt(9, 50), max_tokens=5)
+    mid = sim.add(prompt(6, 100), max_tokens=5)
+    sim.step()  # the three prompts
+    batch = sim.step()
+    assert batch.num_prefills == 0
+    assert batch.seqs == [long_, mid, short]
+    sim.run()
+    sim.assert_all_done()
+
+
 def test_max_num_seqs_is_respected_under_load():
     sim = Sim(max_num_seqs=3, budget=16)
     for i in range(10):

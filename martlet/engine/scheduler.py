@@ -22,7 +22,7 @@ from martlet.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]  # prefills (several new tokens) first, then decodes (one new token)
+    seqs: list[Sequence]  # prefills (several new tokens) first, then decodes (one new token), longest first
     num_new_tokens: list[int]
     num_prefills: int
 
@@ -113,7 +113,9 @@ class Scheduler:
 
 def _order(chosen: list[tuple[Sequence, int]]) -> ScheduledBatch:
     prefills = [(s, n) for s, n in chosen if n > 1]
-    decodes = [(s, n) for s, n in chosen if n == 1]
+    # Longest context first: the decode attention kernel then starts its longest programs first, so
+    # no long one is left running alone at the end of the launch.
+    decodes = sorted(((s, n) for s, n in chosen if n == 1), key=lambda c: -len(c[0]))
     ordered = prefills + decodes
     return ScheduledBatch(
         seqs=[s for s, _ in ordered], num_new_tokens=[n for _, n in ordered], num_prefills=len(prefills)

@@ -6,11 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
+from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, N, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -31,7 +34,8 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         out_rows = out.view(-1, n)
+        pdl = use_pdl(x.device)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, BLOCK))](
-            rows, out_rows, rows.stride(0), out_rows.stride(0), n, BLOCK=BLOCK
+            rows, out_rows, rows.stride(0), out_rows.stride(0), n, BLOCK=BLOCK, PDL=pdl, launch_pdl=pdl
         )
     return out

@@ -8,8 +8,10 @@ is cut into `num_splits` partitions, each its own program; each writes its norma
 output and log-sum-exp, and a second kernel merges them. One program serves all the query heads
 that share a KV head (GQA), so each K/V tile is read once, not once per query head.
 
-The grid depends only on host ints that a CUDA graph can fix (batch, KV heads, splits); each
-sequence's partition length is worked out in the kernel from its actual length.
+The grid depends only on host ints that a CUDA graph can fix (KV heads, batch, splits); each
+sequence's partition length is worked out in the kernel from its actual length. KV heads vary
+fastest, so the GPU starts programs sequence by sequence: with decodes ordered longest context first
+(as the scheduler orders them), the longest programs start first instead of some of them last.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from martlet.device import num_sms
 from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step
+from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
@@ -75,10 +78,11 @@ def _decode_kernel(
     stride_block, stride_head, stride_slot, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    wait_for_previous_kernel(PDL)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
     ctx_len = tl.load(seq_lens_ptr + seq)
     # Whole tiles per split, so only a sequence's last tile is partial.
@@ -116,8 +120,9 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["stride_pt", "stride_ph", "stride_lt", "stride_lh", "num_splits"])
 def _merge_kernel(
     partial_ptr, lse_ptr, out_ptr, stride_pt, stride_ph, stride_ps, stride_lt, stride_lh, stride_ot, stride_oh,
-    num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -162,20 +167,22 @@ def decode_attention(
     else:  # one split: write the final output directly, no merge
         target, stride_os, lse, lse_strides = out, 0, None, (0, 0)
     block_d = triton.next_power_of_2(head_dim)
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    pdl = use_pdl(q.device)
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, target, lse, seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), target.stride(0), target.stride(1), stride_os, *lse_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         # tl.dot needs at least 16 rows: small groups are padded with masked heads.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), SPLIT=split, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        launch_pdl=pdl,
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d, num_warps=4,
+            BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out

@@ -12,13 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps, stride_xt, stride_xh, stride_rt,
     NUM_ROWS: tl.constexpr, N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_n = tl.arange(0, BLOCK_N)
@@ -61,10 +64,11 @@ def rms_norm(
     if num_tokens:
         block_n = triton.next_power_of_2(n)
         block_h = triton.next_power_of_2(num_rows)
+        pdl = use_pdl(x.device)
         _rms_norm_kernel[(num_tokens,)](
             rows, residual, weight, out, residual_out, eps, rows.stride(0), rows.stride(1),
             0 if residual is None else residual.stride(0),
             NUM_ROWS=num_rows, N=n, BLOCK_H=block_h, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-            num_warps=min(max(block_h * block_n // 512, 1), 16),
+            PDL=pdl, num_warps=min(max(block_h * block_n // 512, 1), 16), launch_pdl=pdl,
         )
     return out if residual is None else (out, residual_out)
