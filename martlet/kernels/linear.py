@@ -20,15 +20,12 @@ import triton
 import triton.language as tl
 
 from martlet.device import num_sms
-from martlet.kernels.pdl import prefetch_to_l2, use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
 
 MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
 # The SiLU-gated variant pays off with the 16-row tile only: b1 decode +1.5%, b32 -2.7% (H200,
 # benchmarks/results/skinny-linear-H200-2026-11-21.md).
 SILU_AND_MUL_MAX_TOKENS = 16
-# Launched early (PDL), a program asks for the first columns of its weight rows while the kernel before
-# it still runs, so the stream of weights is already going when it may start.
-PREFETCH_COLUMNS = 1024
 
 
 @dataclass(frozen=True)
@@ -62,26 +59,14 @@ def _dot(x, w, FP32: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_rows(w_ptr, rows, N, K, stride_wn, COLUMNS: tl.constexpr):
-    """The first COLUMNS columns of weight rows `rows` into L2, one prefetch per 128-byte line (16-bit weights)."""
-    lines = tl.arange(0, COLUMNS // 64) * 64
-    prefetch_to_l2(w_ptr + tl.minimum(rows, N - 1)[:, None] * stride_wn + tl.minimum(lines, K - 1)[None, :])
-
-
-@triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_K: tl.constexpr,
 ):
+    wait_for_previous_kernel(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH_K > 0:  # weights only: no other kernel writes them
-        _prefetch_rows(w_ptr, offs_n, N, K, stride_wn, PREFETCH_K)
-        if SILU_AND_MUL:
-            _prefetch_rows(w_ptr + N * stride_wn, offs_n, N, K, stride_wn, PREFETCH_K)
-    wait_for_previous_kernel(PDL)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -133,7 +118,6 @@ def skinny_linear(
             x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
             BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
-            PDL=pdl, PREFETCH_K=PREFETCH_COLUMNS if pdl and x.dtype.itemsize == 2 else 0,
-            num_warps=cfg.num_warps, launch_pdl=pdl,
+            PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )
     return out
