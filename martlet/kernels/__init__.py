@@ -6,7 +6,7 @@
     decode.py      flash decoding: split-K over the paged context, then a log-sum-exp merge
     norm.py        RMSNorm, with the residual add fused in; per-head (Qwen3 QK) norm through the same kernel
     activation.py  SiLU(gate) * up over the merged [gate | up] projection
-    linear.py      the few-token matmul: decode at small batch, one pass over the weight (+ RMSNorm, SiLU gate)
+    linear.py      the few-token matmul: decode at small batch, one pass over the weight
     backend.py     TritonAttentionBackend: the attention kernels behind the backend seam
 
 The KV cache layout, `[num_blocks, num_kv_heads, block_size, head_dim]` for K and again for V:

@@ -8,11 +8,7 @@ a pipelined loop, so one launch reads W once, with many programs' loads in fligh
 The tile depends on the weight's width (`skinny_config`): a narrow weight has about one program
 per SM, each streaming long rows through a deep pipeline; a wide one has several per SM.
 
-Every program reads all of x, so work on x's rows costs no extra pass: `skinny_norm_linear` adds the
-residual and applies RMSNorm on the way in (the norm weight on x, 1 / rms on the accumulators), and
-`silu_and_mul` gates the output on the way out. At batch 1 each launch saved is worth ~1% of a step.
-
-References: `torch.nn.functional.linear`, `martlet.layers.norm.rms_norm`, `martlet.layers.activation.silu_and_mul`.
+Reference: `torch.nn.functional.linear`.
 """
 
 from __future__ import annotations
@@ -64,11 +60,9 @@ def _dot(x, w, FP32: tl.constexpr):
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, residual_ptr, norm_weight_ptr, w_ptr, bias_ptr, out_ptr, residual_out_ptr, eps, M, N, K,
-    stride_xm, stride_rm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     offs_m = tl.arange(0, BLOCK_M)
@@ -76,31 +70,17 @@ def _skinny_linear_kernel(
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    sum_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x_mask = mask_m[:, None] & mask_k[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
-        if HAS_RESIDUAL:  # the residual stream, added in x's dtype as the reference adds it
-            x += tl.load(residual_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=x_mask, other=0.0)
-            if tl.program_id(0) == 0:  # every program sums the whole rows; one writes them
-                tl.store(residual_out_ptr + offs_m[:, None] * K + offs_k[None, :], x, mask=x_mask)
-        if NORM:  # RMSNorm scales each row: its weight goes on x here, 1 / rms on the accumulators below
-            xf = x.to(tl.float32)
-            sum_sq += tl.sum(xf * xf, 1)
-            norm_weight = tl.load(norm_weight_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            x = (xf * norm_weight[None, :]).to(x_ptr.dtype.element_ty)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
         w_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
         acc += _dot(x, w, FP32)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
             acc_up += _dot(x, w_up, FP32)
-    if NORM:
-        rstd = tl.math.rsqrt(sum_sq / K + eps)[:, None]
-        acc *= rstd
-        acc_up *= rstd
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if SILU_AND_MUL:
@@ -118,50 +98,26 @@ def skinny_linear(
     With `silu_and_mul`, weight is a gated MLP's merged [gate; up] and the result SiLU(x gate^T) * (x up^T),
     [M, N / 2]: the activation is applied to the accumulators, so the [M, N] product never goes to memory.
     """
-    return _launch(x, None, None, 0.0, weight, bias, config, silu_and_mul)[0]
-
-
-def skinny_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-    bias: torch.Tensor | None = None, config: SkinnyConfig | None = None, silu_and_mul: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm (weight `norm_weight`) of x + residual, then `skinny_linear` of it; returns (product, x + residual).
-
-    Without residual the norm is of x, and x is returned as it is. The pre-norm block's norm and first
-    projection in one launch: every program reads all of x anyway, so it sums the squares as it goes.
-    """
-    if norm_weight.shape != (x.shape[-1],) or (residual is not None and residual.shape != x.shape):
-        raise ValueError("norm_weight needs one entry per column of x, and residual the shape of x")
-    return _launch(x, residual, norm_weight, eps, weight, bias, config, silu_and_mul)
-
-
-def _launch(
-    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None, config: SkinnyConfig | None, silu_and_mul: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, k = weight.shape
     m = x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     if m > MAX_TOKENS:
         raise ValueError(f"skinny_linear takes at most {MAX_TOKENS} tokens, got {m}")
-    if any(t is not None and (t.stride(-1) != 1 or t.dtype != x.dtype) for t in (weight, residual)) or x.stride(1) != 1:
-        raise ValueError("x, weight and residual need contiguous rows and one dtype")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or x.dtype != weight.dtype:
+        raise ValueError("x and weight need contiguous rows and one dtype")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
     cfg = config or skinny_config(n, x.dtype, x.device)
     # Gated, a program reads block_n / 2 gate rows and as many up rows: as many weight bytes as ungated.
     out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
-    residual_out = x if residual is None else torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m:
         pdl = use_pdl(x.device)
         _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
-            x, residual, norm_weight, weight, bias, out, residual_out, eps, m, out_n, k,
-            x.stride(0), 0 if residual is None else residual.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, NORM=norm_weight is not None,
-            HAS_RESIDUAL=residual is not None, FP32=x.dtype == torch.float32,
+            x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
             BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
             PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
         )
-    return out, (residual_out if norm_weight is not None else None)
+    return out

@@ -33,19 +33,15 @@ class LlamaAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, backend)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, positions: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        qkv, residual = self.qkv_proj.forward_normed(x, norm, residual)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn(q, k, v, positions, meta)
-        return self.o_proj(out.flatten(1)), residual
+        return self.o_proj(out.flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -54,9 +50,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = SiluGateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, residual = self.gate_up_proj.forward_normed(x, norm, residual)  # applies SiLU(gate) * up
-        return self.down_proj(hidden), residual
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies SiLU(gate) * up
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -71,10 +66,14 @@ class LlamaDecoderLayer(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately, so each norm can fuse in its add, and each block
-        # takes its norm along: at a few tokens the norm runs inside the block's first matmul.
-        x, residual = self.self_attn(x, residual, self.input_layernorm, positions, meta)
-        return self.mlp(x, residual, self.post_attention_layernorm)
+        # The residual stream is carried separately so each norm can fuse in its add.
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):

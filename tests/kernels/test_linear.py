@@ -5,9 +5,8 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import DEVICE, assert_close, dtypes
 
-from martlet.kernels.linear import MAX_TOKENS, SkinnyConfig, skinny_linear, skinny_norm_linear
+from martlet.kernels.linear import MAX_TOKENS, SkinnyConfig, skinny_linear
 from martlet.layers.activation import silu_and_mul
-from martlet.layers.norm import rms_norm
 
 
 def random(shape, seed, dtype):
@@ -54,45 +53,6 @@ def test_skinny_linear_silu_and_mul(m, half, k, dtype):
     assert_close(out, silu_and_mul(F.linear(x.float(), weight.float())), dtype)
 
 
-def normed_reference(x, residual, norm_weight, eps, weight, bias=None):
-    """RMSNorm of x + residual (added in x's dtype, as the model does), then the product in fp32."""
-    stream = x if residual is None else x + residual
-    return F.linear(rms_norm(stream, norm_weight, eps).float(), weight.float(),
-                    None if bias is None else bias.float()), stream
-
-
-@pytest.mark.parametrize("dtype", dtypes())
-@pytest.mark.parametrize("m, n, k, with_residual, with_bias", [
-    (1, 48, 64, True, False),
-    (3, 50, 100, False, True),  # no residual: the stream is x itself
-    (21, 50, 100, True, True),  # the 32-row tile, partly masked
-    (MAX_TOKENS, 17, 70, True, False),
-])
-def test_skinny_norm_linear(m, n, k, with_residual, with_bias, dtype):
-    """The pre-norm block's RMSNorm (with the residual add) and first projection in one kernel."""
-    x = random((m, k), m, dtype)
-    residual = random((m, k), m + 1, dtype) if with_residual else None
-    norm_weight = (1 + random((k,), 5, torch.float32) / 4).to(dtype)
-    weight = random((n, k), k, dtype) / k**0.5
-    bias = random((n,), 3, dtype) if with_bias else None
-    out, stream = skinny_norm_linear(x, residual, norm_weight, 1e-5, weight, bias, config=SkinnyConfig(block_k=32))
-    expected, expected_stream = normed_reference(x, residual, norm_weight, 1e-5, weight, bias)
-    assert out.shape == (m, n) and stream.shape == (m, k)
-    assert_close(out, expected, dtype)
-    assert torch.equal(stream, expected_stream)  # the same add in the same dtype: bit-exact
-
-
-@pytest.mark.parametrize("dtype", dtypes())
-def test_skinny_norm_linear_silu_and_mul(dtype):
-    m, half, k = 5, 40, 96
-    x, residual = random((m, k), 1, dtype), random((m, k), 2, dtype)
-    norm_weight = (1 + random((k,), 3, torch.float32) / 4).to(dtype)
-    weight = random((2 * half, k), 4, dtype) / k**0.5
-    out, _ = skinny_norm_linear(x, residual, norm_weight, 1e-6, weight, config=SkinnyConfig(block_k=32),
-                                silu_and_mul=True)
-    assert_close(out, silu_and_mul(normed_reference(x, residual, norm_weight, 1e-6, weight)[0]), dtype)
-
-
 def test_skinny_linear_refuses_what_it_cannot_do():
     weight = torch.zeros(8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="at most"):
@@ -115,22 +75,3 @@ def test_silu_gate_up_linear_every_path(m):
     x = random((m, 256), m, torch.float16)
     expected = silu_and_mul(F.linear(x.float(), layer.weight.float()))
     assert_close(layer(x), expected, torch.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 16, 24, 40])  # norm + SiLU fused, at the SiLU limit, norm fused only, neither
-@pytest.mark.parametrize("gated", [False, True])
-def test_forward_normed_every_path(m, gated):
-    from martlet.layers.linear import Linear, SiluGateUpLinear
-    from martlet.layers.norm import RMSNorm
-
-    layer = (SiluGateUpLinear(256, 2 * 96) if gated else Linear(256, 96)).to("cuda", torch.float16)
-    norm = RMSNorm(256, 1e-5).to("cuda", torch.float16)
-    norm.weight.data = 1 + random((256,), 7, torch.float16) / 4
-    x, residual = random((m, 256), m, torch.float16), random((m, 256), m + 1, torch.float16)
-    out, stream = layer.forward_normed(x, norm, residual)
-    expected, expected_stream = normed_reference(x, residual, norm.weight, 1e-5, layer.weight)
-    assert_close(out, silu_and_mul(expected) if gated else expected, torch.float16)
-    assert torch.equal(stream, expected_stream)
-    out, stream = layer.forward_normed(x, norm, None)  # the first layer: no residual yet
-    assert stream is x
