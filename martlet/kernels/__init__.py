@@ -8,6 +8,7 @@
     activation.py  SiLU(gate) * up over the merged [gate | up] projection
     linear.py      the few-token matmul: decode at small batch, one pass over the weight
     backend.py     TritonAttentionBackend: the attention kernels behind the backend seam
+    pdl.py         programmatic dependent launch: a decode-path kernel is placed while the one before ends
 
 The KV cache layout, `[num_blocks, num_kv_heads, block_size, head_dim]` for K and again for V:
 
