@@ -144,7 +144,6 @@ class ModelRunner:
         tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
         num_prefill_tokens = sum(batch.num_new_tokens[: batch.num_prefills])
 
-
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, self.device, dtype)
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 BLOCK = 1024
 
@@ -34,8 +34,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         out_rows = out.view(-1, n)
-        pdl = use_pdl(x.device)
         _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, BLOCK))](
-            rows, out_rows, rows.stride(0), out_rows.stride(0), n, BLOCK=BLOCK, PDL=pdl, launch_pdl=pdl
+            rows, out_rows, rows.stride(0), out_rows.stride(0), n, BLOCK=BLOCK, **pdl_launch(x.device)
         )
     return out

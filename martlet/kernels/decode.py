@@ -24,7 +24,7 @@ import triton.language as tl
 
 from martlet.device import num_sms
 from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step
-from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
@@ -167,7 +167,7 @@ def decode_attention(
     else:  # one split: write the final output directly, no merge
         target, stride_os, lse, lse_strides = out, 0, None, (0, 0)
     block_d = triton.next_power_of_2(head_dim)
-    pdl = use_pdl(q.device)
+    pdl = pdl_launch(q.device)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, target, lse, seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), target.stride(0), target.stride(1), stride_os, *lse_strides,
@@ -175,14 +175,13 @@ def decode_attention(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         # tl.dot needs at least 16 rows: small groups are padded with masked heads.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), SPLIT=split, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        launch_pdl=pdl,
+        PRECISION=dot_precision(q.dtype), SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](
             partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
             num_splits, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=block_d, PDL=pdl, num_warps=4, launch_pdl=pdl,
+            BLOCK_D=block_d, num_warps=4, **pdl,
         )
     return out

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from martlet.device import num_sms
-from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
 # The SiLU-gated variant pays off with the 16-row tile only: b1 decode +1.5%, b32 -2.7% (H200,
@@ -113,11 +113,10 @@ def skinny_linear(
     out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
-        pdl = use_pdl(x.device)
         _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
             x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
             BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
-            PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+            num_warps=cfg.num_warps, **pdl_launch(x.device),
         )
     return out

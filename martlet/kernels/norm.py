@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
@@ -64,11 +64,10 @@ def rms_norm(
     if num_tokens:
         block_n = triton.next_power_of_2(n)
         block_h = triton.next_power_of_2(num_rows)
-        pdl = use_pdl(x.device)
         _rms_norm_kernel[(num_tokens,)](
             rows, residual, weight, out, residual_out, eps, rows.stride(0), rows.stride(1),
             0 if residual is None else residual.stride(0),
             NUM_ROWS=num_rows, N=n, BLOCK_H=block_h, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
-            PDL=pdl, num_warps=min(max(block_h * block_n // 512, 1), 16), launch_pdl=pdl,
+            num_warps=min(max(block_h * block_n // 512, 1), 16), **pdl_launch(x.device),
         )
     return out if residual is None else (out, residual_out)

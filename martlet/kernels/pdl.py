@@ -17,11 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = True  # benchmarks/ab.py flips it to measure what PDL is worth
+ENABLED = True  # `benchmarks/ab.py martlet.kernels.pdl.ENABLED=False` turns it off to measure what PDL is worth
 
 
-def use_pdl(device: torch.device) -> bool:
-    return ENABLED and _has_pdl(device)
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """Launch arguments for a kernel that starts with `wait_for_previous_kernel`: its PDL constexpr and
+    Triton's `launch_pdl`, which must agree (launched early without the wait, a kernel would race)."""
+    pdl = ENABLED and _has_pdl(device)
+    return {"PDL": pdl, "launch_pdl": pdl}
 
 
 @functools.cache
@@ -35,4 +38,3 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-

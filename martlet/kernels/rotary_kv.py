@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from martlet.kernels.paged import check_cache
-from martlet.kernels.pdl import use_pdl, wait_for_previous_kernel
+from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 
 @triton.jit
@@ -86,7 +86,6 @@ def rotary_kv_write(
     if num_tokens == 0:
         return q_out
     half = head_dim // 2
-    pdl = use_pdl(q.device)
     _rotary_kv_kernel[(num_tokens,)](
         q, k, v, positions, cos_sin_cache, slot_mapping, q_out, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -94,6 +93,6 @@ def rotary_kv_write(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=k_cache.shape[2],
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, num_warps=4, launch_pdl=pdl,
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_launch(q.device),
     )
     return q_out
