@@ -83,7 +83,7 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
     if decode_us:
         print(f"decode attention: {kv_bytes / 1e9:.1f} GB of K/V in {decode_us / 1e3:.1f} ms, "
               f"{kv_bytes / decode_us / 1e3:,.0f} GB/s")
-    print(events.table(sort_by="self_device_time_total", row_limit=16, max_name_column_width=60))
+    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
 
 
 def main() -> None:
