@@ -218,27 +218,19 @@ def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, progra
 LINEAR_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (32000, 4096)]
 
 
-def skinny_linear_case(tokens: int, n: int, k: int, configs: list, copy_gbs: float) -> list[dict]:
-    """GB/s (weight bytes) of skinny_linear per config, and of cuBLAS on the same product."""
-    from martlet.kernels.linear import skinny_linear
+def skinny_linear_case(tokens: int, n: int, k: int, copy_gbs: float) -> dict:
+    """GB/s (weight bytes) of skinny_linear with the tile `skinny_config` picks, and of cuBLAS on the same product."""
+    from martlet.kernels.linear import skinny_config, skinny_linear
 
     fp16 = torch.float16
     weight = torch.randn(n, k, device="cuda", dtype=fp16) / k**0.5
     x = torch.randn(tokens, k, device="cuda", dtype=fp16)
     nbytes = weight.numel() * weight.element_size()
     cublas_ms = bench_ms(lambda: F.linear(x, weight))
-    rows = []
-    for cfg in configs:
-        row = {"tokens": tokens, "n": n, "k": k, "config": cfg and vars(cfg), "bytes": nbytes,
-               "cublas_ms": cublas_ms}
-        try:
-            ms = bench_ms(lambda cfg=cfg: skinny_linear(x, weight, config=cfg))
-            row.update(ms=ms, vs_copy=nbytes / ms / 1e6 / copy_gbs, vs_cublas=cublas_ms / ms,
-                       **{"GB/s": nbytes / ms / 1e6})
-        except Exception as e:
-            row.update(error=repr(e)[:300])
-        rows.append(row)
-    return rows
+    ms = bench_ms(lambda: skinny_linear(x, weight))
+    return {"tokens": tokens, "n": n, "k": k, "config": vars(skinny_config(n, fp16, x.device)), "bytes": nbytes,
+            "cublas_ms": cublas_ms, "ms": ms, "vs_copy": nbytes / ms / 1e6 / copy_gbs, "vs_cublas": cublas_ms / ms,
+            "GB/s": nbytes / ms / 1e6}
 
 
 def skinny_linears(copy_gbs: float) -> list[dict]:
@@ -247,7 +239,7 @@ def skinny_linears(copy_gbs: float) -> list[dict]:
     rows = []
     for tokens in (1, 4, 16, 32):
         for n, k in LINEAR_SHAPES:
-            (row,) = skinny_linear_case(tokens, n, k, [None], copy_gbs)
+            row = skinny_linear_case(tokens, n, k, copy_gbs)
             rows.append(row)
             log(f"  M={tokens:2d} N={n:5d} K={k:5d}: {row['ms'] * 1e3:6.1f} us "
                 f"{row['GB/s']:5.0f} GB/s ({row['vs_copy']:.0%} of copy), cuBLAS {row['cublas_ms'] * 1e3:6.1f} us "
