@@ -52,16 +52,21 @@ class ModelRunner:
         return 2 * m.num_layers * m.num_kv_heads * self.block_size * m.head_dim * element
 
     def _choose_num_blocks(self) -> int:
+        if self.device.type == "cuda":
+            # Run even when the pool size is given: the step also builds the prefill kernels, which the
+            # first request would otherwise wait for.
+            peak = self._run_largest_step()
+            if self.config.num_kv_blocks is not None:
+                return self.config.num_kv_blocks
+            return self._blocks_that_fit(peak)
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
-        if self.device.type == "cuda":
-            return self._profile_gpu_blocks()
         wanted = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
         return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.kv_bytes_per_block()))
 
-    def _profile_gpu_blocks(self) -> int:
-        """Blocks that fit in gpu_memory_utilization of the card after the weights and the
-        activation peak of the largest step (measured by running one)."""
+    def _run_largest_step(self) -> int:
+        """Run the largest step the engine will run (one prefill of max_num_batched_tokens tokens) on a
+        one-block pool; return the GPU memory peak in bytes: weights plus that step's activations."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         self._allocate_kv_cache(1)
@@ -70,7 +75,10 @@ class ModelRunner:
         probe.block_table = [0] * -(-n // self.block_size)
         self.execute(ScheduledBatch([probe], [n], num_prefills=1), sample=False)
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated()
+
+    def _blocks_that_fit(self, peak: int) -> int:
+        """Blocks that fit in gpu_memory_utilization of the card after `peak` bytes."""
         total = torch.cuda.get_device_properties(self.device).total_memory
         free_for_kv = total * self.config.gpu_memory_utilization - peak
         num_blocks = int(free_for_kv // self.kv_bytes_per_block())
