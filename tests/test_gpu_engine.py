@@ -111,6 +111,7 @@ def test_no_kernel_compiles_after_start(tiny):
     llm = LLM(path, quiet=True, device="cuda", dtype="float16", num_kv_blocks=256)
     engine = llm.engine
     compiled = compiled_kernel_variants()
+    assert compiled.get("_decode_kernel") and compiled.get("_skinny_linear_kernel"), "start built no kernels to compare"
     rng = random.Random(1)
     for i, n in enumerate([1, 2, 9, 16, 17, 33, 100, 130]):
         engine.add_request([rng.randrange(4096) for _ in range(n)], SamplingParams(max_tokens=4), request_id=f"a{i}")
