@@ -26,7 +26,6 @@ MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this ke
 # The SiLU-gated variant pays off with the 16-row tile only: b1 decode +1.5%, b32 -2.7% (H200,
 # benchmarks/results/skinny-linear-H200-2026-11-21.md).
 SILU_AND_MUL_MAX_TOKENS = 16
-PREFETCH_BYTES = 16 << 20  # of each weight, asked into L2 before the previous kernel ends (0: none)
 
 
 @dataclass(frozen=True)
@@ -59,41 +58,15 @@ def _dot(x, w, FP32: tl.constexpr):
     return tl.dot(x, tl.trans(w))
 
 
-def prefetch_k(weight: torch.Tensor) -> int:
-    """How many leading elements of each weight row to prefetch: a power of two, PREFETCH_BYTES in all."""
-    rows, k = weight.shape
-    per_row = PREFETCH_BYTES // (rows * weight.element_size())
-    line = 128 // weight.element_size()  # elements per 128-byte line, one prefetch each
-    if per_row < line:
-        return 0
-    return min(1 << (per_row.bit_length() - 1), triton.next_power_of_2(k))
-
-
-@triton.jit
-def _prefetch_to_l2(w_ptr, rows, stride_wn, K, PREFETCH_K: tl.constexpr, LINE: tl.constexpr):
-    """Ask for W[rows, :PREFETCH_K] into L2, one 128-byte line per request; nothing waits for it."""
-    cols = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)
-    lines = w_ptr + rows[:, None] * stride_wn + cols[None, :]
-    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2::evict_last [$1];", "=r,l", [lines],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _skinny_linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_K: tl.constexpr,
 ):
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PDL and PREFETCH_K > 0:  # only a kernel launched early has time to spare
-        rows = tl.minimum(offs_n, N - 1)
-        line: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # 128 bytes
-        _prefetch_to_l2(w_ptr, rows, stride_wn, K, PREFETCH_K, line)
-        if SILU_AND_MUL:
-            _prefetch_to_l2(w_ptr, N + rows, stride_wn, K, PREFETCH_K, line)
     wait_for_previous_kernel(PDL)
     offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -144,6 +117,6 @@ def skinny_linear(
             x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
             BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
-            PREFETCH_K=prefetch_k(weight), num_warps=cfg.num_warps, **pdl_launch(x.device),
+            num_warps=cfg.num_warps, **pdl_launch(x.device),
         )
     return out
