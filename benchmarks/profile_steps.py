@@ -46,6 +46,30 @@ def busy_us(events) -> float:
     return total
 
 
+def idle_gaps(events) -> list[tuple[float, str, str]]:
+    """Every stretch with no kernel or copy running: (microseconds, the activity before, the one after)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA)
+    gaps, reach, last = [], float("-inf"), ""
+    for start, end, name in spans:
+        if start > reach > float("-inf"):
+            gaps.append((start - reach, last, name))
+        if end > reach:
+            reach, last = end, name
+    return gaps
+
+
+def print_idle(events, steps: int) -> None:
+    """Idle device time split by gap length: many short gaps are launch latency, a few long ones are the
+    host falling behind."""
+    gaps = idle_gaps(events)
+    for lo, hi in ((0, 5), (5, 50), (50, 500), (500, float("inf"))):
+        sel = [g for g in gaps if lo <= g[0] < hi]
+        print(f"idle gaps {lo}-{hi} us: {len(sel) / steps:.1f} per step, "
+              f"{sum(g[0] for g in sel) / steps / 1e3:.3f} ms/step")
+    for us, before, after in sorted(gaps, reverse=True)[:8]:
+        print(f"  {us:8.1f} us after {before[:50]} before {after[:50]}")
+
+
 def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: int, steps: int) -> None:
     """Device activity only is traced, so the host runs at its usual pace and idle device time shows."""
     engine = llm.engine
@@ -76,6 +100,7 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
     print(f"wall {1e3 * wall / steps:.2f} ms/step, device busy {busy / 1e3 / steps:.2f} ms/step "
           f"({100 * busy / 1e6 / wall:.0f}%); {sum(w[2] for w in window) / steps:.0f} prefill tokens and "
           f"{sum(w[0] for w in window) / steps:.0f} decodes per step")
+    print_idle(prof.events(), steps)
     cfg = engine.model_config
     kv_bytes = sum(w[1] for w in window) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     events = prof.key_averages()
