@@ -36,32 +36,24 @@ def timed(obj: object, name: str, totals: dict[str, float]) -> None:
     setattr(obj, name, wrapper)
 
 
-def busy_us(events) -> float:
-    """Time the device spent running at least one kernel or copy: the union of their intervals."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
-    total, reach = 0.0, float("-inf")
-    for start, end in spans:
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
-
-
-def idle_gaps(events) -> list[tuple[float, str, str]]:
-    """Every stretch with no kernel or copy running: (microseconds, the activity before, the one after)."""
+def device_activity(events) -> tuple[float, list[tuple[float, str, str]]]:
+    """The device's busy time (the union of its kernels' and copies' intervals, us) and every stretch
+    with nothing running on it: (us, the activity before, the one after)."""
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events if e.device_type == DeviceType.CUDA)
-    gaps, reach, last = [], float("-inf"), ""
-    for start, end, name in spans:
-        if start > reach > float("-inf"):
+    if not spans:
+        return 0.0, []
+    gaps, reach, last = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > reach:
             gaps.append((start - reach, last, name))
         if end > reach:
             reach, last = end, name
-    return gaps
+    return reach - spans[0][0] - sum(g[0] for g in gaps), gaps
 
 
-def print_idle(events, steps: int) -> None:
+def print_idle(gaps: list[tuple[float, str, str]], steps: int) -> None:
     """Idle device time split by gap length: many short gaps are launch latency, a few long ones are the
     host falling behind."""
-    gaps = idle_gaps(events)
     for lo, hi in ((0, 5), (5, 50), (50, 500), (500, float("inf"))):
         sel = [g for g in gaps if lo <= g[0] < hi]
         print(f"idle gaps {lo}-{hi} us: {len(sel) / steps:.1f} per step, "
@@ -96,11 +88,11 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
     print("host ms/step:", {k: round(1e3 * v / steps, 2) for k, v in totals.items()})
     while engine.has_unfinished_requests():
         engine.step("final")
-    busy = busy_us(prof.events())
+    busy, gaps = device_activity(prof.events())
     print(f"wall {1e3 * wall / steps:.2f} ms/step, device busy {busy / 1e3 / steps:.2f} ms/step "
           f"({100 * busy / 1e6 / wall:.0f}%); {sum(w[2] for w in window) / steps:.0f} prefill tokens and "
           f"{sum(w[0] for w in window) / steps:.0f} decodes per step")
-    print_idle(prof.events(), steps)
+    print_idle(gaps, steps)
     cfg = engine.model_config
     kv_bytes = sum(w[1] for w in window) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
     events = prof.key_averages()
