@@ -1,6 +1,6 @@
 """The engine on a GPU: Triton kernels and CUDA graphs against the CPU reference path.
 
-The ladder and padding logic of the decode graphs is plain Python and is tested everywhere.
+The ladder and padding logic of the graphs is plain Python and is tested everywhere.
 """
 
 from __future__ import annotations
@@ -13,25 +13,28 @@ import pytest
 import torch
 
 from martlet import LLM, SamplingParams
-from martlet.engine.cuda_graphs import batch_size_ladder, capture_plan, padded_batch_size
+from martlet.engine.cuda_graphs import capture_plan, padded_batch_size, size_ladder
 from martlet.kernels.decode import decode_num_splits
 from martlet.testing import make_tiny_model
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_batch_size_ladder():
-    assert batch_size_ladder(1) == [1]
-    assert batch_size_ladder(3) == [1, 2, 4]
-    assert batch_size_ladder(8) == [1, 2, 4, 8]
-    assert batch_size_ladder(20) == [1, 2, 4, 8, 16, 24]
-    ladder = batch_size_ladder(256)
+def test_size_ladder():
+    assert size_ladder(1) == [1]
+    assert size_ladder(3) == [1, 2, 4]
+    assert size_ladder(8) == [1, 2, 4, 8]
+    assert size_ladder(20) == [1, 2, 4, 8, 16, 24]
+    ladder = size_ladder(256)
     assert ladder[:5] == [1, 2, 4, 8, 16] and ladder[-1] == 256
     assert all(b - a == 8 for a, b in zip(ladder[3:], ladder[4:]))
+    ladder = size_ladder(1000)  # beyond 256, steps of 16 up to 512, then 32
+    assert ladder[ladder.index(256):ladder.index(256) + 3] == [256, 272, 288]
+    assert ladder[ladder.index(512):] == [512, *range(544, 1024 + 1, 32)]
 
 
 def test_padded_batch_size():
-    ladder = batch_size_ladder(256)
+    ladder = size_ladder(256)
     assert [padded_batch_size(ladder, b) for b in (1, 2, 3, 5, 8, 9, 17, 255, 256)] == [
         1, 2, 4, 8, 8, 16, 24, 256, 256]
     assert padded_batch_size(ladder, 257) is None
@@ -39,7 +42,7 @@ def test_padded_batch_size():
 
 @pytest.mark.parametrize("num_kv_heads, max_model_len", [(32, 2304), (8, 8192), (2, 1000)])
 def test_capture_plan_covers_every_key_a_step_can_ask_for(num_kv_heads, max_model_len):
-    ladder = batch_size_ladder(256)
+    ladder = size_ladder(256)
 
     def key(rung: int, longest: int) -> tuple[int, int]:
         return rung, decode_num_splits(rung, num_kv_heads, longest, torch.device("cpu"))

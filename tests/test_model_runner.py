@@ -1,8 +1,10 @@
-"""The model runner's flat batch: positions, cache slots and metadata of a mixed step."""
+"""The model runner's flat batch (positions, cache slots and metadata of a mixed step), and the
+pieces a mixed step's CUDA graphs are captured from."""
 
 import pytest
 import torch
 
+from martlet.engine.cuda_graphs import MixedStepGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.sampling_params import SamplingParams
@@ -48,3 +50,29 @@ def test_prepare_refuses_a_position_without_a_block(tiny_llm):
     seq = sequence("short", 40, 0, [1, 2])  # 32 slots for 40 tokens
     with pytest.raises(RuntimeError, match="no cache block for position 39"):
         tiny_llm.engine.runner._prepare(ScheduledBatch([seq], [40], num_prefills=1))
+
+
+def test_mixed_step_pieces_match_the_model(tiny_llm):
+    """The pieces of the mixed-step graphs, run eagerly (uncaptured), give the model's hidden states
+    and cache writes, with the step padded from 20 tokens to the rung of 24."""
+    runner = tiny_llm.engine.runner
+    chunk = sequence("chunk", 50, 20, [7, 3, 9, 4])
+    last = sequence("last", 10, 4, [5])
+    decode = sequence("decode", 40, 39, [1, 8, 2])
+    batch = ScheduledBatch([chunk, last, decode], [13, 6, 1], num_prefills=2)
+    input_ids, positions, meta, _ = runner._prepare(batch)
+    pieces = MixedStepGraphs(runner.model, 32, runner.device)
+    assert pieces.ladder == [1, 2, 4, 8, 16, 24, 32]
+
+    untouched = runner.kv_cache.clone()
+    try:
+        runner.kv_cache.copy_(torch.randn_like(untouched))  # a context already in the cache
+        before = runner.kv_cache.clone()
+        expected = runner.model(input_ids, positions, meta)
+        expected_cache = runner.kv_cache.clone()
+        runner.kv_cache.copy_(before)
+        hidden = pieces.run(input_ids, positions, meta)
+        torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(runner.kv_cache, expected_cache), "padding tokens must write nowhere"
+    finally:
+        runner.kv_cache.copy_(untouched)

@@ -1,20 +1,26 @@
-"""CUDA graphs for decode steps.
+"""CUDA graphs: whole decode steps, and mixed steps piece by piece.
 
 A decode step of a 7B model is ~500 small kernel launches; launched one by one from Python they
 take longer than the GPU needs to run them at small batch. A captured graph replays all of them
-with one launch. Graphs have fixed shapes, so they are captured for a ladder of batch sizes and a
-step is padded up to the next rung; padding rows write nowhere (slot -1) and read nothing
-(context length 0).
+with one launch. Graphs have fixed shapes, so they are captured for a ladder of sizes and a step
+is padded up to the next rung; padding rows write nowhere (slot -1) and read nothing (context
+length 0).
 
 The attention backend may shape its decode launch by the longest context too (the split count
-of split-K decode), so a graph is keyed by (batch rung, the backend's `decode_launch_key`). Every
-key a step can ask for is captured at start: a capture in the middle of serving would stall that
-step, and every request in it, by the capture's time.
+of split-K decode), so a decode graph is keyed by (batch rung, the backend's `decode_launch_key`).
+Every graph a step can ask for is captured at start: a capture in the middle of serving would
+stall that step, and every request in it, by the capture's time.
+
+A step with prefill tokens launches attention by its sequences (how many prompts, how long),
+which no one graph can hold. Everything else in it sees only the token count, so
+`MixedStepGraphs` captures the stretches between attentions per token rung and launches the
+attention kernels between their replays (vLLM's piecewise graphs).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -27,13 +33,17 @@ from martlet.models.llama import LlamaForCausalLM
 logger = logging.getLogger("martlet")
 
 
-def batch_size_ladder(max_batch_size: int) -> list[int]:
-    """1, 2, 4, 8, then every multiple of 8 up to and including max_batch_size's rung.
+def size_ladder(max_size: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 up to 256 and steps of a sixteenth of the power of two below
+    beyond (16 up to 512, 32 up to 1024, ...), up to and including max_size's rung.
 
-    Steps of 8 keep the padding waste under 8 rows at large batch, where it costs little.
+    Padding then wastes under 8 rows where rows are cheap, and under 1/16 of a large step.
     """
-    ladder = [1, 2, 4, *range(8, max_batch_size + 8, 8)]
-    return ladder[: bisect.bisect_left(ladder, max_batch_size) + 1]
+    ladder = [1, 2, 4, 8]
+    while ladder[-1] < max_size:
+        size = ladder[-1]
+        ladder.append(size + max(8, (1 << (size.bit_length() - 1)) // 16))
+    return ladder[: bisect.bisect_left(ladder, max_size) + 1]
 
 
 def padded_batch_size(ladder: list[int], batch_size: int) -> int | None:
@@ -66,11 +76,11 @@ class DecodeGraphs:
     """Static input buffers, and one graph per (rung, launch key) that reads them."""
 
     def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_model_len: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, pool: tuple[int, int]) -> None:
         self.model = model
         self.backend = model.attention_layers()[0].backend
         self.num_kv_heads = model.config.num_kv_heads
-        self.ladder = batch_size_ladder(max_batch_size)
+        self.ladder = size_ladder(max_batch_size)
         n = self.ladder[-1]
         max_blocks = -(-max_model_len // block_size)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
@@ -80,7 +90,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = pool
         # Largest rung first, so the smaller ones reuse its memory.
         start = time.perf_counter()
         for rung, length in capture_plan(self.ladder, max_model_len, self._key):
@@ -126,3 +136,87 @@ class DecodeGraphs:
             logits = self.model.compute_logits(self.model(*args))
         logger.debug("captured a decode graph for batch %d (longest context %d)", rung, max_seq_len)
         return graph, logits
+
+
+# Mixed steps of more tokens run eagerly: their matmuls alone then keep the device busier than
+# launching the step's kernels one by one keeps the host (a 7B model: ~15 ms either way at 1024).
+MIXED_GRAPH_MAX_TOKENS = 1024
+
+
+class MixedStepGraphs:
+    """Per token rung, one graph for each stretch between two attentions, replayed around eager attention.
+
+    Piece 0 runs from the embeddings to layer 0's rotated queries (its keys and values go to the
+    cache); piece i from layer i-1's attention output to layer i's queries; the last piece to the
+    final norm. Pieces hand the step on in fixed buffers: the residual stream, the queries, the
+    attention output. `pieces` starts out as the plain functions, which run eagerly, until
+    `capture` replaces them by their graphs' replays.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, max_num_tokens: int, device: torch.device) -> None:
+        self.model = model
+        self.ladder = size_ladder(max_num_tokens)
+        cfg, n = model.config, self.ladder[-1]
+        dtype = model.embed_tokens.weight.dtype
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.residual = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
+        self.queries = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.attn_out = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.hidden = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
+        self.pieces: dict[int, list[Callable[[], object]]] = {rung: self._pieces(rung) for rung in self.ladder}
+
+    def _pieces(self, rung: int) -> list[Callable[[], None]]:
+        model, layers = self.model, self.model.layers
+        ids, positions, slots = self.input_ids[:rung], self.positions[:rung], self.slot_mapping[:rung]
+        residual, queries, attn_out = self.residual[:rung], self.queries[:rung], self.attn_out[:rung]
+
+        def first() -> None:
+            residual.copy_(model.embed_tokens(ids))
+            layers[0].before_attention(None, residual, positions, slots, q_out=queries)
+
+        def between(i: int) -> None:
+            x = layers[i - 1].after_attention(attn_out, residual)
+            layers[i].before_attention(x, residual, positions, slots, q_out=queries)
+
+        def last() -> None:
+            self.hidden[:rung].copy_(model.norm(layers[-1].after_attention(attn_out, residual), residual))
+
+        return [first, *(functools.partial(between, i) for i in range(1, len(layers))), last]
+
+    def capture(self, pool: tuple[int, int]) -> None:
+        """Capture every rung's pieces, largest rung first so the smaller ones reuse its memory."""
+        start = time.perf_counter()
+        for rung in reversed(self.ladder):
+            self.pieces[rung] = [self._capture(piece, pool) for piece in self.pieces[rung]]
+        logger.info("captured %d piecewise CUDA graphs for mixed steps in %.1f s: %d token counts up to %d",
+                    sum(map(len, self.pieces.values())), time.perf_counter() - start, len(self.ladder),
+                    self.ladder[-1])
+
+    @staticmethod
+    def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> Callable[[], None]:
+        piece()  # warm-up: compile kernels and pick cuBLAS algorithms outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            piece()
+        return graph.replay
+
+    def can_run(self, num_tokens: int) -> bool:
+        return padded_batch_size(self.ladder, num_tokens) is not None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm, as `model(input_ids, positions, meta)`."""
+        num_tokens = input_ids.shape[0]
+        rung = padded_batch_size(self.ladder, num_tokens)
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.positions[:num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
+        self.slot_mapping[num_tokens:rung].fill_(-1)
+        queries, attn_out = self.queries[:num_tokens], self.attn_out[:num_tokens]
+        pieces = self.pieces[rung]
+        for layer, piece in zip(self.model.layers, pieces):
+            piece()
+            layer.self_attn.attn.attend(queries, meta, out=attn_out)
+        pieces[-1]()
+        return self.hidden[:num_tokens]

@@ -15,7 +15,7 @@ import torch
 
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
-from martlet.engine.cuda_graphs import DecodeGraphs
+from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
@@ -34,7 +34,9 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.sampler = Sampler(config.device, config.seed)
-        self.graphs: DecodeGraphs | None = None  # none while profiling; made once the pool exists
+        # None while profiling; made once the KV pool exists.
+        self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedStepGraphs | None = None
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
@@ -43,8 +45,12 @@ class ModelRunner:
             self.device.type == "cuda" and config.attention_backend == "triton" and not config.enforce_eager
         )
         if use_graphs:
-            self.graphs = DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size,
-                                       self.device)
+            pool = torch.cuda.graph_pool_handle()  # one pool: steps replay one at a time
+            self.decode_graphs = DecodeGraphs(model, config.max_num_seqs, config.max_model_len, config.block_size,
+                                              self.device, pool)
+            max_mixed_tokens = min(config.max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
+            self.mixed_graphs = MixedStepGraphs(model, max_mixed_tokens, self.device)
+            self.mixed_graphs.capture(pool)
 
     # ---- the KV pool -------------------------------------------------------------------------
 
@@ -111,10 +117,13 @@ class ModelRunner:
         """Launch one step and return without waiting for the device. The sampled tokens, for the
         sequences that complete their prompt or decode (`completes_prompt`), follow in the result."""
         input_ids, positions, meta, logits_indices = self._prepare(batch)
-        if self.graphs is not None and sample and self.graphs.can_run(meta):
-            logits = self.graphs.run(input_ids, positions, meta)
+        if self.decode_graphs is not None and sample and self.decode_graphs.can_run(meta):
+            logits = self.decode_graphs.run(input_ids, positions, meta)
         else:
-            hidden = self.model(input_ids, positions, meta)
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
+                hidden = self.mixed_graphs.run(input_ids, positions, meta)
+            else:
+                hidden = self.model(input_ids, positions, meta)
             if not sample or not logits_indices:
                 return None
             logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])

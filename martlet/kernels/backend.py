@@ -24,14 +24,18 @@ class TritonAttentionBackend(AttentionBackend):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return decode_num_splits(num_decodes, num_kv_heads, max_seq_len, device)
 
-    def forward(
+    def rotate_and_store(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor, q_out: torch.Tensor | None,
     ) -> torch.Tensor:
-        q = rotary_kv_write(
-            q, k, v, positions, layer.rotary.cos_sin_cache, layer.k_cache, layer.v_cache, meta.slot_mapping
+        return rotary_kv_write(
+            q, k, v, positions, layer.rotary.cos_sin_cache, layer.k_cache, layer.v_cache, slot_mapping, q_out
         )
-        out = torch.empty_like(q)
+
+    def attend(
+        self, layer: Attention, q: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = torch.empty_like(q) if out is None else out
         num_prefill_tokens, num_prefills, num_decodes = meta.num_prefill_tokens, meta.num_prefills, meta.num_decodes
         if num_prefills:
             prefill_attention(

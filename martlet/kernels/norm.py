@@ -2,8 +2,10 @@
 
 One program normalizes all the rows of one token: a single row of a hidden state [T, N], or the
 H heads of a per-head norm (Qwen3's QK norm over q [T, H, D], whatever q's token stride). The
-fused form reads x and the residual once and writes both the new residual and the normalized
-output, where the unfused PyTorch spends a pass on the add and two on the norm.
+fused form reads x and the residual once, adds x into the residual in place and writes the
+normalized sum, where the unfused PyTorch spends a pass on the add and two on the norm. In place,
+so that the residual stream stays one tensor through the model: a CUDA graph piece can leave it
+in a buffer the next piece reads.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, eps, stride_xt, stride_xh, stride_rt,
+    x_ptr, residual_ptr, weight_ptr, out_ptr, eps, stride_xt, stride_xh,
     NUM_ROWS: tl.constexpr, N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -30,9 +32,10 @@ def _rms_norm_kernel(
     # Outputs are contiguous [T, NUM_ROWS, N].
     out_offs = token * NUM_ROWS * N + offs_h[:, None] * N + offs_n[None, :]
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + token * stride_rt + offs_n[None, :], mask=mask, other=0.0)
+        # The residual is contiguous [T, N]: this program alone reads and then writes its row.
+        residual = tl.load(residual_ptr + out_offs, mask=mask, other=0.0)
         x = x + residual  # in x's dtype, as the reference adds before normalizing
-        tl.store(residual_out_ptr + out_offs, x, mask=mask)
+        tl.store(residual_ptr + out_offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, 1) / N + eps)
     normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty)
@@ -43,8 +46,9 @@ def _rms_norm_kernel(
 
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """norm(x), or (norm(x + residual), x + residual), over x's last dimension; outputs are contiguous.
+) -> torch.Tensor:
+    """norm(x), or with a residual: residual += x in place, then norm(residual). Over x's last
+    dimension; the output is contiguous.
 
     A 3-D x without residual is taken as [T, H, D] heads, any token stride (no copy); other shapes
     are flattened to rows.
@@ -55,19 +59,15 @@ def rms_norm(
         raise ValueError("x needs a contiguous last dimension and weight one entry per element of it")
     num_tokens, num_rows = rows.shape[:2]
     out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    residual_out = None
-    if residual is not None:
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError("residual must match x in shape and dtype")
-        residual = residual.reshape(-1, n)
-        residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError("residual must be contiguous and match x in shape and dtype")
     if num_tokens:
         block_n = triton.next_power_of_2(n)
         block_h = triton.next_power_of_2(num_rows)
         _rms_norm_kernel[(num_tokens,)](
-            rows, residual, weight, out, residual_out, eps, rows.stride(0), rows.stride(1),
-            0 if residual is None else residual.stride(0),
+            rows, residual, weight, out, eps, rows.stride(0), rows.stride(1),
             NUM_ROWS=num_rows, N=n, BLOCK_H=block_h, BLOCK_N=block_n, HAS_RESIDUAL=residual is not None,
             num_warps=min(max(block_h * block_n // 512, 1), 16), **pdl_launch(x.device),
         )
-    return out if residual is None else (out, residual_out)
+    return out

@@ -4,8 +4,7 @@ The KV cache of one layer is two tensors, K and V, each laid out
 `[num_blocks, num_kv_heads, block_size, head_dim]`. One (block, kv head) is then a contiguous
 `block_size x head_dim` tile: the unit a decode or prefill program loads, in one coalesced read
 (4 KiB for 16 x 128 fp16). Writes scatter one head_dim row per (token, head), which is cheap since
-each step writes only the new tokens. An INT8 cache keeps the same layout with a parallel tensor
-of scales.
+each step writes only the new tokens.
 
 A step's batch is flat: the new tokens of every scheduled sequence, concatenated (no padding),
 sequences with several new tokens (prefills, prefill chunks) first, then the single-token ones
@@ -74,22 +73,39 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """q [T, Hq, D], k and v [T, Hkv, D], before rotary. Returns [T, Hq, D]."""
-        return self.backend.forward(self, q, k, v, positions, meta)
+        return self.attend(self.rotate_and_store(q, k, v, positions, meta.slot_mapping), meta)
+
+    def rotate_and_store(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rotary on q and k; k and v into the cache. Returns the rotated q (in q_out if given)."""
+        return self.backend.rotate_and_store(self, q, k, v, positions, slot_mapping, q_out)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotated q [T, Hq, D] over the cached context, new tokens' K/V included (into out if given)."""
+        return self.backend.attend(self, q, meta, out)
 
 
 class AttentionBackend(ABC):
-    """What a kernel library provides: rotary on q/k, store k/v into the cache, attend.
+    """What a kernel library provides: rotary on q/k and the cache write, then attention.
 
-    Doing all three behind one call lets a GPU backend fuse the rotary and the cache write into
-    one kernel and pick separate prefill and decode kernels.
+    The first lets a GPU backend fuse rotary and the cache write into one kernel; it needs only
+    per-token inputs, so it can sit inside a CUDA graph captured for a token count. The second
+    picks separate prefill and decode kernels by the step's sequences.
     """
 
     name: str
 
     @abstractmethod
-    def forward(
-        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        positions: torch.Tensor, meta: AttentionMetadata,
+    def rotate_and_store(
+        self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+        slot_mapping: torch.Tensor, q_out: torch.Tensor | None,
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def attend(
+        self, layer: Attention, q: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor | None
     ) -> torch.Tensor: ...
 
     def decode_launch_key(self, num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -104,11 +120,14 @@ def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Reference cache write: token t goes to block slot // bs, offset slot % bs, every head."""
+    """Reference cache write: token t goes to block slot // bs, offset slot % bs, every head. A
+    negative slot marks a padding token (in a CUDA graph's batch): it is stored nowhere."""
     block_size = k_cache.shape[2]
-    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
-    k_cache[blocks, :, offsets] = k.to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = v.to(v_cache.dtype)
+    stored = slot_mapping >= 0
+    slots = slot_mapping[stored]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k[stored].to(k_cache.dtype)
+    v_cache[blocks, :, offsets] = v[stored].to(v_cache.dtype)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -176,12 +195,13 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, layer, q, k, v, positions, meta):
+    def rotate_and_store(self, layer, q, k, v, positions, slot_mapping, q_out):
         q, k = layer.rotary(positions, q, k)
-        write_kv_cache(k, v, layer.k_cache, layer.v_cache, meta.slot_mapping)
-        if not meta.num_decodes:
-            return paged_attention_reference(q, layer.k_cache, layer.v_cache, meta, layer.scale)
-        out = torch.empty_like(q)
+        write_kv_cache(k, v, layer.k_cache, layer.v_cache, slot_mapping)
+        return q if q_out is None else q_out.copy_(q)
+
+    def attend(self, layer, q, meta, out):
+        out = torch.empty_like(q) if out is None else out
         num_prefill_tokens, num_prefills = meta.num_prefill_tokens, meta.num_prefills
         if num_prefills:
             prefill_meta = replace(
@@ -191,10 +211,11 @@ class TorchAttentionBackend(AttentionBackend):
             out[:num_prefill_tokens] = paged_attention_reference(
                 q[:num_prefill_tokens], layer.k_cache, layer.v_cache, prefill_meta, layer.scale
             )
-        out[num_prefill_tokens:] = decode_attention_torch(
-            q[num_prefill_tokens:], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
-            meta.block_tables[num_prefills:], layer.scale,
-        )
+        if meta.num_decodes:
+            out[num_prefill_tokens:] = decode_attention_torch(
+                q[num_prefill_tokens:], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
+                meta.block_tables[num_prefills:], layer.scale,
+            )
         return out
 
 

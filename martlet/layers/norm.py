@@ -1,4 +1,8 @@
-"""RMSNorm, with the residual add fused in when a residual is passed."""
+"""RMSNorm, with the residual add fused in when a residual is passed.
+
+The residual stream is updated in place: it stays one tensor from the embeddings to the final
+norm, which a piecewise CUDA graph needs (every piece finds it at the same address).
+"""
 
 from __future__ import annotations
 
@@ -19,15 +23,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without residual: norm(x). With it: (norm(x + residual), x + residual)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Without residual: norm(x). With it: residual += x in place, then norm(residual)."""
         if x.is_cuda:
             from martlet.kernels.norm import rms_norm as rms_norm_triton
 
             return rms_norm_triton(x, self.weight, self.eps, residual)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
-        x = x + residual
-        return rms_norm(x, self.weight, self.eps), x
+        return rms_norm(residual.add_(x), self.weight, self.eps)

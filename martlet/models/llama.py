@@ -33,15 +33,17 @@ class LlamaAttention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, backend)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def rotated_queries(
+        self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Project x to q, k and v; rotate q and k; store k and v in the cache. Returns q [T, Hq, D]."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = self.attn(q, k, v, positions, meta)
-        return self.o_proj(out.flatten(1))
+        return self.attn.rotate_and_store(q, k, v, positions, slot_mapping, q_out)
 
 
 class LlamaMLP(nn.Module):
@@ -63,17 +65,29 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is carried separately so each norm can fuse in its add.
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        self, x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """x: the previous layer's output (None in the first layer), which the first norm adds into
+        the residual stream, in place. Returns this layer's output.
+
+        The halves either side of attention are separate methods: they depend only on the token
+        count, so the model runner can capture them in CUDA graphs and run attention between.
+        """
+        q = self.before_attention(x, residual, positions, meta.slot_mapping)
+        return self.after_attention(self.self_attn.attn.attend(q, meta), residual)
+
+    def before_attention(
+        self, x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+        q_out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """residual += x, then norm and this layer's rotated queries; its keys and values go to the cache."""
+        h = self.input_layernorm(residual) if x is None else self.input_layernorm(x, residual)
+        return self.self_attn.rotated_queries(h, positions, slot_mapping, q_out)
+
+    def after_attention(self, attn_out: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += o_proj(attention), then the MLP of its norm: this layer's output."""
+        x = self.self_attn.o_proj(attn_out.flatten(1))
+        return self.mlp(self.post_attention_layernorm(x, residual))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,11 +106,11 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the flat batch, after the final norm."""
-        x, residual = self.embed_tokens(input_ids), None
+        # The residual stream is one tensor, which each norm adds the layer output before it into.
+        residual, x = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, positions, meta)
-        x, _ = self.norm(x, residual)
-        return x
+            x = layer(x, residual, positions, meta)
+        return self.norm(x, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

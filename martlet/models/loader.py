@@ -74,7 +74,7 @@ def build_model(
         model.load_weights(gguf.iter_weights(Path(path), quiet=quiet))
     else:
         model.load_weights(iter_safetensors(Path(path), quiet=quiet))
-    return model.eval()
+    return model.eval().requires_grad_(False)  # serving only: no autograd bookkeeping anywhere
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -30,9 +30,10 @@ def test_rms_norm(shape, dtype):
 def test_fused_add_rms_norm(shape, dtype):
     x, weight = _inputs(shape, dtype)
     residual, _ = _inputs(shape, dtype, seed=1)
-    out, new_residual = rms_norm(x, weight, 1e-5, residual=residual)
-    assert torch.equal(new_residual, x + residual)  # the add is done in x's dtype, exactly as PyTorch does
-    assert_close(out, rms_norm_reference((x + residual).float(), weight.float(), 1e-5), dtype)
+    expected_sum = x + residual
+    out = rms_norm(x, weight, 1e-5, residual=residual)
+    assert torch.equal(residual, expected_sum)  # in place, and in x's dtype, exactly as PyTorch adds
+    assert_close(out, rms_norm_reference(expected_sum.float(), weight.float(), 1e-5), dtype)
 
 
 @pytest.mark.parametrize("dtype", dtypes())
