@@ -72,6 +72,19 @@ def capture_plan(
     return list(plan.values())
 
 
+class CaptureCost:
+    """Wall time and GPU memory taken since it was made, as the capture logs print them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = time.perf_counter()
+        self.free_before = torch.cuda.mem_get_info(device)[0]
+
+    def __str__(self) -> str:
+        taken = self.free_before - torch.cuda.mem_get_info(self.device)[0]
+        return f"{time.perf_counter() - self.start:.1f} s, {taken / 2**30:.2f} GiB"
+
+
 class DecodeGraphs:
     """Static input buffers, and one graph per (rung, launch key) that reads them."""
 
@@ -92,12 +105,11 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = pool
         # Largest rung first, so the smaller ones reuse its memory.
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
+        cost = CaptureCost(device)
         for rung, length in capture_plan(self.ladder, max_model_len, self._key):
             self.graphs[self._key(rung, length)] = self._capture(rung, length)
-        logger.info("captured %d decode CUDA graphs in %.1f s, %.2f GiB: batch sizes %s, each for every split count "
-                    "of attention up to a context of %d", len(self.graphs), time.perf_counter() - start,
-                    (free_before - torch.cuda.mem_get_info(device)[0]) / 2**30, self.ladder, max_model_len)
+        logger.info("captured %d decode CUDA graphs in %s: batch sizes %s, each for every split count of attention "
+                    "up to a context of %d", len(self.graphs), cost, self.ladder, max_model_len)
 
     def _key(self, rung: int, max_seq_len: int) -> tuple[int, int]:
         return rung, self.backend.decode_launch_key(rung, self.num_kv_heads, max_seq_len)
@@ -187,13 +199,11 @@ class MixedStepGraphs:
 
     def capture(self, pool: tuple[int, int]) -> None:
         """Capture every rung's pieces, largest rung first so the smaller ones reuse its memory."""
-        device = self.residual.device
-        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(device)[0]
+        cost = CaptureCost(self.residual.device)
         for rung in reversed(self.ladder):
             self.pieces[rung] = [self._capture(piece, pool) for piece in self.pieces[rung]]
-        logger.info("captured %d piecewise CUDA graphs for mixed steps in %.1f s, %.2f GiB: %d token counts up "
-                    "to %d", sum(map(len, self.pieces.values())), time.perf_counter() - start,
-                    (free_before - torch.cuda.mem_get_info(device)[0]) / 2**30, len(self.ladder), self.ladder[-1])
+        logger.info("captured %d piecewise CUDA graphs for mixed steps in %s: %d token counts up to %d",
+                    sum(map(len, self.pieces.values())), cost, len(self.ladder), self.ladder[-1])
 
     @staticmethod
     def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> Callable[[], None]:
