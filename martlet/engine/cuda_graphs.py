@@ -78,6 +78,7 @@ class CaptureCost:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.start = time.perf_counter()
+        torch.cuda.empty_cache()  # as each capture does: cached blocks released then are not the graphs' gain
         self.free_before = torch.cuda.mem_get_info(device)[0]
 
     def __str__(self) -> str:
