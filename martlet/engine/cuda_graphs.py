@@ -24,6 +24,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -31,6 +32,7 @@ from martlet.layers.attention import AttentionMetadata
 from martlet.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger("martlet")
+T = TypeVar("T")
 
 
 def size_ladder(max_size: int) -> list[int]:
@@ -70,6 +72,16 @@ def capture_plan(
                 break
             length *= 2
     return list(plan.values())
+
+
+def capture(fn: Callable[[], T], pool: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """A graph of fn's kernels, and what fn returned while captured (its tensors live in the graph's
+    memory). fn runs once before, outside the capture: kernels compile and cuBLAS picks its algorithms."""
+    fn()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class CaptureCost:
@@ -142,11 +154,7 @@ class DecodeGraphs:
             query_start_loc_cpu=[], seq_lens_cpu=[],
         )
         args = (self.input_ids[:rung], self.positions[:rung], meta)
-        self.model.compute_logits(self.model(*args))  # warm-up: compile kernels outside the capture
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.compute_logits(self.model(*args))
+        graph, logits = capture(lambda: self.model.compute_logits(self.model(*args)), self.pool)
         logger.debug("captured a decode graph for batch %d (longest context %d)", rung, max_seq_len)
         return graph, logits
 
@@ -178,7 +186,7 @@ class MixedStepGraphs:
         self.queries = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
         self.attn_out = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
-        self.pieces: dict[int, list[Callable[[], object]]] = {rung: self._pieces(rung) for rung in self.ladder}
+        self.pieces: dict[int, list[Callable[[], None]]] = {rung: self._pieces(rung) for rung in self.ladder}
 
     def _pieces(self, rung: int) -> list[Callable[[], None]]:
         model, layers = self.model, self.model.layers
@@ -202,17 +210,9 @@ class MixedStepGraphs:
         """Capture every rung's pieces, largest rung first so the smaller ones reuse its memory."""
         cost = CaptureCost(self.residual.device)
         for rung in reversed(self.ladder):
-            self.pieces[rung] = [self._capture(piece, pool) for piece in self.pieces[rung]]
+            self.pieces[rung] = [capture(piece, pool)[0].replay for piece in self.pieces[rung]]
         logger.info("captured %d piecewise CUDA graphs for mixed steps in %s: %d token counts up to %d",
                     sum(map(len, self.pieces.values())), cost, len(self.ladder), self.ladder[-1])
-
-    @staticmethod
-    def _capture(piece: Callable[[], None], pool: tuple[int, int]) -> Callable[[], None]:
-        piece()  # warm-up: compile kernels and pick cuBLAS algorithms outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            piece()
-        return graph.replay
 
     def can_run(self, num_tokens: int) -> bool:
         return padded_batch_size(self.ladder, num_tokens) is not None
