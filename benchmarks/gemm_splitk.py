@@ -1,4 +1,4 @@
-"""Two ways cuBLAS might do the model's matmuls better at 64-512 tokens, timed as the engine runs them.
+"""Three ways cuBLAS might do the model's matmuls better at 64-512 tokens, timed as the engine runs them.
 
     PYTHONPATH=$PWD python3 benchmarks/gemm_splitk.py [--tokens 64 128 ...] [--blas cublas|cublaslt] [--no-split]
 
@@ -6,6 +6,9 @@
   then a sum ("skN"); "skN-noreduce" is the batched GEMM alone, what a reduction fused into the next
   kernel would leave.
 - `--blas cublaslt`: PyTorch's cuBLASLt path (`torch.backends.cuda.preferred_blas_library`).
+- Swapped operands: W @ x^T, the same product as cuBLAS's other problem (m and n exchanged), for which
+  its heuristics pick other kernels; "swap" leaves the result transposed, [N, M], "swap+T" adds the copy
+  back to [M, N] that the engine's next kernel would need.
 
 Each candidate is timed as in `gemm_graph.py`: one CUDA graph of one matmul per decoder layer, each
 with its own weight, median replay. Printed per token count: us per layer shape and per decoder layer.
@@ -35,6 +38,12 @@ def split_k(x: torch.Tensor, w: torch.Tensor, splits: int, reduce: bool = True) 
     return parts.sum(0, dtype=x.dtype) if reduce else parts
 
 
+def swapped(x: torch.Tensor, w: torch.Tensor, transpose_back: bool = True) -> torch.Tensor:
+    """x [M, K] @ w [N, K]^T computed as w @ x^T."""
+    yt = torch.mm(w, x.t())
+    return yt.t().contiguous() if transpose_back else yt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
@@ -55,6 +64,9 @@ def main() -> None:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
             floor_us = max(2 * n * k / ceilings.copy_gb_s / 1e3, 2 * m * n * k / ceilings.gemm_tflops / 1e6)
             us = {args.blas: graph_us(F.linear, xs, ws)}
+            torch.testing.assert_close(swapped(xs[0], ws[0]), F.linear(xs[0], ws[0]), atol=2e-2, rtol=2e-2)
+            us["swap"] = graph_us(lambda x, w: swapped(x, w, transpose_back=False), xs, ws)
+            us["swap+T"] = graph_us(swapped, xs, ws)
             for s in () if args.no_split else (2, 3, 4):
                 if k % (8 * s):
                     continue
