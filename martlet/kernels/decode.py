@@ -27,7 +27,9 @@ from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_til
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
-MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs (q load, merge traffic) start to show
+# Shorter splits give a lone sequence more programs: at batch 1, 128 against 256 made 8 in 256 out
+# +1.0% (H100) and +2.3% (H200), 1024 in 1024 out +0.9% and level (benchmarks/results/seed-rows-H100-2026-11-21.md).
+MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 64
 
 
