@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import glob
 import json
-import os
 from functools import partial
 from pathlib import Path
 
@@ -40,24 +38,28 @@ class HeuristicResult(ctypes.Structure):
                 ("waves_count", ctypes.c_float), ("reserved", ctypes.c_int * 4)]
 
 
-def load_cublaslt() -> ctypes.CDLL:
-    """The cuBLASLt library PyTorch itself loaded (its wheel's copy), else the system's."""
-    torch.ones(8, 8, device="cuda", dtype=torch.float16) @ torch.ones(8, 8, device="cuda", dtype=torch.float16)
-    for line in open("/proc/self/maps"):
-        if "libcublasLt.so" in line:
-            return ctypes.CDLL(line.split()[-1])
-    roots = [os.path.dirname(torch.__file__) + "/../nvidia", "/usr/local/cuda/lib64"]
-    return ctypes.CDLL(sorted(p for r in roots for p in glob.glob(f"{r}/**/libcublasLt.so*", recursive=True))[-1])
+class CublasLt:
+    """The cuBLASLt library PyTorch itself loaded (its wheel's copy), with one handle and one
+    workspace that every product shares."""
+
+    def __init__(self) -> None:
+        torch.ones(8, 8, device="cuda", dtype=torch.float16) @ torch.ones(8, 8, device="cuda", dtype=torch.float16)
+        paths = [line.split()[-1] for line in open("/proc/self/maps") if "libcublasLt.so" in line]
+        if not paths:
+            raise RuntimeError("PyTorch has not loaded cuBLASLt: is this a CUDA build?")
+        self.lib = ctypes.CDLL(paths[0])
+        self.handle = ctypes.c_void_p()
+        check(self.lib.cublasLtCreate(ctypes.byref(self.handle)))
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
 
 
 class LtMatmul:
     """y [M, N] = x [M, K] @ w [N, K]^T in fp16 with fp32 accumulation, as cuBLASLt's column-major
     D [N, M] = op_T(A [K, N]) @ B [K, M], the problem PyTorch hands cuBLAS for F.linear."""
 
-    def __init__(self, lib: ctypes.CDLL, m: int, n: int, k: int, max_algos: int) -> None:
-        self.lib, self.m, self.n = lib, m, n
-        self.handle = ctypes.c_void_p()
-        check(lib.cublasLtCreate(ctypes.byref(self.handle)))
+    def __init__(self, lt: CublasLt, m: int, n: int, k: int, max_algos: int) -> None:
+        self.lt, self.m, self.n = lt, m, n
+        lib = lt.lib
         self.desc = ctypes.c_void_p()
         check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), COMPUTE_32F, R_32F))
         for attr, op in ((DESC_TRANSA, OP_T), (DESC_TRANSB, OP_N)):
@@ -71,26 +73,25 @@ class LtMatmul:
                                                      ctypes.c_size_t(8)))
         results = (HeuristicResult * max_algos)()
         found = ctypes.c_int()
-        check(lib.cublasLtMatmulAlgoGetHeuristic(self.handle, self.desc, self.a, self.b, self.d, self.d, pref,
+        check(lib.cublasLtMatmulAlgoGetHeuristic(lt.handle, self.desc, self.a, self.b, self.d, self.d, pref,
                                                  max_algos, results, ctypes.byref(found)))
         self.algos = [results[i] for i in range(found.value) if results[i].state == 0]
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
         self.alpha, self.beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
 
     def _layout(self, rows: int, cols: int) -> ctypes.c_void_p:
         layout = ctypes.c_void_p()
-        check(self.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), R_16F, ctypes.c_uint64(rows),
+        check(self.lt.lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), R_16F, ctypes.c_uint64(rows),
                                                   ctypes.c_uint64(cols), ctypes.c_int64(rows)))
         return layout
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, algo: int) -> torch.Tensor:
         y = torch.empty(self.m, self.n, dtype=x.dtype, device=x.device)
         result = self.algos[algo]
-        check(self.lib.cublasLtMatmul(
-            self.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(w.data_ptr()), self.a,
+        check(self.lt.lib.cublasLtMatmul(
+            self.lt.handle, self.desc, ctypes.byref(self.alpha), ctypes.c_void_p(w.data_ptr()), self.a,
             ctypes.c_void_p(x.data_ptr()), self.b, ctypes.byref(self.beta), ctypes.c_void_p(y.data_ptr()), self.d,
             ctypes.c_void_p(y.data_ptr()), self.d, ctypes.byref(result.algo),
-            ctypes.c_void_p(self.workspace.data_ptr()), ctypes.c_size_t(result.workspace_size),
+            ctypes.c_void_p(self.lt.workspace.data_ptr()), ctypes.c_size_t(result.workspace_size),
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)))
         return y
 
@@ -109,15 +110,15 @@ def main() -> None:
     config = json.loads((Path(args.config_dir) / "config.json").read_text())
     layers = config["num_hidden_layers"]
     ceilings = measure_ceilings(torch.device("cuda"), torch.float16)
-    lib = load_cublaslt()
+    cublaslt = CublasLt()
     print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gb_s:.0f} GB/s, GEMM {ceilings.gemm_tflops:.0f} "
-          f"TFLOP/s; {lib._name}", flush=True)
+          f"TFLOP/s; {cublaslt.lib._name}", flush=True)
     for m in args.tokens:
         totals = {"floor": 0.0, "F.linear": 0.0, "first": 0.0, "best": 0.0}
         for name, (n, k) in layer_shapes(config).items():
             ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
-            lt = LtMatmul(lib, m, n, k, args.algos)
+            lt = LtMatmul(cublaslt, m, n, k, args.algos)
             times = []
             for i in range(len(lt.algos)):
                 try:
