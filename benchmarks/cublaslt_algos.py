@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gemm_graph import graph_us  # this script's directory is on sys.path
+from gemm_graph import floor_us, graph_us, layer_operands  # this script's directory is on sys.path
 from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
@@ -116,8 +116,7 @@ def main() -> None:
     for m in args.tokens:
         totals = {"floor": 0.0, "F.linear": 0.0, "first": 0.0, "best": 0.0}
         for name, (n, k) in layer_shapes(config).items():
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
-            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
+            xs, ws = layer_operands(m, n, k, layers)
             lt = LtMatmul(cublaslt, m, n, k, args.algos)
             times = []
             for i in range(len(lt.algos)):
@@ -127,7 +126,7 @@ def main() -> None:
                 except (RuntimeError, AssertionError) as e:
                     print(f"  {name} algo {i}: {type(e).__name__} {str(e)[:80]}")
                     times.append(float("inf"))
-            row = {"floor": max(2 * n * k / ceilings.copy_gb_s / 1e3, 2 * m * n * k / ceilings.gemm_tflops / 1e6),
+            row = {"floor": floor_us(m, n, k, ceilings),
                    "F.linear": graph_us(F.linear, xs, ws), "first": times[0], "best": min(times)}
             for key, t in row.items():
                 totals[key] += t

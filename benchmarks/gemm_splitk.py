@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gemm_graph import graph_us  # this script's directory is on sys.path
+from gemm_graph import floor_us, graph_us, layer_operands  # this script's directory is on sys.path
 from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
@@ -60,9 +60,8 @@ def main() -> None:
     for m in args.tokens:
         shapes, totals = [], {}
         for name, (n, k) in layer_shapes(config).items():
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
-            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
-            floor_us = max(2 * n * k / ceilings.copy_gb_s / 1e3, 2 * m * n * k / ceilings.gemm_tflops / 1e6)
+            xs, ws = layer_operands(m, n, k, layers)
+            floor = floor_us(m, n, k, ceilings)
             us = {args.blas: graph_us(F.linear, xs, ws)}
             torch.testing.assert_close(swapped(xs[0], ws[0]), F.linear(xs[0], ws[0]), atol=2e-2, rtol=2e-2)
             us["swap"] = graph_us(lambda x, w: swapped(x, w, transpose_back=False), xs, ws)
@@ -75,7 +74,7 @@ def main() -> None:
                 us[f"sk{s}-noreduce"] = graph_us(lambda x, w, s=s: split_k(x, w, s, reduce=False), xs, ws)
             for key, t in us.items():
                 totals[key] = totals.get(key, 0.0) + t
-            shapes.append(f"{name} floor {floor_us:.1f} " + " ".join(f"{key} {t:.1f}" for key, t in us.items()))
+            shapes.append(f"{name} floor {floor:.1f} " + " ".join(f"{key} {t:.1f}" for key, t in us.items()))
             del ws, xs
         print(f"M={m}: " + " | ".join(shapes), flush=True)
         print(f"M={m} per layer: " + ", ".join(f"{key} {t:.1f} us" for key, t in totals.items()), flush=True)
