@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS
 from martlet.sampling_params import SamplingParams
 
 
@@ -28,6 +29,10 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
     g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="KV cache format: auto (the model's dtype), int8 or fp8 (8-bit, scaled per token and head)")
+    g.add_argument("--quantization", "-q", default=None, choices=[q for q in QUANTIZATIONS if q],
+                   help="quantize the weights at load: int8 (per channel) or int4 (groupwise)")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 
@@ -39,7 +44,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         load_format=args.load_format, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, quiet=args.quiet,
+        enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+        quiet=args.quiet,
     )
 
 

@@ -102,6 +102,10 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
+QUANTIZATIONS = (None, "int8", "int4")
+
+
 @dataclass
 class EngineConfig:
     """Everything `LLM(...)` was asked for, resolved to concrete values."""
@@ -119,3 +123,5 @@ class EngineConfig:
     load_format: str
     attention_backend: str
     enforce_eager: bool
+    kv_cache_dtype: str  # "auto" (the model's dtype), "int8" or "fp8": see martlet/kernels/__init__.py
+    quantization: str | None  # weight format: None (the checkpoint's dtype), "int8" or "int4"

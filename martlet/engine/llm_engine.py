@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from martlet.config import EngineConfig, ModelConfig
+from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, ModelConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
@@ -80,8 +80,13 @@ class LLMEngine:
         max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
         block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
         seed: int = 0, load_format: str = "auto", attention_backend: str | None = None,
-        enforce_eager: bool = False, quiet: bool = False,
+        enforce_eager: bool = False, kv_cache_dtype: str = "auto", quantization: str | None = None,
+        quiet: bool = False,
     ) -> LLMEngine:
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
         model_config = read_model_config(model)
         resolved_device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -111,6 +116,8 @@ class LLMEngine:
             load_format=load_format,
             attention_backend=attention_backend or ("triton" if resolved_device.type == "cuda" else "torch"),
             enforce_eager=enforce_eager,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
         )
         torch.manual_seed(seed)
         return cls(config, model_config, _try_tokenizer(model), quiet=quiet)
