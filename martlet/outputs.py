@@ -17,6 +17,7 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" or "length" once finished
     stop_reason: int | str | None = None  # the stop string or stop token that ended it, if any
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None  # of the sampled tokens, when logprobs are asked for
 
     @property
     def finished(self) -> bool:
@@ -50,3 +51,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(repr=False, default=None)  # type: ignore[assignment]
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first, then the top tokens
+    # and the actual one with their log-probabilities given the tokens before.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -57,8 +57,8 @@ class BlockManager:
         At least one token is left uncomputed: the step must produce that token's logits.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return  # prompt logprobs need every prompt position computed
         parent = None
         for start in range(0, len(seq) - 1 - self.block_size + 1, self.block_size):
             tokens = tuple(seq.token_ids[start : start + self.block_size])
@@ -72,6 +72,18 @@ class BlockManager:
             seq.num_computed_tokens += self.block_size
             self.num_hit_tokens += self.block_size
             parent = h
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Give `child`, a sibling with the same prompt and no blocks yet, the full blocks of the prompt
+        `parent` has computed, shared by reference; it computes only the tokens after them (and at
+        least its last prompt token, whose logits it samples from)."""
+        assert not child.block_table and child.num_computed_tokens == 0
+        num_full = min(parent.num_computed_tokens, child.num_prompt_tokens - 1) // self.block_size
+        for block_id in parent.block_table[:num_full]:
+            self._take(block_id)
+            child.block_table.append(block_id)
+        child.num_hashed_blocks = min(num_full, parent.num_hashed_blocks)
+        child.num_computed_tokens = num_full * self.block_size
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)

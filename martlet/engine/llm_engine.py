@@ -13,8 +13,9 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -29,6 +30,9 @@ from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
 from martlet.outputs import CompletionOutput, RequestOutput
 from martlet.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from martlet.structured_output import StructuredOutputs
 
 logger = logging.getLogger("martlet")
 
@@ -68,10 +72,16 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
         # Called with every scheduled batch before it runs (benchmarks count its cost).
         self.on_step: Callable[[ScheduledBatch], None] | None = None
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, list[Sequence]] = {}  # request id -> its sequences, one per choice
         self.in_flight: LaunchedStep | None = None  # launched, tokens not collected yet
         self.in_flight_slots: list[int] = []  # where each of its tokens goes in its sequence
-        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.detokenizers: dict[Sequence, IncrementalDetokenizer] = {}
+        # Grammars, made at the first request that has one; requests wait here while theirs compiles.
+        self.structured: StructuredOutputs | None = None
+        self.waiting_for_grammar: list[tuple[Future, list[Sequence]]] = []
+        self.runner.sampler.grammar_bitmask = self._grammar_bitmask
+        self._output_kind: OutputKind = "cumulative"  # of the step() under way
+        self._early_outputs: list[RequestOutput] = []  # collected in the middle of a step (see _grammar_bitmask)
         self._ids = itertools.count()
 
     @classmethod
@@ -135,6 +145,8 @@ class LLMEngine:
                          vocab_size=self.model_config.vocab_size)
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("SamplingParams.stop needs a tokenizer, and this model has none: use stop_token_ids")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("SamplingParams.structured_outputs needs a tokenizer, and this model has none")
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, *, prompt: str | None = None,
@@ -144,27 +156,47 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.config.device).manual_seed(params.seed)
-        seq = Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, prompt, generator)
-        self.requests[request_id] = seq
+        # One sequence per choice. The first computes the prompt; the others are forked from it once the
+        # prompt is in the cache (see _release_forks). Seeded choices get seed, seed + 1, ... (as vLLM).
+        seqs = [Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, prompt,
+                         self._generator(params, i), index=i) for i in range(params.n)]
+        seqs[0].forks = seqs[1:]
+        self.requests[request_id] = seqs
         if params.detokenize and self.tokenizer is not None:
-            self.detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids, params.stop_strings, params.skip_special_tokens
-            )
-        self.scheduler.add(seq)
+            for seq in seqs:
+                self.detokenizers[seq] = IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.stop_strings, params.skip_special_tokens
+                )
+        if params.structured_outputs is not None:
+            self.waiting_for_grammar.append((self._structured().compile(params.structured_outputs), seqs))
+        else:
+            self.scheduler.add(seqs[0])
         return request_id
+
+    def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
+        if params.seed is None:
+            return None
+        return torch.Generator(device=self.config.device).manual_seed(params.seed + index)
+
+    def _structured(self) -> StructuredOutputs:
+        if self.structured is None:
+            from martlet.structured_output import StructuredOutputs  # xgrammar loads only when it is used
+
+            self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids,
+                                                self.config.max_num_seqs)
+        return self.structured
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are free when this returns."""
-        seq = self.requests.pop(request_id, None)
-        self.detokenizers.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        seqs = self.requests.pop(request_id, [])
+        self.waiting_for_grammar = [w for w in self.waiting_for_grammar if w[1] is not seqs]
+        for seq in seqs:
+            self.detokenizers.pop(seq, None)
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or self.in_flight is not None
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None or bool(self.waiting_for_grammar)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -180,9 +212,10 @@ class LLMEngine:
         and `logprobs` (text stays cumulative), which saves copying long outputs every step;
         "final", the whole output of every request that finished.
         """
-        outputs = []
+        self._output_kind = output_kind
+        outputs = self._admit_compiled()
         if self.in_flight is not None and any(has_penalty(s) for s in self.scheduler.running):
-            outputs = self._collect(output_kind)  # penalties count the output tokens on the host
+            outputs += self._collect(output_kind)  # penalties count the output tokens on the host
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -191,7 +224,10 @@ class LLMEngine:
             launched = self.runner.execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n
-        outputs += self._collect(output_kind)
+                if seq.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
+                    self._release_forks(seq)
+        outputs += self._early_outputs + self._collect(output_kind)
+        self._early_outputs = []
         if launched is not None:
             self.in_flight = launched
             self.in_flight_slots = [len(seq) for seq in launched.seqs]
@@ -199,6 +235,44 @@ class LLMEngine:
                 if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
                     seq.append_token(PLACEHOLDER)
         return outputs
+
+    def _release_forks(self, parent: Sequence) -> None:
+        """The parent's prompt is computed (on the device, by the time anything runs after this step):
+        its siblings share its full prompt blocks and queue first, to compute only the rest."""
+        for child in reversed(parent.forks):
+            self.block_manager.fork(parent, child)
+            self.scheduler.add(child, first=True)
+        parent.forks = []
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Queue the requests whose grammar is compiled; end those whose grammar failed to compile."""
+        if not self.waiting_for_grammar:
+            return []
+        if not self.scheduler.num_unfinished and self.in_flight is None:  # nothing else to do: sleep, not spin
+            wait([future for future, _ in self.waiting_for_grammar], timeout=0.1, return_when=FIRST_COMPLETED)
+        waiting, self.waiting_for_grammar, outputs = self.waiting_for_grammar, [], []
+        for future, seqs in waiting:
+            if not future.done():
+                self.waiting_for_grammar.append((future, seqs))
+            elif future.exception() is not None:  # checked when the params were made, so not expected
+                logger.error("request %s: its grammar did not compile: %s", seqs[0].request_id, future.exception())
+                for seq in seqs:
+                    self.scheduler.finish(seq, "abort", str(future.exception()))
+                outputs.append(self.make_output(seqs))
+                self._forget(seqs[0].request_id)
+            else:
+                for seq in seqs:
+                    seq.grammar = self.structured.matcher(future.result())
+                self.scheduler.add(seqs[0])
+        return outputs
+
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The sampler's grammar hook. A matcher must take the previous step's token before it can say
+        what may follow, so the step in flight is collected here: the device is busy with this step's
+        logits meanwhile, and the host fills the mask while it is (the sampler launches after)."""
+        if self.in_flight is not None:
+            self._early_outputs += self._collect(self._output_kind)
+        return self.structured.bitmask(seqs)
 
     def _collect(self, output_kind: OutputKind) -> list[RequestOutput]:
         """Wait for the step in flight; put its tokens in place and see who finished."""
@@ -208,22 +282,33 @@ class LLMEngine:
         self.in_flight = None
         token_ids, logprobs = launched.results()
         now = time.perf_counter()
-        outputs = []
+        got: dict[str, dict[Sequence, int]] = {}  # request id -> its sequences that got a token, and where
         for i, seq in enumerate(launched.seqs):
             if seq.is_finished:  # finished or aborted while the step ran: its token is dropped
                 continue
-            seq.token_ids[slots[i]] = token_ids[i]
+            token = seq.token_ids[slots[i]] = token_ids[i]
             if logprobs is not None and seq.params.logprobs is not None:
                 seq.output_logprobs.append(logprobs[i])
+                seq.cumulative_logprob += logprobs[i][token]
+            if seq.grammar is not None:
+                seq.grammar.accept_token(token)
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             self._check_finished(seq, slots[i])
-            if seq.is_finished or output_kind != "final":
-                outputs.append(self.make_output(seq, slots[i] if output_kind == "delta" else None))
-            if seq.is_finished:
-                self.requests.pop(seq.request_id, None)
-                self.detokenizers.pop(seq.request_id, None)
+            got.setdefault(seq.request_id, {})[seq] = slots[i]
+        outputs = []
+        for request_id, slots_of in got.items():
+            seqs = self.requests[request_id]
+            finished = all(seq.is_finished for seq in seqs)
+            if finished or output_kind != "final":
+                outputs.append(self.make_output(seqs, slots_of if output_kind == "delta" else None))
+            if finished:
+                self._forget(request_id)
         return outputs
+
+    def _forget(self, request_id: str) -> None:
+        for seq in self.requests.pop(request_id, []):
+            self.detokenizers.pop(seq, None)
 
     def _check_finished(self, seq: Sequence, slot: int) -> None:
         """Stop conditions for the token now at `slot` (a later one may be in flight already)."""
@@ -233,7 +318,7 @@ class LLMEngine:
             return self._finish(seq, slot, "stop", token)
         if token in self.eos_token_ids and not params.ignore_eos:
             return self._finish(seq, slot, "stop")
-        detok = self.detokenizers.get(seq.request_id)
+        detok = self.detokenizers.get(seq)
         if detok is not None:
             # As in vLLM, stop strings count only once min_tokens are out.
             stop = detok.add_tokens([token], check_stop=num_output >= params.min_tokens)
@@ -244,34 +329,44 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, slot: int, reason: str, stop_reason: int | str | None = None) -> None:
         del seq.token_ids[slot + 1 :]  # a token launched after the last one is not output
-        detok = self.detokenizers.get(seq.request_id)
+        detok = self.detokenizers.get(seq)
         if detok is not None:
             detok.flush()
         self.scheduler.finish(seq, reason, stop_reason)
 
-    def make_output(self, seq: Sequence, delta_slot: int | None = None) -> RequestOutput:
-        """The request's output so far, or with `delta_slot` only the token at that slot."""
-        detok = self.detokenizers.get(seq.request_id)
+    def make_output(self, seqs: list[Sequence], delta_slots: dict[Sequence, int] | None = None) -> RequestOutput:
+        """A request's output so far: every choice; or with `delta_slots` only the choices in it, each
+        with only the token at its slot (and the prompt logprobs with the first token)."""
+        first = seqs[0]
+        prompt_logprobs = first.prompt_logprobs if first.params.prompt_logprobs is not None else None
+        if delta_slots is not None and delta_slots.get(first) != first.num_prompt_tokens:
+            prompt_logprobs = None
+        shown = seqs if delta_slots is None else [seq for seq in seqs if seq in delta_slots]
+        return RequestOutput(
+            request_id=first.request_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.token_ids[: first.num_prompt_tokens],
+            outputs=[self._completion(seq, None if delta_slots is None else delta_slots[seq]) for seq in shown],
+            finished=all(seq.is_finished for seq in seqs),
+            metrics=first.metrics,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _completion(self, seq: Sequence, delta_slot: int | None) -> CompletionOutput:
+        detok = self.detokenizers.get(seq)
         logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
         token_ids = seq.output_token_ids
         if delta_slot is not None:
             token_ids, logprobs = [seq.token_ids[delta_slot]], logprobs and logprobs[-1:]
-        completion = CompletionOutput(
-            index=0,
+        return CompletionOutput(
+            index=seq.index,
             # While running, only text no stop string can take back; all of it once finished.
             text="" if detok is None else (detok.text if seq.is_finished else detok.stable_text),
             token_ids=token_ids,
             finish_reason=seq.finish_reason,
             stop_reason=seq.stop_reason,
             logprobs=logprobs,
-        )
-        return RequestOutput(
-            request_id=seq.request_id,
-            prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            outputs=[completion],
-            finished=seq.is_finished,
-            metrics=seq.metrics,
+            cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
         )
 
 
@@ -282,6 +377,9 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, max_model_
         raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
     if any(t >= vocab_size for t in params.stop_token_ids):
         raise ValueError(f"SamplingParams.stop_token_ids must be in [0, {vocab_size}), got {params.stop_token_ids}")
+    if any(t >= vocab_size for t in params.logit_bias or {}):
+        raise ValueError(f"SamplingParams.logit_bias token ids must be in [0, {vocab_size}), "
+                         f"got {sorted(t for t in params.logit_bias if t >= vocab_size)[:5]}")
     if not token_ids:
         raise ValueError("the prompt is empty: give at least one token")
     if len(token_ids) >= max_model_len:

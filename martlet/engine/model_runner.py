@@ -19,7 +19,7 @@ from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, Mix
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
-from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows
+from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows, record_prompt_logprobs
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
 
@@ -117,13 +117,17 @@ class ModelRunner:
         """Launch one step and return without waiting for the device. The sampled tokens, for the
         sequences that complete their prompt or decode (`completes_prompt`), follow in the result."""
         input_ids, positions, meta, logits_indices = self._prepare(batch)
-        if self.decode_graphs is not None and sample and self.decode_graphs.can_run(meta):
+        # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
+        prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
+        if self.decode_graphs is not None and sample and not prompt_logprobs and self.decode_graphs.can_run(meta):
             logits = self.decode_graphs.run(input_ids, positions, meta)
         else:
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
                 hidden = self.mixed_graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta)
+            if prompt_logprobs:
+                record_prompt_logprobs(hidden, batch.seqs, batch.num_new_tokens, self.model.compute_logits)
             if not sample or not logits_indices:
                 return None
             logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from martlet.outputs import RequestMetrics
 from martlet.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 # Stands in token_ids for a token sampled by a step still running on the device (see LLMEngine.step).
 PLACEHOLDER = -1
@@ -34,8 +38,10 @@ class Sequence:
         eos_token_ids: list[int],
         prompt: str | None = None,
         generator: torch.Generator | None = None,
+        index: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.index = index  # which of the request's n choices this is
         self.prompt = prompt
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -51,6 +57,13 @@ class Sequence:
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []
+        self.cumulative_logprob = 0.0  # of the sampled tokens, kept when logprobs are asked for
+        # Per prompt token: the top prompt_logprobs tokens and the actual one (None for the first token).
+        self.prompt_logprobs: list[dict[int, float] | None] = []
+        # The request's other choices, held back until this one's prompt is in the cache, then forked
+        # from it so that they share its blocks (n > 1).
+        self.forks: list[Sequence] = []
+        self.grammar: GrammarMatcher | None = None  # set when the output must follow a grammar
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.metrics = RequestMetrics(arrival_time=time.perf_counter())
@@ -73,6 +86,12 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Asked for prompt logprobs and has not got all of them (a fork shares its first sibling's)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     @property
     def has_pending_token(self) -> bool:

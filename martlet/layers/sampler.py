@@ -1,16 +1,18 @@
 """From logits to tokens, one row per sequence, each with its own sampling parameters.
 
-Order of operations (as in vLLM): log-probabilities of the raw logits (if asked), penalties,
-min_tokens masking, then greedy rows take the argmax while the others go through temperature,
-top-k, top-p and min-p before drawing. Drawing uses the exponential-race trick
-(argmax of p / Exp(1) noise is a sample from p) so a whole batch samples in one op; a seeded
-sequence draws its noise from its own generator, which makes its tokens independent of batch-mates.
+Order of operations (as in vLLM): log-probabilities of the raw logits (if asked), logit_bias,
+penalties, min_tokens masking, the grammar's token bitmask (structured output), then greedy rows
+take the argmax while the others go through temperature, top-k, top-p and min-p before drawing.
+Drawing uses the exponential-race trick (argmax of p / Exp(1) noise is a sample from p) so a whole
+batch samples in one op; a seeded sequence draws its noise from its own generator, which makes its
+tokens independent of batch-mates.
 
 The common case, an all-greedy batch with no penalties and no logprobs, is a single argmax.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +46,10 @@ def logprob_rows(top_ids: list[list[int]], top_logprobs: list[list[float]], toke
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        # Set by the engine: the allowed-token bitmask (host, int32 [N, ceil(vocab / 32)]) of a batch
+        # where some sequence follows a grammar. Called after the logits are launched, so the host fills
+        # it while the device computes them.
+        self.grammar_bitmask: Callable[[list[Sequence]], torch.Tensor] | None = None
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
@@ -51,10 +57,14 @@ class Sampler:
         all_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
             all_logprobs = torch.log_softmax(logits, dim=-1)  # of the raw logits, as vLLM reports them
+        if any(s.params.logit_bias for s in seqs):
+            logits = apply_logit_bias(logits, seqs)
         if any(has_penalty(s) for s in seqs):
             logits = apply_penalties(logits, seqs)
         if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
             logits = mask_stop_tokens(logits, seqs)
+        if self.grammar_bitmask is not None and any(s.grammar is not None for s in seqs):
+            logits = apply_token_bitmask(logits, to_device(self.grammar_bitmask(seqs), logits.device))
         if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
@@ -86,6 +96,32 @@ class Sampler:
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
+@torch.inference_mode()
+def record_prompt_logprobs(hidden: torch.Tensor, seqs: list[Sequence], num_new_tokens: list[int],
+                           compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Append to `seq.prompt_logprobs` the prompt tokens this step scores (the logits at position p
+    score token p + 1) for the sequences that want them. It reads the result back at once, a host
+    sync, in the steps that carry such a prompt only: a scoring request, not the serving hot path."""
+    row = 0
+    for seq, n in zip(seqs, num_new_tokens):
+        start = seq.num_computed_tokens
+        if seq.wants_prompt_logprobs:
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)  # nothing scores the first token
+            first = len(seq.prompt_logprobs) - 1  # the first position not scored yet
+            end = min(start + n, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
+            if start <= first < end:
+                rows = hidden[row + first - start : row + end - start]
+                logprobs = torch.log_softmax(compute_logits(rows).float(), -1)
+                targets = torch.tensor(seq.token_ids[first + 1 : end + 1], device=logprobs.device)
+                k = max(seq.params.prompt_logprobs, 1)
+                top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+                actual = logprobs.gather(1, targets[:, None]).squeeze(1)
+                seq.prompt_logprobs += logprob_rows(top_ids.tolist(), top_logprobs.tolist(), targets.tolist(),
+                                                    actual.tolist(), [seq.params.prompt_logprobs] * len(targets))
+        row += n
+
+
 def has_penalty(seq: Sequence) -> bool:
     p = seq.params
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
@@ -108,6 +144,26 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     freq = torch.tensor([s.params.frequency_penalty for s in seqs], device=device)[:, None]
     presence = torch.tensor([s.params.presence_penalty for s in seqs], device=device)[:, None]
     return logits - freq * counts - presence * (counts > 0)
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Add each row's logit_bias (OpenAI's: -100 bans a token in practice, 100 all but forces it)."""
+    rows, cols, values = [], [], []
+    for i, seq in enumerate(seqs):
+        for token, bias in (seq.params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token)
+            values.append(float(bias))
+    device = logits.device
+    index = (to_device(rows, device, torch.int64), to_device(cols, device, torch.int64))
+    return logits.index_put(index, to_device(values, device, logits.dtype), accumulate=True)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's bit is 0 (bit j of word w stands for token 32 * w + j; -1 allows all)."""
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, : logits.shape[1]]
+    return logits.masked_fill(allowed == 0, float("-inf"))
 
 
 def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

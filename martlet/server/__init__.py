@@ -15,6 +15,8 @@ import signal
 
 from martlet.cli import add_engine_args, engine_kwargs, model_path
 
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # a request body over this is answered 413
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The server's options, then every engine option of `LLM` (--model among them)."""
@@ -26,6 +28,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on /v1 (default: $MARTLET_API_KEY)")
     g.add_argument("--max-waiting", type=int, default=None,
                    help="answer 429 while this many requests wait for the batch (default: no limit)")
+    g.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="answer 413 to a request body larger than this (default: 8 MiB)")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="answer 400 to a prompt longer than this (default: max-model-len - 1)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -49,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger("martlet.server").error("the engine could not start: %s", exc)
         return 1
     try:
-        app = build_app(engine, args.served_model_name or model, args.api_key, args.max_waiting)
+        app = build_app(engine, args.served_model_name or model, args.api_key, args.max_waiting,
+                        args.max_body_bytes, args.max_prompt_tokens)
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
         # found: make that handler end the process with status 0, since the shutdown was clean.
         signal.signal(signal.SIGTERM, _exit_cleanly)

@@ -17,8 +17,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from martlet.server import DEFAULT_MAX_BODY_BYTES
 from martlet.server.async_engine import AsyncEngine, EngineError
 from martlet.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from martlet.server.serving import APIError, OpenAIServing, bad_request, engine_error
@@ -26,8 +27,9 @@ from martlet.server.serving import APIError, OpenAIServing, bad_request, engine_
 
 def build_app(
     engine: AsyncEngine, model_name: str, api_key: str | None = None, max_waiting: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_prompt_tokens: int | None = None,
 ) -> FastAPI:
-    serving = OpenAIServing(engine, model_name, max_waiting)
+    serving = OpenAIServing(engine, model_name, max_waiting, max_prompt_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -38,7 +40,8 @@ def build_app(
             engine.shutdown()
 
     app = FastAPI(title="Martlet", lifespan=lifespan)
-    if api_key:
+    app.add_middleware(_BodySizeLimit, max_bytes=max_body_bytes)
+    if api_key:  # added last, so it runs first: no body is read for a request without the key
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     _add_error_handlers(app)
 
@@ -100,6 +103,8 @@ def _describe(error: dict) -> str:
     if error.get("type") == "json_invalid":
         return f"the body is not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}"
     where = _param(error)
+    if error.get("type") == "extra_forbidden":
+        return f"{where}: this server does not support this field"
     return f"{where}: {error['msg']}" if where else error["msg"]
 
 
@@ -121,3 +126,46 @@ class _APIKeyMiddleware:
                 error = APIError(401, "invalid API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
                 return await error.response()(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class _BodySizeLimit:
+    """Answers 413 to a body over `max_bytes`: at once when Content-Length says so, else as soon as
+    the bytes read pass the limit (a chunked body), before the rest is read or parsed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large().response()(scope, receive, send)
+        received = 0
+        too_large = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # tell the app the client left, and answer in its place
+                too_large = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def send_unless_too_large(message: Message) -> None:
+            if not too_large:
+                await send(message)
+
+        try:
+            await self.app(scope, counting_receive, send_unless_too_large)
+        except Exception:
+            if not too_large:
+                raise
+        if too_large:
+            await self._too_large().response()(scope, receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
+                        code="request_too_large")

@@ -64,9 +64,9 @@ class EngineDeadError(EngineError):
 
 @dataclass
 class _Tracked:
-    """One engine request of a `generate` call, as the front end follows it."""
+    """One choice of one engine request of a `generate` call, as the front end follows it."""
 
-    index: int
+    index: int  # the choice's number in the response: prompt number * n + choice number
     num_prompt_tokens: int
     processor: OutputProcessor
     arrival: float
@@ -168,26 +168,29 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
     ) -> AsyncIterator[tuple[int, Delta]]:
-        """Run every prompt as its own engine request; yield (prompt index, delta) as tokens come.
+        """Run every prompt as its own engine request (of `n` choices each); yield (choice number,
+        delta) as tokens come, numbering choices prompt by prompt as OpenAI does: prompt * n + choice.
 
         Closing or cancelling the iterator aborts whatever is still running.
         """
         if self.error is not None:
             raise EngineDeadError(str(self.error))
         stream = _Stream()
-        tracked: dict[str, _Tracked] = {}
+        tracked: dict[tuple[str, int], _Tracked] = {}
         now = time.perf_counter()
         try:
             for i, (token_ids, p) in enumerate(zip(prompts, params)):
                 core_id = f"{request_id}-{i}"
-                tracked[core_id] = _Tracked(i, len(token_ids), OutputProcessor(self.tokenizer, token_ids, p), now)
+                for choice in range(p.n):
+                    tracked[core_id, choice] = _Tracked(i * p.n + choice, len(token_ids),
+                                                        OutputProcessor(self.tokenizer, token_ids, p), now)
                 self._streams[core_id] = stream
                 # The engine gets token work only: text and stop strings are the processor's.
                 self._send(AddRequest(core_id, token_ids, replace(p, detokenize=False, stop=None)))
                 self._num_submitted += 1
             while not all(t.processor.finished for t in tracked.values()):
-                for core_id, delta in _to_deltas(tracked, await stream.take()).items():
-                    yield tracked[core_id].index, delta
+                for key, delta in _to_deltas(tracked, await stream.take()).items():
+                    yield tracked[key].index, delta
         finally:
             self._close(tracked)
 
@@ -197,13 +200,14 @@ class AsyncEngine:
         except OSError as exc:  # the core is gone; the reader thread is about to say so
             raise EngineDeadError("the engine process has stopped") from exc
 
-    def _close(self, tracked: dict[str, _Tracked]) -> None:
+    def _close(self, tracked: dict[tuple[str, int], _Tracked]) -> None:
         end = time.perf_counter()
-        for core_id, t in tracked.items():
+        for core_id in dict.fromkeys(core_id for core_id, _ in tracked):
             self._streams.pop(core_id, None)
-            if not t.engine_finished:
+            if not all(t.engine_finished for (c, _), t in tracked.items() if c == core_id):
                 with contextlib.suppress(EngineDeadError):  # a dead core holds no blocks
                     self._send(AbortRequest(core_id))
+        for t in tracked.values():
             self.metrics.observe_request(
                 t.processor.finish_reason or "abort", t.num_prompt_tokens, t.processor.num_tokens,
                 t.arrival, t.first_token, end,
@@ -247,24 +251,26 @@ class AsyncEngine:
         return self.core_process.exitcode
 
 
-def _to_deltas(tracked: dict[str, _Tracked], items: list[RequestDelta | EngineError]) -> dict[str, Delta]:
-    """Turn what the core sent since the last look into one delta per engine request."""
-    deltas: dict[str, Delta] = {}
+def _to_deltas(tracked: dict[tuple[str, int], _Tracked], items: list[RequestDelta | EngineError],
+               ) -> dict[tuple[str, int], Delta]:
+    """Turn what the core sent since the last look into one delta per choice of an engine request."""
+    deltas: dict[tuple[str, int], Delta] = {}
     for item in items:
         if isinstance(item, EngineError):
             raise item
-        core_id, token_ids, logprobs, finish_reason, stop_reason = item
-        t = tracked[core_id]
+        core_id, choice, token_ids, logprobs, finish_reason, stop_reason, prompt_logprobs = item
+        t = tracked[core_id, choice]
         if t.processor.finished:
             continue  # tokens made after a stop string, before the abort landed
         t.engine_finished = finish_reason is not None
         delta = t.processor.process(token_ids, logprobs, finish_reason, stop_reason)
+        delta.prompt_logprobs = prompt_logprobs
         if t.first_token is None:
             t.first_token = time.perf_counter()
-        if core_id in deltas:
-            deltas[core_id] += delta
+        if (core_id, choice) in deltas:
+            deltas[core_id, choice] += delta
         else:
-            deltas[core_id] = delta
+            deltas[core_id, choice] = delta
     return deltas
 
 

@@ -71,10 +71,12 @@ class CoreFailed(NamedTuple):
     error: str
 
 
-# What one request gained in one step: (request id, new token ids, their logprobs or None,
-# finish reason, stop reason). A plain tuple, not a NamedTuple: there are hundreds per step, and
-# pickle takes plain tuples several times faster.
-RequestDelta = tuple[str, list[int], list[TokenLogprobs] | None, str | None, int | str | None]
+# What one choice of a request gained in one step: (request id, choice index, new token ids, their
+# logprobs or None, finish reason, stop reason, prompt logprobs (with the first token only, if asked)).
+# A plain tuple, not a NamedTuple: there are hundreds per step, and pickle takes plain tuples several
+# times faster.
+RequestDelta = tuple[str, int, list[int], list[TokenLogprobs] | None, str | None, int | str | None,
+                     list[TokenLogprobs | None] | None]
 
 
 class StepOutputs(NamedTuple):
@@ -172,14 +174,13 @@ class EngineCore:
         outputs = self.engine.step("delta")  # each output holds this step's token only
         self.num_steps += 1
         # A request aborted while its step ran may still report: nobody is listening for it.
-        return [self._delta(output) for output in outputs if output.request_id in self.live]
+        return [delta for output in outputs if output.request_id in self.live for delta in self._deltas(output)]
 
-    def _delta(self, output: RequestOutput) -> RequestDelta:
-        completion = output.outputs[0]
+    def _deltas(self, output: RequestOutput) -> list[RequestDelta]:
         if output.finished:
             self.live.discard(output.request_id)
-        return (output.request_id, completion.token_ids, completion.logprobs, completion.finish_reason,
-                completion.stop_reason)
+        return [(output.request_id, c.index, c.token_ids, c.logprobs, c.finish_reason, c.stop_reason,
+                 output.prompt_logprobs if c.index == 0 else None) for c in output.outputs]
 
     def _stats(self) -> EngineStats:
         scheduler = self.engine.scheduler

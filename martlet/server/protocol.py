@@ -1,21 +1,25 @@
 """Request and response bodies of the OpenAI API, with vLLM's extensions.
 
 Requests check types only; value ranges are `SamplingParams`'s to check: one place for every
-rule, with the same messages offline and online.
-Unknown fields are ignored, as OpenAI does, and an explicit null means "the default".
+rule, with the same messages offline and online. An unknown field is a 400 (it would otherwise be
+ignored without a word: `suffix`, `functions`, a misspelt `max_token`), and an explicit null means
+"the default".
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from martlet.sampling_params import SamplingParams
+from martlet.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
@@ -31,10 +35,22 @@ class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
 
 
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's `structured_outputs` body field: exactly one of these."""
+
+    json_: str | dict | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+
 class SamplingRequest(OpenAIBaseModel):
     """What /v1/completions and /v1/chat/completions share: OpenAI's fields, then vLLM's."""
 
     model: str | None = None
+    user: str | None = None  # the end user's id, for the caller's own tracking
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
@@ -53,20 +69,48 @@ class SamplingRequest(OpenAIBaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None  # token id (as text, JSON keys being strings) -> bias
+    # Structured output: vLLM's field, and the guided_* fields it had before.
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, n: int | None = None,
+                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
         """Raises ValueError (naming the field) for an out-of-range value."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            n=self.n if n is None else n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self._logit_bias(), structured_outputs=structured_outputs or self.structured_output_params(),
         )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        bad = [key for key in self.logit_bias if not key.isdigit()]
+        if bad:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids, got {bad[:5]}")
+        return {int(key): bias for key, bias in self.logit_bias.items()}
+
+    def structured_output_params(self) -> StructuredOutputsParams | None:
+        """The grammar this request asks for, from whichever field it used; None if none."""
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        given = {name: value for name, value in guided.items() if value is not None}
+        if self.structured_outputs is not None:
+            if given:
+                raise ValueError("SamplingParams.structured_outputs: give structured_outputs or guided_*, not both")
+            return StructuredOutputsParams(**self.structured_outputs.model_dump(by_alias=True, exclude_none=True))
+        return StructuredOutputsParams(**given) if given else None
 
 
 class CompletionRequest(SamplingRequest):
@@ -75,6 +119,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16
     echo: bool = False
     logprobs: int | None = None
+    best_of: int | None = None  # make this many choices, return the n most likely
+    prompt_logprobs: int | None = None  # vLLM's: logprobs of the prompt's tokens, also without echo
 
 
 class TextPart(OpenAIBaseModel):
@@ -82,17 +128,75 @@ class TextPart(OpenAIBaseModel):
     text: str
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIBaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: the chat template may use them
+    model_config = ConfigDict(extra="allow")  # name, ...: the chat template may use them
 
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # of a "tool" message: the call it answers
 
     def for_template(self) -> dict:
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
             message["content"] = "\n".join(part.text for part in self.content)
+        if self.tool_calls:
+            message.setdefault("content", "")
+            # Templates write the arguments out themselves (`| tojson`): they want them as a mapping.
+            for call in message["tool_calls"]:
+                call["function"]["arguments"] = _json_or_text(call["function"]["arguments"])
         return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(OpenAIBaseModel):
+    name: str
+    description: str | None = None
+    schema_: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -100,6 +204,10 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     @property
@@ -162,7 +270,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -182,9 +291,22 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jinja2
 from fastapi import Request
@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from martlet.outputs import TokenLogprobs
-from martlet.sampling_params import SamplingParams
+from martlet.sampling_params import SamplingParams, StructuredOutputsParams
 from martlet.server.async_engine import AsyncEngine, EngineDeadError, EngineError
 from martlet.server.output_processor import Delta
 from martlet.server.protocol import (
@@ -37,14 +37,24 @@ from martlet.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    DeltaToolCall,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     SamplingRequest,
     TokenLogprob,
     TopLogprob,
     UsageInfo,
+)
+from martlet.server.tool_calls import (
+    CallArrayParser,
+    NamedCallParser,
+    ToolCallParser,
+    auto_parser,
+    tool_choice,
+    tool_grammar,
 )
 
 
@@ -76,10 +86,12 @@ class Prompt:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncEngine, model_name: str, max_waiting: int | None) -> None:
+    def __init__(self, engine: AsyncEngine, model_name: str, max_waiting: int | None,
+                 max_prompt_tokens: int | None = None) -> None:
         self.engine = engine
         self.model_name = model_name
         self.max_waiting = max_waiting
+        self.max_prompt_tokens = max_prompt_tokens
 
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.engine.max_model_len)])
@@ -88,14 +100,22 @@ class OpenAIServing:
 
     async def completion(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        if body.echo and body.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", "echo")
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise bad_request(f"best_of ({best_of}) must be >= n ({body.n})", "best_of")
+        if best_of > body.n and body.stream:
+            raise bad_request("best_of > n cannot be streamed: the best choices are known only at the end", "best_of")
         with _as_bad_request("prompt"):
             prompts = [self._prompt(p) for p in _prompt_list(body.prompt)]
-        params = self._sampling_params(body, prompts, body.max_tokens, body.logprobs)
+        # Choosing the best needs every choice's logprobs; echo with logprobs shows the prompt's.
+        logprobs = body.logprobs if best_of == body.n else (body.logprobs or 0)
+        params = self._sampling_params(body, prompts, body.max_tokens, logprobs, n=best_of)
+        prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else (
+            body.logprobs if body.echo else None)
+        with _as_bad_request("prompt_logprobs"):
+            params = [replace(p, prompt_logprobs=prompt_logprobs) for p in params]
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        echoed = [self._prompt_text(p) if body.echo else "" for p in prompts]
-        formatter = _CompletionChoices(echoed, self._token_text)
+        formatter = _CompletionChoices(prompts, body.n, body.echo, self._prompt_text, self._token_text)
         deltas = self._generate(request_id, prompts, params)
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> CompletionResponse:
@@ -105,36 +125,54 @@ class OpenAIServing:
             events = _sse(deltas, lambda i, d: chunk([formatter.piece(i, d)]), prompts, body.include_usage,
                           lambda usage: chunk([], usage))
             return StreamingResponse(events, media_type="text/event-stream")
-        merged = await _unless_disconnected(request, _merge(deltas, len(prompts)))
+        merged = await _unless_disconnected(request, _merge(deltas, len(prompts) * best_of))
         if merged is None:
             return Response(status_code=499)  # nobody is listening
-        return _json(chunk([formatter.piece(i, d) for i, d in enumerate(merged)], _usage(prompts, merged)))
+        usage = _usage(prompts, merged)
+        if best_of > body.n:
+            merged = _best(merged, best_of, body.n, keep_logprobs=body.logprobs is not None)
+        return _json(chunk([formatter.piece(i, d) for i, d in enumerate(merged)], usage))
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
+        with _as_bad_request("tool_choice"):
+            tools = tool_choice(body)
         with _as_bad_request("messages"):
-            prompt = self._chat_prompt(body)
+            prompt = self._chat_prompt(body, with_tools=tools != "none")
+        with _as_bad_request("response_format"):
+            structured = _chat_structured_output(body, tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs)
+        params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs, structured=structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        formatter = _ChatChoices(body.top_logprobs or 0, self._token_text)
+        formatter = _ChatChoices(body.top_logprobs or 0, self._token_text, self._tool_parser_maker(tools))
         deltas = self._generate(request_id, [prompt], params)
 
         def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=request_id, model=self.model_name, choices=choices, usage=usage)
 
         if body.stream:
-            role = chunk([ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))])
-            events = _sse(deltas, lambda i, d: chunk([formatter.piece(i, d)]), [prompt], body.include_usage,
-                          lambda usage: chunk([], usage), first=role)
+            roles = [chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+                     for i in range(body.n)]
+            events = _sse(deltas, lambda i, d: chunk([piece]) if (piece := formatter.piece(i, d)) else None,
+                          [prompt], body.include_usage, lambda usage: chunk([], usage), first=roles)
             return StreamingResponse(events, media_type="text/event-stream")
-        merged = await _unless_disconnected(request, _merge(deltas, 1))
+        merged = await _unless_disconnected(request, _merge(deltas, body.n))
         if merged is None:
             return Response(status_code=499)
-        return _json(ChatCompletionResponse(id=request_id, model=self.model_name,
-                                            choices=[formatter.whole(0, merged[0])], usage=_usage([prompt], merged)))
+        return _json(ChatCompletionResponse(id=request_id, model=self.model_name, usage=_usage([prompt], merged),
+                                            choices=[formatter.whole(i, d) for i, d in enumerate(merged)]))
+
+    def _tool_parser_maker(self, tools: str | NamedToolChoice) -> Callable[[], ToolCallParser] | None:
+        if isinstance(tools, NamedToolChoice):
+            return lambda: NamedCallParser(tools.function.name)
+        if tools == "required":
+            return CallArrayParser
+        if tools == "auto":
+            template = self.engine.tokenizer.chat_template
+            return lambda: auto_parser(template)
+        return None
 
     # ---- checks, before the engine sees anything -------------------------------------------------
 
@@ -148,28 +186,35 @@ class OpenAIServing:
             return Prompt(self.engine.tokenize(prompt), prompt)
         return Prompt(list(prompt))
 
-    def _chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
+    def _chat_prompt(self, body: ChatCompletionRequest, with_tools: bool) -> Prompt:
         tokenizer = self.engine.tokenizer
         if tokenizer is None or not tokenizer.chat_template:
             raise ValueError("this model has no chat template: use /v1/completions")
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if with_tools else None
         text = tokenizer.apply_chat_template(
-            [m.for_template() for m in body.messages], add_generation_prompt=body.add_generation_prompt,
-            tokenize=False,
+            [m.for_template() for m in body.messages], tools=tools,
+            add_generation_prompt=body.add_generation_prompt, tokenize=False,
         )
         return self._prompt(text)
 
     def _sampling_params(
         self, body: SamplingRequest, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None,
+        n: int | None = None, structured: StructuredOutputsParams | None = None,
     ) -> list[SamplingParams]:
         """One SamplingParams per prompt; None for max_tokens means the rest of the context."""
         if not prompts:
             raise bad_request("the prompt is empty", "prompt")
         if body.stop and self.engine.tokenizer is None:
             raise bad_request("stop strings need a tokenizer, and this model has none: use stop_token_ids", "stop")
+        with _as_bad_request("structured_outputs"):
+            params = body.sampling_params(max_tokens, logprobs, n, structured)
         result = []
         for prompt in prompts:
+            if self.max_prompt_tokens is not None and len(prompt.token_ids) > self.max_prompt_tokens:
+                raise bad_request(f"the prompt is {len(prompt.token_ids)} tokens long; this server takes at most "
+                                  f"{self.max_prompt_tokens} per prompt", "prompt")
+            params = replace(params)  # each prompt's own: max_tokens may be filled in below
             with _as_bad_request("prompt"):
-                params = body.sampling_params(max_tokens, logprobs)
                 self.engine.validate_request(prompt.token_ids, params)
             room = self.engine.max_model_len - len(prompt.token_ids)
             if params.max_tokens is None:
@@ -203,6 +248,24 @@ class OpenAIServing:
         return self.engine.tokenizer.decode(prompt.token_ids)
 
 
+def _chat_structured_output(body: ChatCompletionRequest, tools: str | NamedToolChoice,
+                            ) -> StructuredOutputsParams | None:
+    """The grammar of a chat request: from a forcing tool_choice, response_format, or vLLM's fields."""
+    forced = tool_grammar(body, tools)
+    fmt = body.response_format
+    wanted = None if fmt is None or fmt.type == "text" else fmt
+    if forced is not None and (wanted is not None or body.structured_output_params() is not None):
+        raise ValueError("tool_choice 'required' or a named function already fixes the output's format: "
+                         "drop response_format")
+    if wanted is None:
+        return forced
+    if fmt.type == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if fmt.json_schema is None:
+        raise ValueError("response_format of type json_schema needs a json_schema")
+    return StructuredOutputsParams(json=fmt.json_schema.schema_)
+
+
 @contextmanager
 def _as_bad_request(param: str) -> Iterator[None]:
     """Turn the ValueError of bad input (or a chat template's error) into a 400 naming the field:
@@ -218,43 +281,99 @@ def _as_bad_request(param: str) -> Iterator[None]:
 
 
 class _CompletionChoices:
-    """Makes completion choices from deltas; the pieces of a stream add up to the whole."""
+    """Makes completion choices from deltas; the pieces of a stream add up to the whole.
 
-    def __init__(self, echoed: list[str], token_text: Callable[[int], str]) -> None:
-        self.prefix = list(echoed)  # a choice's first piece starts with its echoed prompt
-        self.offset = [len(text) for text in echoed]  # where the next token's text starts
+    Choice c answers prompt c // n. With echo, its first piece starts with the prompt, and with
+    prompt logprobs (echo and logprobs) the logprobs start with the prompt's tokens: None for the
+    first, which nothing predicts, as in OpenAI's API.
+    """
+
+    def __init__(self, prompts: list[Prompt], n: int, echo: bool, prompt_text: Callable[[Prompt], str],
+                 token_text: Callable[[int], str]) -> None:
+        self.prompts = prompts
+        self.n = n
+        self.echo = echo
+        self.prompt_text = prompt_text
         self.token_text = token_text
+        self.started: set[int] = set()  # choices whose first piece has gone out
+        self.offset: dict[int, int] = {}  # per choice: where the next token's text starts
+        self.prompt_logprobs: dict[int, list[TokenLogprobs | None]] = {}  # per prompt, from its first choice
 
     def piece(self, index: int, delta: Delta) -> CompletionChoice:
-        text, self.prefix[index] = self.prefix[index] + delta.text, ""
-        logprobs = None
+        prompt = index // self.n
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[prompt] = delta.prompt_logprobs
+        text, logprobs = delta.text, None
+        first = index not in self.started
+        self.started.add(index)
+        if first and self.echo:
+            echoed = self.prompt_text(self.prompts[prompt])
+            text = echoed + text
+            if prompt in self.prompt_logprobs:
+                logprobs = CompletionLogprobs()
+                self.offset[index] = 0
+                self._add(logprobs, index, self.prompts[prompt].token_ids, self.prompt_logprobs[prompt])
+            else:
+                self.offset[index] = len(echoed)
         if delta.logprobs is not None:
-            logprobs = CompletionLogprobs()
-            for token, top in zip(delta.token_ids, delta.logprobs):
-                token_str = self.token_text(token)
-                logprobs.tokens.append(token_str)
-                logprobs.token_logprobs.append(top.get(token))
-                logprobs.top_logprobs.append({self.token_text(t): lp for t, lp in top.items()})
-                logprobs.text_offset.append(self.offset[index])
-                self.offset[index] += len(token_str)
+            logprobs = logprobs or CompletionLogprobs()
+            self._add(logprobs, index, delta.token_ids, delta.logprobs)
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=delta.finish_reason,
                                 stop_reason=delta.stop_reason)
 
+    def _add(self, logprobs: CompletionLogprobs, index: int, token_ids: list[int],
+             rows: list[TokenLogprobs | None]) -> None:
+        for token, top in zip(token_ids, rows):
+            token_str = self.token_text(token)
+            logprobs.tokens.append(token_str)
+            logprobs.token_logprobs.append(None if top is None else top.get(token))
+            logprobs.top_logprobs.append(None if top is None else {self.token_text(t): lp for t, lp in top.items()})
+            logprobs.text_offset.append(self.offset.get(index, 0))
+            self.offset[index] = self.offset.get(index, 0) + len(token_str)
+
 
 class _ChatChoices:
-    """Makes chat choices (streamed or whole) from deltas."""
+    """Makes chat choices (streamed or whole) from deltas; with tools, each choice's text goes
+    through its own tool call parser, which splits it into content and calls."""
 
-    def __init__(self, num_top_logprobs: int, token_text: Callable[[int], str]) -> None:
+    def __init__(self, num_top_logprobs: int, token_text: Callable[[int], str],
+                 make_parser: Callable[[], ToolCallParser] | None) -> None:
         self.num_top_logprobs = num_top_logprobs
         self.token_text = token_text
+        self.make_parser = make_parser
+        self.parsers: dict[int, ToolCallParser] = {}
 
-    def piece(self, index: int, delta: Delta) -> ChatStreamChoice:
-        return ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text), logprobs=self._logprobs(delta),
-                                finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+    def piece(self, index: int, delta: Delta) -> ChatStreamChoice | None:
+        """A chunk's choice; None when a tool call parser holds back all of the delta."""
+        content, tool_calls, finish_reason = self._parse(index, delta)
+        if self.make_parser is not None and not (content or tool_calls or finish_reason or delta.logprobs):
+            return None
+        return ChatStreamChoice(index=index, delta=DeltaMessage(content=content, tool_calls=tool_calls or None),
+                                logprobs=self._logprobs(delta), finish_reason=finish_reason,
+                                stop_reason=delta.stop_reason)
 
     def whole(self, index: int, delta: Delta) -> ChatChoice:
-        return ChatChoice(index=index, message=AssistantMessage(content=delta.text), logprobs=self._logprobs(delta),
-                          finish_reason=delta.finish_reason, stop_reason=delta.stop_reason)
+        content, _, finish_reason = self._parse(index, delta)
+        calls = self.parsers[index].calls if index in self.parsers else []
+        message = AssistantMessage(content=content if content or not calls else None, tool_calls=calls)
+        return ChatChoice(index=index, message=message, logprobs=self._logprobs(delta),
+                          finish_reason=finish_reason, stop_reason=delta.stop_reason)
+
+    def _parse(self, index: int, delta: Delta) -> tuple[str, list[DeltaToolCall], str | None]:
+        """Content and tool call deltas of this piece, and the finish reason ("tool_calls" once a call
+        was made, unless the call was forced by name, for which OpenAI says "stop")."""
+        if self.make_parser is None:
+            return delta.text, [], delta.finish_reason
+        parser = self.parsers.setdefault(index, self.make_parser())
+        parsed = parser.feed(delta.text)
+        finish_reason = delta.finish_reason
+        if finish_reason is not None:
+            rest = parser.finish()
+            parsed.content += rest.content
+            parsed.tool_calls += rest.tool_calls
+            if parser.calls and finish_reason == "stop" and not isinstance(parser, NamedCallParser):
+                finish_reason = "tool_calls"
+        return parsed.content, parsed.tool_calls, finish_reason
 
     def _logprobs(self, delta: Delta) -> ChatLogprobs | None:
         if delta.logprobs is None:
@@ -270,6 +389,16 @@ class _ChatChoices:
     def _entry(self, token: int, logprob: float) -> TopLogprob:
         text = self.token_text(token)
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+
+def _best(merged: list[Delta], best_of: int, n: int, keep_logprobs: bool) -> list[Delta]:
+    """Per prompt, the n of its best_of choices with the highest total logprob, in that order."""
+    chosen = []
+    for start in range(0, len(merged), best_of):
+        group = merged[start : start + best_of]
+        ranked = sorted(group, key=lambda d: -sum(top[t] for t, top in zip(d.token_ids, d.logprobs or [])))
+        chosen += [d if keep_logprobs else replace(d, logprobs=None) for d in ranked[:n]]
+    return chosen
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -301,8 +430,9 @@ async def _merge(deltas: AsyncIterator[tuple[int, Delta]], n: int) -> list[Delta
 
 
 async def _sse(
-    deltas: AsyncIterator[tuple[int, Delta]], make_chunk: Callable[[int, Delta], BaseModel], prompts: list[Prompt],
-    include_usage: bool, usage_chunk: Callable[[UsageInfo], BaseModel], first: BaseModel | None = None,
+    deltas: AsyncIterator[tuple[int, Delta]], make_chunk: Callable[[int, Delta], BaseModel | None],
+    prompts: list[Prompt], include_usage: bool, usage_chunk: Callable[[UsageInfo], BaseModel],
+    first: list[BaseModel] = (),
 ) -> AsyncIterator[str]:
     """Server-sent events: a chunk per delta, usage if asked, then [DONE].
 
@@ -312,11 +442,12 @@ async def _sse(
     completion_tokens = 0
     async with aclosing(deltas):
         try:
-            if first is not None:
-                yield _event(first)
+            for event in first:
+                yield _event(event)
             async for index, delta in deltas:
                 completion_tokens += len(delta.token_ids)
-                yield _event(make_chunk(index, delta))
+                if (chunk := make_chunk(index, delta)) is not None:  # None: nothing to show yet
+                    yield _event(chunk)
             if include_usage:
                 yield _event(usage_chunk(_usage_of(prompts, completion_tokens)))
         except EngineError as exc:  # the status line is long gone: report it in the stream

@@ -1,0 +1,102 @@
+"""Structured output: the tokens a sequence may take next, from a grammar, via xgrammar.
+
+A request's `StructuredOutputsParams` becomes an xgrammar `Grammar` when the params are made (so a
+bad schema is a ValueError before anything runs), a `CompiledGrammar` in the engine (compiled on a
+worker thread, since xgrammar lets go of the GIL while it compiles, and cached by the grammar's
+text), and one `GrammarMatcher` per sequence, which takes each token the sequence gets.
+
+Each step, the sampler asks for the batch's bitmask (bit j of word w allows token 32 * w + j)
+after the step's logits are launched: the host fills it, a few microseconds per row, while the
+device computes the logits, and the sampler masks the logits with it on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+import xgrammar as xgr
+
+from martlet.engine.sequence import Sequence
+from martlet.sampling_params import StructuredOutputsParams
+
+MAX_CACHED_GRAMMARS = 512
+
+
+def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
+    """The grammar `params` asks for; a ValueError that says what is wrong if it cannot be built."""
+    any_whitespace = not params.disable_any_whitespace
+    try:
+        match params.kind:
+            case "json":
+                return xgr.Grammar.from_json_schema(json.dumps(params.json), any_whitespace=any_whitespace)
+            case "json_object":  # any object: extra properties allowed, unlike in a schema
+                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
+                                                    strict_mode=False)
+            case "regex":
+                return xgr.Grammar.from_regex(params.regex)
+            case "choice":
+                _check_choices(params.choice)
+                literals = " | ".join(json.dumps(choice, ensure_ascii=False) for choice in params.choice)
+                return xgr.Grammar.from_ebnf(f"root ::= {literals}")
+            case _:
+                return xgr.Grammar.from_ebnf(params.grammar)
+    except RuntimeError as exc:  # xgrammar's errors start with a time and a C++ source line: drop them
+        reason = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(exc)).strip()
+        raise ValueError(f"SamplingParams.structured_outputs.{params.kind} is not usable: {reason}") from exc
+
+
+def _check_choices(choices: object) -> None:
+    if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
+        raise ValueError("SamplingParams.structured_outputs.choice must be a list of non-empty strings, "
+                         f"got {choices!r}")
+
+
+class StructuredOutputs:
+    """The engine's grammars: compiling (off the step loop), the cache, and the batch bitmask."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_num_seqs: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self.compiler: xgr.GrammarCompiler | None = None  # made on the worker: it reads the whole vocabulary
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="martlet-grammar")
+        self.cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
+        self.mask = xgr.allocate_token_bitmask(max_num_seqs, vocab_size)
+
+    def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
+        """The compiled grammar, now or later; the same future for the same grammar while it is cached."""
+        key = params.key
+        future = self.cache.get(key)
+        if future is None or (future.done() and future.exception() is not None):
+            future = self.pool.submit(self._compile, params)
+            self.cache[key] = future
+            if len(self.cache) > MAX_CACHED_GRAMMARS:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return future
+
+    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        if self.compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                      stop_token_ids=self.stop_token_ids)
+            self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        return self.compiler.compile_grammar(build_grammar(params))
+
+    def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
+        return xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
+
+    def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The batch's allowed tokens, one row per sequence; all allowed for one with no grammar."""
+        mask = self.mask[: len(seqs)]
+        mask.fill_(-1)
+        for row, seq in enumerate(seqs):
+            if seq.grammar is not None and not seq.is_finished and not seq.grammar.is_terminated():
+                seq.grammar.fill_next_token_bitmask(self.mask, row)
+        return mask
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
