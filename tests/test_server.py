@@ -488,3 +488,8 @@ def test_bench_serve_against_our_server(server, tmp_path):
     assert result["completed"] == 6 and result["failed"] == 0
     assert result["total_output_tokens"] == 4 * 3 + 6 * 3
     assert result["output_throughput"] > 0 and result["ttft_ms"]["p50"] > 0 and result["engine_steps_per_s"] > 0
+    # Every request of two choices, half of them structured (which may end before their output_len).
+    assert bench.main(["--base-url", server.url, "--workload", str(workload), "--num-prompts", "4", "--n", "2",
+                       "--json-schema-fraction", "0.5", "--api-key", API_KEY, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 4 and result["failed"] == 0 and result["total_output_tokens"] > 4

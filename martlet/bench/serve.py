@@ -7,8 +7,15 @@ its prompt to /v1/completions and streams exactly O tokens back (`ignore_eos`, `
 extensions, which Martlet shares), so any server that speaks them, ours or vLLM, does the same work.
 Requests arrive as a Poisson process at R per second (all at once when R is inf), at most C in
 flight. Reported: request and token throughput, and time to first token (TTFT), time per output
-token after the first (TPOT), inter-token latency (ITL, between streamed chunks) and end-to-end
-latency, each as mean and p50/p90/p99 in milliseconds.
+token after the first (TPOT), inter-token latency (ITL, between one choice's streamed chunks) and
+end-to-end latency, each as mean and p50/p90/p99 in milliseconds.
+
+Request kinds for the serving features (they need a server whose model has a tokenizer):
+`--n N` asks for N choices of each prompt in one request, `--copies K` sends each prompt as K
+separate requests instead (the two compare prompt sharing), `--n-fraction` applies --n to only
+that share of requests, and `--json-schema-fraction` makes that share structured: they follow
+JSON_SCHEMA (one long string, so they run to max_tokens like the others) and end when the grammar
+lets them, without ignore_eos or min_tokens, which would fight the grammar's end.
 """
 
 from __future__ import annotations
@@ -29,12 +36,15 @@ import numpy as np
 from tqdm import tqdm
 
 PERCENTILES = (50, 90, 99)
+JSON_SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
 
 @dataclass
 class Request:
     prompt: list[int]
     output_len: int
+    n: int = 1
+    structured: bool = False
 
 
 @dataclass
@@ -43,7 +53,7 @@ class Result:
     error: str = ""
     ttft: float = 0.0  # seconds from sending to the first streamed token
     latency: float = 0.0  # seconds from sending to the last
-    itl: list[float] = field(default_factory=list)  # seconds between streamed chunks
+    itl: list[float] = field(default_factory=list)  # seconds between a choice's streamed chunks
     output_tokens: int = 0
 
     @property
@@ -61,27 +71,42 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="sent as a Bearer token")
     parser.add_argument("--vocab-size", type=int, default=32000, help="prompt token ids are drawn below this")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--n", type=int, default=1, help="choices per request")
+    parser.add_argument("--n-fraction", type=float, default=1.0, help="share of requests that ask for --n choices")
+    parser.add_argument("--copies", type=int, default=1, help="send each prompt as this many separate requests")
+    parser.add_argument("--json-schema-fraction", type=float, default=0.0,
+                        help="share of requests constrained to a JSON schema")
     parser.add_argument("--seed", type=int, default=0, help="seed of prompts and arrival times")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for any one read")
     parser.add_argument("--json", default=None, help="write the results here")
     return parser
 
 
-def load_workload(path: str, num_prompts: int | None, vocab_size: int, rng: random.Random) -> list[Request]:
-    """The first `num_prompts` lines (cycled if there are fewer), each with a random prompt."""
+def load_workload(path: str, num_prompts: int | None, vocab_size: int, rng: random.Random,
+                  args: argparse.Namespace) -> list[Request]:
+    """The first `num_prompts` lines (cycled if there are fewer), each with a random prompt, of the
+    kinds `args` asks for (each prompt --copies times)."""
     lines = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{path} holds no requests")
     count = num_prompts if num_prompts is not None else len(lines)
     rows = [lines[i % len(lines)] for i in range(count)]
-    # Ids from 10 up skip the special tokens at the bottom of most vocabularies.
-    return [Request([rng.randrange(10, vocab_size) for _ in range(r["input_len"])], r["output_len"]) for r in rows]
+    requests = []
+    for r in rows:
+        # Ids from 10 up skip the special tokens at the bottom of most vocabularies.
+        request = Request([rng.randrange(10, vocab_size) for _ in range(r["input_len"])], r["output_len"])
+        # Draws only for the kinds asked for, so a plain run's prompts are those of earlier versions.
+        request.n = args.n if args.n > 1 and rng.random() < args.n_fraction else 1
+        request.structured = args.json_schema_fraction > 0 and rng.random() < args.json_schema_fraction
+        requests += [request] * args.copies
+    return requests
 
 
 async def send(client: httpx.AsyncClient, url: str, payload: dict) -> Result:
-    """One streamed completion, timed chunk by chunk."""
+    """One streamed completion, timed chunk by chunk (and choice by choice)."""
     result = Result()
     start = last = time.perf_counter()
+    last_of_choice: dict[int, float] = {}
     try:
         async with client.stream("POST", url, json=payload) as response:
             if response.status_code != 200:
@@ -95,12 +120,12 @@ async def send(client: httpx.AsyncClient, url: str, payload: dict) -> Result:
                     result.error = str(chunk["error"])
                     return result
                 now = time.perf_counter()
-                if chunk.get("choices"):
+                for choice in chunk.get("choices") or []:
                     if last == start:
                         result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
+                    if choice["index"] in last_of_choice:
+                        result.itl.append(now - last_of_choice[choice["index"]])
+                    last = last_of_choice[choice["index"]] = now
                     result.output_tokens += 1  # a fallback, for servers that send no usage
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
@@ -126,9 +151,14 @@ async def run_benchmark(
         async def one(request: Request) -> Result:
             payload = {
                 "model": model, "prompt": request.prompt, "max_tokens": request.output_len,
-                "min_tokens": request.output_len, "ignore_eos": True, "temperature": args.temperature,
-                "stream": True, "stream_options": {"include_usage": True},
+                "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
             }
+            if request.n > 1:
+                payload["n"] = request.n
+            if request.structured:
+                payload["structured_outputs"] = {"json": JSON_SCHEMA}
+            else:
+                payload |= {"min_tokens": request.output_len, "ignore_eos": True}
             async with gate:
                 result = await send(client, "/v1/completions", payload)
             bar.update(1)
@@ -223,12 +253,13 @@ def print_table(summary: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
-    requests = load_workload(args.workload, args.num_prompts, args.vocab_size, rng)
+    requests = load_workload(args.workload, args.num_prompts, args.vocab_size, rng, args)
     results, duration, steps_per_s = asyncio.run(run_benchmark(args, requests, rng))
     summary = summarize(requests, results, duration, steps_per_s)
     print_table(summary)
     if args.json:
-        config = {k: getattr(args, k) for k in ("base_url", "workload", "num_prompts", "max_concurrency", "seed")}
+        config = {k: getattr(args, k) for k in ("base_url", "workload", "num_prompts", "max_concurrency", "seed", "n",
+                                                "n_fraction", "copies", "json_schema_fraction")}
         config["request_rate"] = str(args.request_rate) if math.isinf(args.request_rate) else args.request_rate
         Path(args.json).write_text(json.dumps({**config, "num_requests": len(requests), **summary}, indent=1))
     return 0 if summary["completed"] else 1
