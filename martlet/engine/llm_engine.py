@@ -53,7 +53,8 @@ class LLMEngine:
         backend = get_attention_backend(config.attention_backend)
         model = build_model(
             config.model, model_config, backend, dtype=config.dtype, device=config.device,
-            max_positions=config.max_model_len, load_format=config.load_format, quiet=quiet,
+            max_positions=config.max_model_len, load_format=config.load_format,
+            quantization=config.quantization, quiet=quiet,
         )
         self.runner = ModelRunner(config, model_config, model)
         num_blocks = self.runner.num_kv_blocks

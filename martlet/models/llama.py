@@ -14,19 +14,24 @@ from torch import nn
 
 from martlet.config import ModelConfig
 from martlet.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from martlet.layers.linear import Linear, SiluGateUpLinear
+from martlet.layers.linear import Linear, SiluGateUpLinear, load_weight
 from martlet.layers.norm import RMSNorm
+from martlet.layers.quantization import QuantizationConfig
 from martlet.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, quant: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias, quant=quant,
+                               prefix=f"{prefix}.qkv_proj")
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, quant=quant, prefix=f"{prefix}.o_proj")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -47,20 +52,25 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, quant: QuantizationConfig | None, prefix: str) -> None:
         super().__init__()
-        self.gate_up_proj = SiluGateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = SiluGateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size, quant,
+                                             prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, quant=quant,
+                                prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies SiLU(gate) * up
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend, quant: QuantizationConfig | None,
+        prefix: str,
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, backend)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, rotary, backend, quant, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(cfg, quant, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -91,12 +101,18 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int, quant: QuantizationConfig | None = None
+    ) -> None:
+        """`quant` is the weight format of the decoder layers' linear layers; the embedding and the LM
+        head stay in the model's dtype."""
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, rotary, backend, quant, f"layers.{i}") for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -142,14 +158,14 @@ class LlamaForCausalLM(nn.Module):
             if merged is None:
                 if name not in params:
                     raise ValueError(f"weight {hf_name!r} has no place in {self.config.architecture}")
-                params[name].data.copy_(tensor)
+                load_weight(params[name], tensor, hf_name)
                 filled.add(name)
                 continue
             merged_name, shard = merged
             target = ".".join(parts[:-2] + [merged_name, parts[-1]])
             rows = self._shard_rows(merged_name)
             start = sum(rows[:shard])
-            params[target].data[start : start + rows[shard]].copy_(tensor)
+            load_weight(params[target], tensor, hf_name, slice(start, start + rows[shard]))
             filled.add(f"{target}#{shard}")
         self._check_filled(params, filled)
 

@@ -3,11 +3,16 @@
 Two formats: a Hugging Face directory (`config.json`, one or many `*.safetensors`, tokenizer
 files) or a single GGUF file (llama.cpp's format, which carries config and tokenizer inside).
 `load_format="dummy"` builds the model from its config alone with random weights.
+
+The weight format (`martlet.layers.quantization`) comes from the checkpoint's `quantization_config`
+(GPTQ, AWQ) or from `quantization="int8" | "int4"` (quantized here, at load); each linear layer
+repacks its weights once all are loaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +22,11 @@ from tqdm import tqdm
 
 from martlet.config import ModelConfig
 from martlet.layers.attention import AttentionBackend
+from martlet.layers.linear import Linear
+from martlet.layers.quantization import QuantizationConfig, from_checkpoint, from_name
 from martlet.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger("martlet")
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -55,14 +64,32 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def quantization_config(
+    path: str | Path, quantization: str | None, load_format: str
+) -> QuantizationConfig | None:
+    """The checkpoint's own format if it is pre-quantized, else `quantization` (None: unquantized)."""
+    config_file = Path(path) / "config.json"
+    checkpoint = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
+    if checkpoint is None:
+        return None if quantization is None else from_name(quantization)
+    if quantization is not None:
+        raise ValueError(f"{path} is already quantized ({checkpoint.get('quant_method')}); leave quantization unset")
+    if load_format == "dummy":
+        raise ValueError("load_format='dummy' cannot fill a pre-quantized checkpoint's packed weights; "
+                         "quantization='int4' runs the same kernels on random weights")
+    return from_checkpoint(checkpoint)
+
+
 def build_model(
     path: str | Path, cfg: ModelConfig, backend: AttentionBackend, *, dtype: torch.dtype,
-    device: torch.device, max_positions: int, load_format: str, quiet: bool = False,
+    device: torch.device, max_positions: int, load_format: str, quantization: str | None = None,
+    quiet: bool = False,
 ) -> LlamaForCausalLM:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    quant = quantization_config(path, quantization, load_format)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg, backend, max_positions)
+        model = LlamaForCausalLM(cfg, backend, max_positions, quant)
     model.to(dtype)
     for layer in model.attention_layers():  # rotary tables stay fp32
         layer.rotary.float()
@@ -74,7 +101,21 @@ def build_model(
         model.load_weights(gguf.iter_weights(Path(path), quiet=quiet))
     else:
         model.load_weights(iter_safetensors(Path(path), quiet=quiet))
+    if quant is not None:
+        _repack(model, quant, quiet)
+    if not quiet:
+        size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        logger.info("Weights (%s): %.2f GiB", quant.name if quant else str(dtype).removeprefix("torch."), size / 2**30)
     return model.eval().requires_grad_(False)  # serving only: no autograd bookkeeping anywhere
+
+
+def _repack(model: LlamaForCausalLM, quant: QuantizationConfig, quiet: bool) -> None:
+    """Each linear layer's weights into its format's kernel layout (quantizing them for int8/int4)."""
+    layers = [module for module in model.modules() if isinstance(module, Linear)]
+    for layer in tqdm(layers, desc=f"Packing weights ({quant.name})", unit="layer", disable=quiet):
+        layer.method.process_weights_after_loading(layer)
+    if next(model.parameters()).is_cuda:  # the full-precision weights just freed go back to the GPU
+        torch.cuda.empty_cache()
 
 
 def safetensors_files(path: Path) -> list[Path]:

@@ -1,0 +1,89 @@
+"""The packed-weight matmul and dequantize kernels against the PyTorch reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_helpers import DEVICE, assert_close, dtypes
+
+from martlet.kernels.quant_linear import MAX_GEMM_TOKENS, QuantLinearConfig, dequantize, quant_linear
+from martlet.layers.activation import silu_and_mul
+from martlet.layers.quantization import packed
+from martlet.layers.quantization.packed import PackedFormat
+
+INT8 = PackedFormat(8, 0, False)  # group_size 0: one group per row, filled in by `packed_weight`
+INT4 = PackedFormat(4, 64, True)
+FORMATS = {
+    "int8_channel": INT8,
+    "int4_g64_asym": INT4,
+    "int4_g32_sym": PackedFormat(4, 32, False),  # GGUF Q4_0
+    "int8_g16_sym": PackedFormat(8, 16, False),  # GGUF Q6_K, widened
+}
+
+
+def packed_weight(n: int, k: int, fmt: PackedFormat, dtype: torch.dtype, seed: int = 0):
+    if fmt.group_size == 0:
+        fmt = PackedFormat(fmt.bits, k, fmt.asymmetric)
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) / k**0.5
+    qweight, scales, offsets = packed.quantize(weight, fmt, dtype)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return to(qweight), to(scales), to(offsets), fmt
+
+
+def random(shape, seed, dtype):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
+
+
+def reference(x, qweight, scales, offsets, fmt, bias=None):
+    weight = packed.dequantize(qweight.cpu(), scales.cpu().float(), None if offsets is None else offsets.cpu().float(),
+                               fmt)
+    return F.linear(x.cpu().float(), weight, None if bias is None else bias.cpu().float())
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize(
+    "m, n, k, config",
+    [
+        (1, 48, 128, None),  # one partial K tile
+        (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # ragged N, K ends mid-tile, groups straddle tiles
+        (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
+        (70, 40, 256, QuantLinearConfig(64, 32, 128, 4, 2)),  # M tiled: a GEMM, last M tile partial
+    ],
+)
+def test_quant_linear(m, n, k, config, name, dtype):
+    qweight, scales, offsets, fmt = packed_weight(n, k, FORMATS[name], dtype)
+    x, bias = random((m, k), m, dtype), random((n,), n, dtype)
+    out = quant_linear(x, qweight, scales, offsets, fmt, bias, config=config)
+    assert out.shape == (m, n) and out.dtype == dtype
+    assert_close(out.cpu(), reference(x, qweight, scales, offsets, fmt, bias), dtype)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
+def test_quant_linear_silu_and_mul(name, dtype):
+    m, half, k = 3, 40, 192
+    qweight, scales, offsets, fmt = packed_weight(2 * half, k, FORMATS[name], dtype)
+    x = random((m, k), 1, dtype)
+    out = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True)
+    assert out.shape == (m, half)
+    assert_close(out.cpu(), silu_and_mul(reference(x, qweight, scales, offsets, fmt)), dtype)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("name", FORMATS)
+def test_dequantize(name, dtype):
+    qweight, scales, offsets, fmt = packed_weight(40, 320, FORMATS[name], dtype)
+    expected = packed.dequantize(qweight.cpu(), scales.cpu(), None if offsets is None else offsets.cpu(), fmt)
+    assert torch.equal(dequantize(qweight, scales, offsets, fmt).cpu(), expected)
+
+
+def test_quant_linear_refuses_what_it_cannot_do():
+    qweight, scales, offsets, fmt = packed_weight(8, 64, INT4, torch.float32)
+    with pytest.raises(ValueError, match="at most"):
+        quant_linear(torch.zeros(MAX_GEMM_TOKENS + 1, 64, device=DEVICE), qweight, scales, offsets, fmt)
+    with pytest.raises(ValueError, match="does not fit"):
+        quant_linear(torch.zeros(2, 56, device=DEVICE), qweight, scales, offsets, fmt)
+    with pytest.raises(ValueError, match="only with"):
+        quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, None, fmt)
+    with pytest.raises(ValueError, match="group size"):
+        quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, offsets, PackedFormat(4, 12, True))
