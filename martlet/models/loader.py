@@ -30,6 +30,9 @@ logger = logging.getLogger("martlet")
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Device types on which a GGUF file's quantized blocks stay packed. On a CPU the reference path would
+# dequantize every block at every step, so there they are dequantized once, at load.
+GGUF_PACKED_DEVICES = ("cuda",)
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -65,9 +68,18 @@ def load_tokenizer(path: str | Path):
 
 
 def quantization_config(
-    path: str | Path, quantization: str | None, load_format: str
+    path: str | Path, quantization: str | None, load_format: str, device: torch.device
 ) -> QuantizationConfig | None:
-    """The checkpoint's own format if it is pre-quantized, else `quantization` (None: unquantized)."""
+    """The weight format: `quantization` if asked (quantized at load), else the checkpoint's own,
+    if it has one: GPTQ / AWQ from config.json, or a GGUF file's blocks on GGUF_PACKED_DEVICES.
+    None: the model's dtype."""
+    if is_gguf(path):
+        if quantization is not None or device.type not in GGUF_PACKED_DEVICES or load_format == "dummy":
+            return None if quantization is None else from_name(quantization)
+        from martlet.models import gguf
+
+        formats = gguf.packed_formats(Path(path))
+        return gguf.GGUFPackedConfig(formats) if formats else None
     config_file = Path(path) / "config.json"
     checkpoint = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
     if checkpoint is None:
@@ -87,7 +99,7 @@ def build_model(
 ) -> LlamaForCausalLM:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
-    quant = quantization_config(path, quantization, load_format)
+    quant = quantization_config(path, quantization, load_format, torch.device(device))
     with torch.device(device):
         model = LlamaForCausalLM(cfg, backend, max_positions, quant)
     model.to(dtype)
@@ -98,7 +110,8 @@ def build_model(
     elif is_gguf(path):
         from martlet.models import gguf
 
-        model.load_weights(gguf.iter_weights(Path(path), quiet=quiet))
+        packed = quant.formats if isinstance(quant, gguf.GGUFPackedConfig) else None
+        model.load_weights(gguf.iter_weights(Path(path), quiet=quiet, packed=packed))
     else:
         model.load_weights(iter_safetensors(Path(path), quiet=quiet))
     if quant is not None:
