@@ -51,7 +51,9 @@ def test_kernel_on_packed_gguf(qtype, widen, dtype):
     qweight, scales, offsets = martlet_gguf._repack(tensor, fmt)
     weight = torch.from_numpy(gguf.quants.dequantize(tensor.data, qtype).reshape(40, 512))
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
-    out = quant_linear(x.to(dtype), qweight, scales.to(dtype), None if offsets is None else offsets.to(dtype), fmt)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on a CPU
+    offsets = None if offsets is None else offsets.to(device, dtype)
+    out = quant_linear(x.to(device, dtype), qweight.to(device), scales.to(device, dtype), offsets, fmt).cpu()
     expected = F.linear(x, weight)
     err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 5e-3)

@@ -93,3 +93,21 @@ def test_agreement_with_unquantized_model(quantization, unquantized):
           f"unquantized {reference_answers}")
     assert agree / total >= MIN_AGREEMENT[quantization]
     assert "Paris" in answers[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "int8", "int4"])
+def test_gpu_kernels_match_cpu_reference(quantization):
+    """The same format on CUDA (Triton kernels, fp16, CUDA graphs; None: the GGUF file kept packed)
+    against the CPU's PyTorch reference (None: the GGUF dequantized at load)."""
+    cpu = load(quantization)
+    gpu = LLM(str(MODEL), device="cuda", dtype="float16", quantization=quantization, max_model_len=512,
+              num_kv_blocks=64, quiet=True)
+    agree = total = 0
+    for text in PASSAGES:
+        ids = cpu.engine.tokenizer(text)["input_ids"]
+        agree += int((next_token_predictions(gpu, ids).cpu() == next_token_predictions(cpu, ids)).sum())
+        total += len(ids)
+    print(f"\n{quantization}: CUDA against CPU top-1 agreement {agree / total:.1%}")
+    assert agree / total >= 0.95
+    assert "Paris" in greedy_answers(gpu)[0]

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from martlet.bench.roofline import Ceilings, Roofline, StepCost, measure_ceilings, step_cost
+from martlet.bench.roofline import Ceilings, Roofline, StepCost, layer_weight_bytes, measure_ceilings, step_cost
 from martlet.llm import LLM
 from martlet.sampling_params import SamplingParams
 
@@ -93,7 +93,9 @@ def _setup(args: argparse.Namespace) -> tuple[LLM, Run, Ceilings]:
     ceilings = measure_ceilings(llm.engine.config.device, dtype)
     print(f"{ceilings.device}: copy {ceilings.copy_gb_s:,.0f} GB/s, {dtype} GEMM {ceilings.gemm_tflops:,.1f} "
           f"TFLOP/s", flush=True)
-    return llm, Run(llm, Roofline(cfg, dtype, ceilings)), ceilings
+    # Weight bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
+    roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(llm.engine.runner.model))
+    return llm, Run(llm, roofline), ceilings
 
 
 def _report(args: argparse.Namespace, llm: LLM, ceilings: Ceilings, rows: list[tuple[str, str]],

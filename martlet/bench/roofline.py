@@ -81,15 +81,29 @@ def step_cost(batch: ScheduledBatch) -> StepCost:
     return StepCost(batch.num_tokens, logits, kv, pairs)
 
 
+def layer_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the decoder layers' matmul weights as stored: a quantized format's codes, scales and
+    offsets, which is what a step streams."""
+    from martlet.layers.linear import Linear
+
+    return sum(t.numel() * t.element_size() for layer in model.layers for module in layer.modules()
+               if isinstance(module, Linear) for t in (*module.parameters(), *module.buffers()))
+
+
 class Roofline:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, layer_bytes: int | None = None
+    ) -> None:
+        """`layer_bytes`: the decoder layers' weight bytes (`layer_weight_bytes`) when they are not
+        stored in `dtype`, as under quantization."""
         element = torch.tensor([], dtype=dtype).element_size()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
         # Matmul weights: what every step must read and multiply (the embedding is only gathered).
         self.layer_params = cfg.num_layers * per_layer
         self.head_params = cfg.vocab_size * cfg.hidden_size
-        self.weight_bytes = (self.layer_params + self.head_params) * element
+        layer_bytes = self.layer_params * element if layer_bytes is None else layer_bytes
+        self.weight_bytes = layer_bytes + self.head_params * element
         self.kv_bytes_per_token = 2 * cfg.num_layers * kv * element
         self.attention_flops_per_pair = 4 * cfg.num_layers * q  # QK^T and PV, 2 FLOPs per MAC
         self.ceilings = ceilings

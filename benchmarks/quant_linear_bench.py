@@ -1,0 +1,110 @@
+"""The packed-weight matmul against the fp16 one, timed as the engine runs them: inside a CUDA graph.
+
+    PYTHONPATH=$PWD python3 benchmarks/quant_linear_bench.py [--tokens 1 2 4 8 16 32 64 128 256] [--sweep]
+
+For each Llama-2-7B linear layer (qkv, o, gate_up, down) and token count, one graph holds the
+matmul of every decoder layer with its own weight (`gemm_graph.graph_us`). Formats: fp16 (the
+engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per channel), int4
+(groups of 128, asymmetric), and GGUF Q4_0 / Q4_K as they are repacked (groups of 32, symmetric /
+asymmetric). Printed: us per matmul, GB/s in the format's own bytes (codes + scales + offsets),
+speed-up over fp16. Beyond 32 tokens both packed paths are timed, the kernel's M-tiled GEMM and
+dequantize + cuBLAS, to place `MAX_GEMM_TOKENS`. `--sweep` also times a grid of tiles per row (up to
+32 tokens) and prints the best, against the one `quant_linear_config` picks: slow, so give it few
+--tokens and --formats. Each kernel is checked against the
+PyTorch reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from gemm_graph import graph_us  # this script's directory is on sys.path
+from gemm_sweep import layer_shapes
+
+from martlet.bench.roofline import measure_ceilings
+from martlet.kernels.linear import MAX_TOKENS, skinny_linear
+from martlet.kernels.quant_linear import QuantLinearConfig, dequantize, quant_linear, quant_linear_config
+from martlet.layers.quantization import packed
+from martlet.layers.quantization.packed import PackedFormat
+
+FORMATS = {
+    "int8": lambda k: PackedFormat(8, k, False),
+    "int4": lambda k: PackedFormat(4, 128, True),
+    "q4_0": lambda k: PackedFormat(4, 32, False),
+    "q4_k": lambda k: PackedFormat(4, 32, True),
+}
+SWEEP = [QuantLinearConfig(bm, bn, bk, w, s) for bm in (16, 32) for bn in (32, 64) for bk in (256, 512, 1024)
+         for w in (4, 8) for s in (2, 3, 4)]
+
+
+def packed_weights(n: int, k: int, fmt: PackedFormat, layers: int) -> list[tuple]:
+    out = []
+    for _ in range(layers):
+        qweight, scales, offsets = packed.quantize(torch.randn(n, k, device="cuda") / k**0.5, fmt, torch.float16)
+        out.append((qweight, scales, offsets))
+    return out
+
+
+def nbytes(weight: tuple) -> int:
+    return sum(t.numel() * t.element_size() for t in weight if t is not None)
+
+
+def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return skinny_linear(x, w) if x.shape[0] <= MAX_TOKENS else F.linear(x, w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
+    ap.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    config = json.loads((Path(args.config_dir) / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    ceilings = measure_ceilings(torch.device("cuda"), torch.float16)
+    print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gb_s:.0f} GB/s; {layers} matmuls per graph", flush=True)
+    rows = []
+    for name, (n, k) in layer_shapes(config).items():
+        fp16_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
+        weights = {f: packed_weights(n, k, FORMATS[f](k), layers) for f in args.formats}
+        for m in args.tokens:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
+            fp16_us = graph_us(fp16_matmul, xs, fp16_ws)
+            line = [f"{name:8s} n{n:6d} k{k:6d} m{m:4d}  fp16 {fp16_us:7.1f} us {2 * n * k / fp16_us / 1e3:6.0f} GB/s"]
+            for f, ws in weights.items():
+                fmt = FORMATS[f](k)
+                qweight, scales, offsets = ws[0]
+                offsets = None if offsets is None else offsets.float()
+                reference = F.linear(xs[0].float(), packed.dequantize(qweight, scales.float(), offsets, fmt))
+                torch.testing.assert_close(quant_linear(xs[0], *ws[0], fmt).float(), reference, atol=5e-2, rtol=2e-2)
+                kernel_us = graph_us(lambda x, w, fmt=fmt: quant_linear(x, *w, fmt), xs, ws)
+                row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
+                       "gb_s": nbytes(ws[0]) / kernel_us / 1e3, "config": asdict(quant_linear_config(m, fmt))}
+                line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
+                if m > MAX_TOKENS:
+                    row["dequant_cublas_us"] = graph_us(lambda x, w, fmt=fmt: F.linear(x, dequantize(*w, fmt)), xs, ws)
+                    line.append(f"(dequant+cuBLAS {row['dequant_cublas_us']:7.1f})")
+                if args.sweep and m <= MAX_TOKENS:
+                    fits = [c for c in SWEEP if c.block_m >= m and c.block_k % (16 * fmt.pack) == 0
+                            and not (m <= 16 and c.block_m == 32)]
+                    timed = [(graph_us(lambda x, w, fmt=fmt, c=c: quant_linear(x, *w, fmt, config=c), xs, ws), c)
+                             for c in fits]
+                    best_us, best = min(timed, key=lambda t: t[0])
+                    row["best_us"], row["best_config"] = best_us, asdict(best)
+                    line.append(f"[best {best_us:7.1f} us {best}]")
+                rows.append(row)
+            print("  ".join(line), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "ceilings": ceilings.as_dict(),
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
