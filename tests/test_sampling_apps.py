@@ -50,11 +50,17 @@ def test_n_choices_share_the_prompt_blocks(tiny_llm, assert_idle):
     assert_idle(tiny_llm)
 
 
-def test_abort_frees_every_choice(tiny_llm, assert_idle):
+def test_abort_one_choice_then_every_choice(tiny_llm, assert_idle):
     engine = tiny_llm.engine
-    request_id = engine.add_request(tiny_llm.engine.tokenize(PROMPT), SamplingParams(n=4, max_tokens=50))
+    request_id = engine.add_request(engine.tokenize(PROMPT), SamplingParams(n=5, max_tokens=50, ignore_eos=True))
+    engine.abort_request(request_id, index=4)  # still held back, waiting for the prompt: never forked
+    engine.abort_request(request_id, index=0)  # the one computing the prompt: the next one takes over
     for _ in range(3):
         engine.step()
+    engine.abort_request(request_id, index=2)
+    seqs = engine.requests[request_id]
+    assert [s.finish_reason for s in seqs] == ["abort", None, "abort", None, "abort"]
+    assert len(engine.scheduler.running) == 2 and all(len(s.output_token_ids) >= 1 for s in (seqs[1], seqs[3]))
     engine.abort_request(request_id)
     while engine.has_unfinished_requests():
         engine.step()

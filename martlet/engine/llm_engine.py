@@ -161,7 +161,6 @@ class LLMEngine:
         # prompt is in the cache (see _release_forks). Seeded choices get seed, seed + 1, ... (as vLLM).
         seqs = [Sequence(request_id, prompt_token_ids, params, self.eos_token_ids, prompt,
                          self._generator(params, i), index=i) for i in range(params.n)]
-        seqs[0].forks = seqs[1:]
         self.requests[request_id] = seqs
         if params.detokenize and self.tokenizer is not None:
             for seq in seqs:
@@ -171,8 +170,15 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.waiting_for_grammar.append((self._structured().compile(params.structured_outputs), seqs))
         else:
-            self.scheduler.add(seqs[0])
+            self._queue(seqs)
         return request_id
+
+    def _queue(self, seqs: list[Sequence]) -> None:
+        """Queue the first unfinished sequence; the others wait to be forked from it."""
+        live = [seq for seq in seqs if not seq.is_finished]
+        if live:
+            live[0].forks = live[1:]
+            self.scheduler.add(live[0])
 
     def _generator(self, params: SamplingParams, index: int) -> torch.Generator | None:
         if params.seed is None:
@@ -187,14 +193,18 @@ class LLMEngine:
                                                 self.config.max_num_seqs)
         return self.structured
 
-    def abort_request(self, request_id: str) -> None:
-        """Drop a request wherever it is; its blocks are free when this returns."""
-        seqs = self.requests.pop(request_id, [])
-        self.waiting_for_grammar = [w for w in self.waiting_for_grammar if w[1] is not seqs]
+    def abort_request(self, request_id: str, index: int | None = None) -> None:
+        """Drop a request wherever it is, or only its choice `index`; the blocks are free when this
+        returns."""
+        seqs = self.requests.get(request_id, [])
         for seq in seqs:
-            self.detokenizers.pop(seq, None)
-            if not seq.is_finished:
+            if (index is None or seq.index == index) and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
+                self._queue(seq.forks)  # siblings it held back, if any, go on without it
+                seq.forks = []
+        if all(seq.is_finished for seq in seqs):
+            self.waiting_for_grammar = [w for w in self.waiting_for_grammar if w[1] is not seqs]
+            self._forget(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self.in_flight is not None or bool(self.waiting_for_grammar)
@@ -240,7 +250,7 @@ class LLMEngine:
     def _release_forks(self, parent: Sequence) -> None:
         """The parent's prompt is computed (on the device, by the time anything runs after this step):
         its siblings share its full prompt blocks and queue first, to compute only the rest."""
-        for child in reversed(parent.forks):
+        for child in reversed([child for child in parent.forks if not child.is_finished]):  # not aborted
             self.block_manager.fork(parent, child)
             self.scheduler.add(child, first=True)
         parent.forks = []
@@ -264,7 +274,7 @@ class LLMEngine:
             else:
                 for seq in seqs:
                     seq.grammar = self.structured.matcher(future.result())
-                self.scheduler.add(seqs[0])
+                self._queue(seqs)
         return outputs
 
     def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor:

@@ -71,7 +71,7 @@ class _Tracked:
     processor: OutputProcessor
     arrival: float
     first_token: float | None = None
-    engine_finished: bool = False
+    engine_finished: bool = False  # the engine is done with it: it finished there, or was told to stop
 
 
 class _Stream:
@@ -191,6 +191,7 @@ class AsyncEngine:
             while not all(t.processor.finished for t in tracked.values()):
                 for key, delta in _to_deltas(tracked, await stream.take()).items():
                     yield tracked[key].index, delta
+                self._abort_stopped(tracked)
         finally:
             self._close(tracked)
 
@@ -199,6 +200,14 @@ class AsyncEngine:
             self._commands.send(command)
         except OSError as exc:  # the core is gone; the reader thread is about to say so
             raise EngineDeadError("the engine process has stopped") from exc
+
+    def _abort_stopped(self, tracked: dict[tuple[str, int], _Tracked]) -> None:
+        """A choice that a stop string ended here still runs in the engine: end it there too."""
+        for (core_id, choice), t in tracked.items():
+            if t.processor.finished and not t.engine_finished:
+                t.engine_finished = True
+                with contextlib.suppress(EngineDeadError):  # a dead core holds no blocks
+                    self._send(AbortRequest(core_id, choice))
 
     def _close(self, tracked: dict[tuple[str, int], _Tracked]) -> None:
         end = time.perf_counter()

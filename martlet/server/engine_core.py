@@ -48,6 +48,7 @@ class AddRequest(NamedTuple):
 
 class AbortRequest(NamedTuple):
     request_id: str
+    index: int | None = None  # only this choice of it
 
 
 class Shutdown(NamedTuple):
@@ -155,9 +156,10 @@ class EngineCore:
         match command:
             case AddRequest(request_id, prompt_token_ids, params):
                 self._add(request_id, prompt_token_ids, params)
-            case AbortRequest(request_id):
-                self.engine.abort_request(request_id)
-                self.live.discard(request_id)
+            case AbortRequest(request_id, index):
+                self.engine.abort_request(request_id, index)
+                if request_id not in self.engine.requests:
+                    self.live.discard(request_id)
             case Shutdown():
                 self.stopping = True
 
