@@ -150,6 +150,14 @@ def test_echo_with_logprobs_gives_prompt_logprobs(server):
     assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
     assert all(lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
     assert all(len(top) >= 1 for top in choice.logprobs.top_logprobs[1:])
+    # best_of: the most likely of three samples, still with the prompt's logprobs.
+    best = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=1.0,
+                                              echo=True, logprobs=1, best_of=3)
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 6
+    assert best.choices[0].logprobs.tokens[:num_prompt] == choice.logprobs.tokens[:num_prompt]
+    assert best.choices[0].logprobs.token_logprobs[:num_prompt] == choice.logprobs.token_logprobs[:num_prompt]
+    plain = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, best_of=2)
+    assert plain.choices[0].logprobs is None
 
 
 def test_limits_and_bad_input_then_normal_service(server):

@@ -396,8 +396,12 @@ def _best(merged: list[Delta], best_of: int, n: int, keep_logprobs: bool) -> lis
     chosen = []
     for start in range(0, len(merged), best_of):
         group = merged[start : start + best_of]
-        ranked = sorted(group, key=lambda d: -sum(top[t] for t, top in zip(d.token_ids, d.logprobs or [])))
-        chosen += [d if keep_logprobs else replace(d, logprobs=None) for d in ranked[:n]]
+        ranked = sorted(group, key=lambda d: -sum(top[t] for t, top in zip(d.token_ids, d.logprobs or [])))[:n]
+        ranked = [d if keep_logprobs else replace(d, logprobs=None) for d in ranked]
+        # The prompt's logprobs came with its first choice, which may not be among the best.
+        ranked[0] = replace(ranked[0], prompt_logprobs=next((d.prompt_logprobs for d in group if d.prompt_logprobs),
+                                                             None))
+        chosen += ranked
     return chosen
 
 
