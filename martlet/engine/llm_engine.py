@@ -200,7 +200,9 @@ class LLMEngine:
         for seq in seqs:
             if (index is None or seq.index == index) and not seq.is_finished:
                 self.scheduler.finish(seq, "abort")
-                self._queue(seq.forks)  # siblings it held back, if any, go on without it
+        for seq in seqs:
+            if seq.is_finished and seq.forks:  # siblings it held back for its prompt go on without it
+                self._queue(seq.forks)
                 seq.forks = []
         if all(seq.is_finished for seq in seqs):
             self.waiting_for_grammar = [w for w in self.waiting_for_grammar if w[1] is not seqs]
