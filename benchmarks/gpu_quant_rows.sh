@@ -28,7 +28,7 @@ if step kernels; then
   echo "== kernel micro-benchmark"
   python3 "$HERE/quant_linear_bench.py" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
   if [ -n "${SWEEP:-}" ]; then
-    python3 "$HERE/quant_linear_bench.py" --tokens 1 16 32 --formats int4 int8 --sweep --json "$OUT/sweep.json" \
+    python3 "$HERE/quant_linear_bench.py" --tokens 1 2 4 16 32 --formats int4 int8 --sweep --json "$OUT/sweep.json" \
       2>&1 | tee "$OUT/sweep.txt"
   fi
 fi

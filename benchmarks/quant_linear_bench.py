@@ -23,12 +23,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 from gemm_graph import graph_us  # this script's directory is on sys.path
 from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels.linear import MAX_TOKENS, skinny_linear
-from martlet.kernels.quant_linear import QuantLinearConfig, dequantize, quant_linear, quant_linear_config
+from martlet.kernels.quant_linear import (
+    GEMV_MAX_TOKENS,
+    QuantLinearConfig,
+    dequantize,
+    quant_linear,
+    quant_linear_config,
+)
 from martlet.layers.quantization import packed
 from martlet.layers.quantization.packed import PackedFormat
 
@@ -38,8 +45,14 @@ FORMATS = {
     "q4_0": lambda k: PackedFormat(4, 32, False),
     "q4_k": lambda k: PackedFormat(4, 32, True),
 }
-SWEEP = [QuantLinearConfig(bm, bn, bk, w, s) for bm in (16, 32) for bn in (32, 64) for bk in (256, 512, 1024)
-         for w in (4, 8) for s in (2, 3, 4)]
+def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
+    """Tiles to try at m tokens (up to 32): the FMA kernel's up to GEMV_MAX_TOKENS, else tensor cores'."""
+    per_byte = 8 // fmt.bits
+    if m <= GEMV_MAX_TOKENS:
+        return [QuantLinearConfig(triton.next_power_of_2(m), bn, row_bytes * per_byte, w, s)
+                for bn in (16, 32, 64) for row_bytes in (256, 512, 1024) for w in (4, 8) for s in (3, 4, 6)]
+    return [QuantLinearConfig(16 if m <= 16 else 32, bn, row_bytes * per_byte, w, s)
+            for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
 
 
 def packed_weights(n: int, k: int, fmt: PackedFormat, layers: int) -> list[tuple]:
@@ -92,10 +105,8 @@ def main() -> None:
                     row["dequant_cublas_us"] = graph_us(lambda x, w, fmt=fmt: F.linear(x, dequantize(*w, fmt)), xs, ws)
                     line.append(f"(dequant+cuBLAS {row['dequant_cublas_us']:7.1f})")
                 if args.sweep and m <= MAX_TOKENS:
-                    fits = [c for c in SWEEP if c.block_m >= m and c.block_k % (16 * fmt.pack) == 0
-                            and not (m <= 16 and c.block_m == 32)]
                     timed = [(graph_us(lambda x, w, fmt=fmt, c=c: quant_linear(x, *w, fmt, config=c), xs, ws), c)
-                             for c in fits]
+                             for c in sweep_configs(m, fmt)]
                     best_us, best = min(timed, key=lambda t: t[0])
                     row["best_us"], row["best_config"] = best_us, asdict(best)
                     line.append(f"[best {best_us:7.1f} us {best}]")

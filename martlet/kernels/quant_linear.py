@@ -1,18 +1,25 @@
 """Matmuls by weights in the packed layout (`martlet.layers.quantization.packed`): y = x @ W.T.
 
 A decode step at small batch is a pass over the weights, so 4-bit weights should make it up to 4x
-faster than fp16 ones, if nothing but the packed words cross the memory bus. `quant_linear` streams
-them once: each program owns BLOCK_N output rows and walks their contiguous words along K, unpacks
-the codes in registers and scales them there, and feeds tensor cores. Code j of every word of a
-tile multiplies inputs j, j + pack, j + 2 pack, ... of x, so the unpacked weight never needs
-reshaping: the tile is `pack` dot products with x's columns gathered at stride `pack` (x is small
-and stays in cache). Groups hold a multiple of `pack` inputs, so all codes of a word share their
-scale, which is loaded once per word.
+faster than fp16 ones, if nothing but the packed words cross the memory bus and unpacking them
+costs fewer instructions than the bus allows. Each program owns BLOCK_N output rows and streams
+their contiguous words along K, unpacking in registers. Groups hold a multiple of `pack` inputs,
+so all codes of a word share their group's scale and offset.
 
-Up to MAX_TOKENS rows take one row tile; up to MAX_GEMM_TOKENS the same kernel tiles M too (a GEMM
-that dequantizes inside); beyond, `dequantize` writes the fp16 weight to a scratch tensor for
-cuBLAS, whose cost is then spread over enough tokens to vanish. All of it is CUDA-graph safe: no
-host syncs, and the scratch tensor is allocated the same way at every call.
+- Up to GEMV_MAX_TOKENS tokens, `_quant_gemv_kernel` (CUDA-core FMAs: at one to four tokens a
+  tensor-core tile would be mostly padding) takes code j of a word in place, as the float
+  code * 2^(bits j), with one AND, and lets x carry the 2^-(bits j); each word's sum over its codes,
+  sum_j code_j x_j, is scaled once: + offset * sum_j x_j for the offset. About three instructions
+  a weight (AND, int-to-float, FMA), where shifting the code down and scaling each one costs five.
+- Up to MAX_GEMM_TOKENS, `_quant_linear_kernel` (tensor cores, M tiled beyond 32 tokens: a GEMM
+  that dequantizes inside): code j of every word of a tile multiplies inputs j, j + pack, ... of
+  x, so the tile is `pack` dot products with x's columns gathered at stride `pack` and the unpacked
+  weight never needs reshaping.
+- Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS, whose
+  cost is then spread over enough tokens to vanish.
+
+All are CUDA-graph safe: no host syncs, and the outputs and scratch tensor are allocated the same
+way at every call.
 
 Reference: `martlet.layers.quantization.packed.dequantize` followed by `torch.nn.functional.linear`.
 """
@@ -29,42 +36,133 @@ from martlet.kernels.linear import _dot
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.layers.quantization.packed import PackedFormat
 
-MAX_TOKENS = 32  # one row tile of 16 or 32
 # Untuned first guesses (no GPU at hand when written): benchmarks/gpu_quant_rows.sh measures them.
-MAX_GEMM_TOKENS = 256  # tiled over M in the kernel up to here; dequantize + cuBLAS beyond
+GEMV_MAX_TOKENS = 4  # the FMA kernel up to here
+MAX_TOKENS = 32  # the tensor-core kernel's single row tile of 16 or 32 up to here
+MAX_GEMM_TOKENS = 256  # then tiled over M; dequantize + cuBLAS beyond
 SILU_AND_MUL_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
 class QuantLinearConfig:
-    block_m: int
+    block_m: int  # below 16 (tl.dot's minimum) selects the FMA kernel
     block_n: int
-    block_k: int  # inputs per step, a multiple of 16 * pack
+    block_k: int  # inputs per step, a multiple of 16 * pack for the tensor-core kernel
     num_warps: int
     num_stages: int
 
 
-def quant_linear_config(m: int, fmt: PackedFormat) -> QuantLinearConfig:
-    """The tile for m tokens. A step reads 256 contiguous bytes of each of its rows (128 when M is
-    tiled too), which leaves every code position at least 16 inputs, tl.dot's minimum."""
-    row_bytes_k = 8 // fmt.bits  # inputs per byte of a row
+def quant_linear_config(m: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
+    """The tile for m tokens. The FMA kernel reads 512 contiguous bytes of each row a step at one
+    token, fewer at more tokens or with the up rows too; the tensor-core kernel reads 128, which
+    leaves each code position of a tile 32 inputs. Larger tiles spill registers (checked by
+    compiling for sm_90); which of these is fastest is for benchmarks/quant_linear_bench.py --sweep."""
+    inputs_per_byte = 8 // fmt.bits
+    if m <= GEMV_MAX_TOKENS:
+        block_m = triton.next_power_of_2(max(m, 1))
+        row_bytes = max(512 // (block_m * (2 if silu_and_mul else 1)), 128)
+        return QuantLinearConfig(block_m, 32, row_bytes * inputs_per_byte, 4, 4)
     if m <= 16:
-        return QuantLinearConfig(16, 32, 256 * row_bytes_k, 4, 3)
+        return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
     if m <= MAX_TOKENS:
-        return QuantLinearConfig(32, 32, 256 * row_bytes_k, 4, 3)
-    return QuantLinearConfig(64, 64, 128 * row_bytes_k, 4, 3)
+        return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
+    return QuantLinearConfig(64, 128, 128 * inputs_per_byte, 8, 3)
+
+
+@triton.jit
+def _load(ptr, mask, EVEN: tl.constexpr):
+    """A load masked only where the tile can run past the tensor."""
+    if EVEN:
+        return tl.load(ptr)
+    return tl.load(ptr, mask=mask, other=0)
+
+
+@triton.jit
+def _gemv_step(
+    acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
+    stride_xm, stride_wn, stride_sn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    """acc [BLOCK_M, BLOCK_N, words] += one tile's x @ W[rows]^T, kept apart by word until the end."""
+    PACK: tl.constexpr = 32 // BITS
+    w_mask = mask_rows[:, None] & mask_words[None, :]
+    words = _load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], w_mask, EVEN).to(tl.uint32, bitcast=True)
+    x_mask = mask_m[:, None] & mask_words[None, :]
+    dot = tl.zeros(acc.shape, dtype=tl.float32)
+    x_sum = tl.zeros((acc.shape[0], acc.shape[2]), dtype=tl.float32)
+    for j in tl.static_range(PACK):
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word_cols * PACK + j)[None, :], mask=x_mask,
+                    other=0.0).to(tl.float32)
+        x_sum += x
+        code_in_place = (words & (((1 << BITS) - 1) << (BITS * j))).to(tl.float32)  # code * 2^(bits j), exact
+        dot += code_in_place[None, :, :] * (x * (1.0 / (1 << (BITS * j))))[:, None, :]
+    centered = dot if ASYMMETRIC else dot - (1 << (BITS - 1)) * x_sum[:, None, :]
+    if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
+        return acc + centered
+    s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
+    acc += centered * _load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32)[None, :, :]
+    if ASYMMETRIC:
+        acc += _load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32)[None, :, :] * x_sum[:, None, :]
+    return acc
+
+
+@triton.jit
+def _epilogue(
+    acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n, N, stride_sn, stride_om,
+    SCALE_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+):
+    """Per-channel scales, bias, SiLU(gate) * up; store the [BLOCK_M, BLOCK_N] tile."""
+    if not SCALE_IN_LOOP:
+        acc *= tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if SILU_AND_MUL:
+            acc_up *= tl.load(s_ptr + (N + rows) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SILU_AND_MUL:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    out = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _quant_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+):
+    wait_for_previous_kernel(PDL)
+    PACK: tl.constexpr = 32 // BITS
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, rows < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // PACK), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // PACK), dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        mask_words = word_cols < K // PACK
+        acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, word_cols, mask_words,
+                         stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN)
+        if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
+            acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, word_cols,
+                                mask_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC,
+                                SCALE_IN_LOOP, EVEN)
+    _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n,
+              N, stride_sn, stride_om, SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
 
 
 @triton.jit
 def _dequantize_codes(words, j, scale, offset, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr,
                       SCALE_IN_LOOP: tl.constexpr, DTYPE: tl.constexpr):
-    """Code j of each word as a weight in DTYPE (unscaled when the scale waits for the epilogue)."""
+    """Code j of each word as a weight in DTYPE (unscaled when the scale waits for the epilogue),
+    computed in fp32 from fp32 scale and offset and rounded once, as the reference does."""
     codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
     if ASYMMETRIC:
-        return codes.to(DTYPE) * scale + offset
-    centered = (codes - (1 << (BITS - 1))).to(DTYPE)
+        return (codes.to(tl.float32) * scale + offset).to(DTYPE)
+    centered = (codes - (1 << (BITS - 1))).to(DTYPE)  # exact: |code - middle| < 256
     if SCALE_IN_LOOP:
-        return centered * scale
+        return (centered.to(tl.float32) * scale).to(DTYPE)
     return centered
 
 
@@ -73,20 +171,20 @@ def _dequant_dot(
     acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
     stride_xm, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    FP32: tl.constexpr,
+    FP32: tl.constexpr, EVEN: tl.constexpr,
 ):
     """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W dequantized in registers."""
     PACK: tl.constexpr = 32 // BITS
     dtype = x_ptr.dtype.element_ty
     w_mask = mask_rows[:, None] & mask_words[None, :]
-    words = tl.load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], mask=w_mask, other=0)
+    words = _load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], w_mask, EVEN)
     scale = None
     offset = None
     if SCALE_IN_LOOP:
         s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-        scale = tl.load(s_ptr + s_offs, mask=w_mask, other=0.0)
+        scale = _load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32)
         if ASYMMETRIC:
-            offset = tl.load(o_ptr + s_offs, mask=w_mask, other=0.0)
+            offset = _load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32)
     x_mask = mask_m[:, None] & mask_words[None, :]
     for j in tl.static_range(PACK):
         w = _dequantize_codes(words, j, scale, offset, BITS, ASYMMETRIC, SCALE_IN_LOOP, dtype)
@@ -99,7 +197,7 @@ def _dequant_dot(
 def _quant_linear_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -113,21 +211,13 @@ def _quant_linear_kernel(
         word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         mask_words = word_cols < K // PACK
         acc = _dequant_dot(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, word_cols, mask_words,
-                           stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32)
+                           stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, word_cols,
                                   mask_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC,
-                                  SCALE_IN_LOOP, FP32)
-    if not SCALE_IN_LOOP:  # one scale per output channel: applied once, to the sums
-        acc *= tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if SILU_AND_MUL:
-            acc_up *= tl.load(s_ptr + (N + rows) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if SILU_AND_MUL:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+                                  SCALE_IN_LOOP, FP32, EVEN)
+    _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n, N, stride_sn, stride_om,
+              SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
 
 
 def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, fmt: PackedFormat) -> int:
@@ -161,20 +251,25 @@ def quant_linear(
         raise ValueError(f"x {tuple(x.shape)} does not fit a [{n}, {k}] weight")
     if m > MAX_GEMM_TOKENS:
         raise ValueError(f"quant_linear takes at most {MAX_GEMM_TOKENS} tokens, got {m}")
+    if config is not None and config.block_m < 16 and m > config.block_m:
+        raise ValueError(f"the FMA kernel's block_m {config.block_m} must cover all {m} tokens")
     if x.stride(1) != 1 or x.dtype != scales.dtype:
         raise ValueError("x needs contiguous rows and the scales' dtype")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or quant_linear_config(m, fmt)
+    cfg = config or quant_linear_config(m, fmt, silu_and_mul)
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
-        _quant_linear_kernel[(triton.cdiv(out_n, cfg.block_n), triton.cdiv(m, cfg.block_m))](
+        gemv = cfg.block_m < 16
+        kernel, flags = (_quant_gemv_kernel, {}) if gemv else (_quant_linear_kernel, {"FP32": x.dtype == torch.float32})
+        kernel[(triton.cdiv(out_n, cfg.block_n), 1 if gemv else triton.cdiv(m, cfg.block_m))](
             x, qweight, scales, offsets, bias, out, m, out_n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric,
             SCALE_IN_LOOP=fmt.asymmetric or fmt.group_size < k, HAS_BIAS=bias is not None,
-            SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **pdl_launch(x.device),
+            SILU_AND_MUL=silu_and_mul, EVEN=k % cfg.block_k == 0 and out_n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            **flags, **pdl_launch(x.device),
         )
     return out
 
@@ -190,8 +285,8 @@ def _dequantize_kernel(
     mask = (rows < N)[:, None] & (word_cols < K // PACK)[None, :]
     words = tl.load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], mask=mask, other=0)
     s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-    scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0)
-    offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0) if ASYMMETRIC else None
+    scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
+    offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0).to(tl.float32) if ASYMMETRIC else None
     for j in tl.static_range(PACK):
         w = _dequantize_codes(words, j, scale, offset, BITS, ASYMMETRIC, True, out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * K + (word_cols * PACK + j)[None, :], w, mask=mask)

@@ -44,8 +44,11 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
 @pytest.mark.parametrize(
     "m, n, k, config",
     [
-        (1, 48, 128, None),  # one partial K tile
-        (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # ragged N, K ends mid-tile, groups straddle tiles
+        (1, 48, 128, None),  # FMA kernel: one partial K tile
+        (3, 50, 320, QuantLinearConfig(4, 32, 128, 4, 2)),  # FMA kernel: ragged N and K, groups straddle tiles
+        (2, 64, 512, QuantLinearConfig(2, 32, 256, 4, 2)),  # FMA kernel, tiles that fit exactly: no masks
+        (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # tensor cores: ragged N, K ends mid-tile
+        (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
         (70, 40, 256, QuantLinearConfig(64, 32, 128, 4, 2)),  # M tiled: a GEMM, last M tile partial
     ],
@@ -60,8 +63,9 @@ def test_quant_linear(m, n, k, config, name, dtype):
 
 @pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
-def test_quant_linear_silu_and_mul(name, dtype):
-    m, half, k = 3, 40, 192
+@pytest.mark.parametrize("m", [3, 9])  # the FMA kernel, tensor cores
+def test_quant_linear_silu_and_mul(m, name, dtype):
+    half, k = 40, 192
     qweight, scales, offsets, fmt = packed_weight(2 * half, k, FORMATS[name], dtype)
     x = random((m, k), 1, dtype)
     out = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True)
@@ -74,7 +78,7 @@ def test_quant_linear_silu_and_mul(name, dtype):
 def test_dequantize(name, dtype):
     qweight, scales, offsets, fmt = packed_weight(40, 320, FORMATS[name], dtype)
     expected = packed.dequantize(qweight.cpu(), scales.cpu(), None if offsets is None else offsets.cpu(), fmt)
-    assert torch.equal(dequantize(qweight, scales, offsets, fmt).cpu(), expected)
+    torch.testing.assert_close(dequantize(qweight, scales, offsets, fmt).cpu(), expected)  # to an ulp or so: FMA or not
 
 
 def test_quant_linear_refuses_what_it_cannot_do():
@@ -85,5 +89,8 @@ def test_quant_linear_refuses_what_it_cannot_do():
         quant_linear(torch.zeros(2, 56, device=DEVICE), qweight, scales, offsets, fmt)
     with pytest.raises(ValueError, match="only with"):
         quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, None, fmt)
+    with pytest.raises(ValueError, match="must cover"):
+        quant_linear(torch.zeros(3, 64, device=DEVICE), qweight, scales, offsets, fmt,
+                     config=QuantLinearConfig(2, 32, 128, 4, 2))
     with pytest.raises(ValueError, match="group size"):
         quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, offsets, PackedFormat(4, 12, True))

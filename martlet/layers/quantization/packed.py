@@ -59,12 +59,15 @@ def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
 def dequantize(
     qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, fmt: PackedFormat
 ) -> torch.Tensor:
-    """The reference: the weight [N, K] in the scales' dtype, computed as the kernels compute it."""
+    """The reference: the weight [N, K] in the scales' dtype, computed in fp32 and rounded once."""
     n, g = qweight.shape[0], fmt.group_size
-    codes = unpack(qweight, fmt.bits).view(n, -1, g).to(scales.dtype)  # exact: codes are below 256
+    codes = unpack(qweight, fmt.bits).view(n, -1, g).float()
+    scale = scales.float()[..., None]
     if fmt.asymmetric:
-        return torch.addcmul(offsets[..., None], codes, scales[..., None]).view(n, -1)
-    return ((codes - 2 ** (fmt.bits - 1)) * scales[..., None]).view(n, -1)
+        weight = torch.addcmul(offsets.float()[..., None], codes, scale)
+    else:
+        weight = (codes - 2 ** (fmt.bits - 1)) * scale
+    return weight.view(n, -1).to(scales.dtype)
 
 
 def quantize(
