@@ -54,9 +54,9 @@ class QuantLinearConfig:
 
 def quant_linear_config(m: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
     """The tile for m tokens. The FMA kernel reads 512 contiguous bytes of each row a step at one
-    token, fewer at more tokens or with the up rows too; the tensor-core kernel reads 128, which
-    leaves each code position of a tile 32 inputs. Larger tiles spill registers (checked by
-    compiling for sm_90); which of these is fastest is for benchmarks/quant_linear_bench.py --sweep."""
+    token, fewer at more tokens or with the up rows too; the tensor-core kernel 128 (64 with 256
+    token rows), which leaves each code position of a tile 16 to 32 inputs. Larger tiles spill
+    registers (compiled for sm_90); which of these is fastest is for quant_linear_bench.py --sweep."""
     inputs_per_byte = 8 // fmt.bits
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(max(m, 1))
@@ -66,7 +66,10 @@ def quant_linear_config(m: int, fmt: PackedFormat, silu_and_mul: bool = False) -
         return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
     if m <= MAX_TOKENS:
         return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
-    return QuantLinearConfig(64, 128, 128 * inputs_per_byte, 8, 3)
+    # Beyond 32 tokens one M tile covers them all, so each weight is unpacked once.
+    if m <= 128:
+        return QuantLinearConfig(128, 64, 128 * inputs_per_byte, 8, 3)
+    return QuantLinearConfig(256, 64, 64 * inputs_per_byte, 8, 3)
 
 
 @triton.jit

@@ -24,7 +24,7 @@ def compile_defaults() -> None:
 
     cases = [(1, PackedFormat(4, 128, True), False), (3, PackedFormat(8, 4096, False), True),
              (16, PackedFormat(4, 32, False), True), (24, PackedFormat(8, 16, True), False),
-             (100, PackedFormat(4, 128, True), False)]
+             (100, PackedFormat(4, 128, True), False), (200, PackedFormat(8, 4096, False), False)]
     for m, fmt, silu in cases:
         cfg = ql.quant_linear_config(m, fmt, silu)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel

@@ -51,6 +51,7 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
         (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
         (70, 40, 256, QuantLinearConfig(64, 32, 128, 4, 2)),  # M tiled: a GEMM, last M tile partial
+        (130, 24, 256, None),  # the default GEMM tile: one M tile of 256 rows
     ],
 )
 def test_quant_linear(m, n, k, config, name, dtype):
