@@ -342,6 +342,7 @@ def _check_error(response: httpx.Response, status: int) -> None:
     ({"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ({"prompt": "hi", "n": 0}, 400, "n"),
     ({"prompt": "hi", "suffix": "!"}, 400, "suffix"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),  # only with stream: true
     ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ({"prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
     ({"prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
