@@ -42,6 +42,15 @@ def compile_defaults() -> None:
         source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()})
         triton.compile(source, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    for fmt in (PackedFormat(4, 128, True), PackedFormat(8, 16, False)):  # the scratch weight for cuBLAS
+        const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, BLOCK_N=32, BLOCK_W=32)
+        if not fmt.asymmetric:
+            const["o_ptr"] = None
+        names = ql._dequantize_kernel.arg_names
+        pointers = {"w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "out_ptr": "*fp16"}
+        signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
+        source = ASTSource(ql._dequantize_kernel, signature, {(names.index(k),): v for k, v in const.items()})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
 def test_kernels_compile_for_sm90():
