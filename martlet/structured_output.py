@@ -24,18 +24,20 @@ from martlet.engine.sequence import Sequence
 from martlet.sampling_params import StructuredOutputsParams
 
 MAX_CACHED_GRAMMARS = 512
+# Whitespace allowed between two JSON tokens: room for any indentation, but a model that falls into
+# writing blanks cannot spend its whole max_tokens on one gap.
+MAX_JSON_WHITESPACE = 64
 
 
 def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
     """The grammar `params` asks for; a ValueError that says what is wrong if it cannot be built."""
-    any_whitespace = not params.disable_any_whitespace
+    whitespace = dict(any_whitespace=not params.disable_any_whitespace, max_whitespace_cnt=MAX_JSON_WHITESPACE)
     try:
         match params.kind:
             case "json":
-                return xgr.Grammar.from_json_schema(json.dumps(params.json), any_whitespace=any_whitespace)
+                return xgr.Grammar.from_json_schema(json.dumps(params.json), **whitespace)
             case "json_object":  # any object: extra properties allowed, unlike in a schema
-                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=any_whitespace,
-                                                    strict_mode=False)
+                return xgr.Grammar.from_json_schema('{"type": "object"}', strict_mode=False, **whitespace)
             case "regex":
                 return xgr.Grammar.from_regex(params.regex)
             case "choice":

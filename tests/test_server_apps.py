@@ -55,7 +55,7 @@ def test_json_schema_outputs_validate(server):
 
     async def ask(client: openai.AsyncOpenAI, topic: str) -> str:
         reply = await client.chat.completions.create(
-            model=MODEL_NAME, max_tokens=60, temperature=0.7, seed=len(topic),
+            model=MODEL_NAME, max_tokens=100, temperature=0.7, seed=len(topic),
             messages=[{"role": "user", "content": f"Describe {topic} as a JSON object."}],
             response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
         assert reply.choices[0].finish_reason == "stop"
