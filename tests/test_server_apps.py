@@ -175,7 +175,8 @@ def test_limits_and_bad_input_then_normal_service(server):
     chat = f"{server.url}/v1/chat/completions"
     for body, param in [
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
-         "structured_outputs"),
+         "response_format"),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "structured_outputs"),
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"guided_regex": "a(b"}, "structured_outputs"),

@@ -43,6 +43,7 @@ from martlet.server.protocol import (
     ModelCard,
     ModelList,
     NamedToolChoice,
+    ResponseFormat,
     SamplingRequest,
     TokenLogprob,
     TopLogprob,
@@ -141,8 +142,7 @@ class OpenAIServing:
             tools = tool_choice(body)
         with _as_bad_request("messages"):
             prompt = self._chat_prompt(body, with_tools=tools != "none")
-        with _as_bad_request("response_format"):
-            structured = _chat_structured_output(body, tools)
+        structured = _chat_grammar(body, tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs, structured=structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -248,22 +248,39 @@ class OpenAIServing:
         return self.engine.tokenizer.decode(prompt.token_ids)
 
 
-def _chat_structured_output(body: ChatCompletionRequest, tools: str | NamedToolChoice,
-                            ) -> StructuredOutputsParams | None:
-    """The grammar of a chat request: from a forcing tool_choice, response_format, or vLLM's fields."""
-    forced = tool_grammar(body, tools)
-    fmt = body.response_format
-    wanted = None if fmt is None or fmt.type == "text" else fmt
-    if forced is not None and (wanted is not None or body.structured_output_params() is not None):
-        raise ValueError("tool_choice 'required' or a named function already fixes the output's format: "
-                         "drop response_format")
-    if wanted is None:
-        return forced
+def _chat_grammar(body: ChatCompletionRequest, tools: str | NamedToolChoice) -> StructuredOutputsParams | None:
+    """The grammar of a chat request, from whichever field asks for one (a forcing tool_choice,
+    response_format, or vLLM's fields); a 400 naming the field if it cannot be used or if two ask."""
+    with _grammar_error_as("tools"):
+        forced = tool_grammar(body, tools)
+    with _grammar_error_as("response_format"):
+        formatted = _response_format_grammar(body.response_format)
+    with _as_bad_request("structured_outputs"):
+        requested = body.structured_output_params()
+    given = {name: grammar for name, grammar in (("tool_choice", forced), ("response_format", formatted),
+                                                  ("structured_outputs", requested)) if grammar is not None}
+    if len(given) > 1:
+        raise bad_request(f"{' and '.join(given)} each fix the output's format: give only one", list(given)[1])
+    return next(iter(given.values()), None)
+
+
+def _response_format_grammar(fmt: ResponseFormat | None) -> StructuredOutputsParams | None:
+    if fmt is None or fmt.type == "text":
+        return None
     if fmt.type == "json_object":
         return StructuredOutputsParams(json_object=True)
     if fmt.json_schema is None:
         raise ValueError("response_format of type json_schema needs a json_schema")
     return StructuredOutputsParams(json=fmt.json_schema.schema_)
+
+
+@contextmanager
+def _grammar_error_as(param: str) -> Iterator[None]:
+    """A grammar made from `param` that cannot be used: a 400 that names `param`, not structured_outputs."""
+    try:
+        yield
+    except ValueError as exc:
+        raise bad_request(re.sub(r"^SamplingParams\.structured_outputs\.\w+", param, str(exc)), param) from exc
 
 
 @contextmanager
