@@ -219,6 +219,8 @@ class LLMEngine:
         The device runs step N while the host schedules and launches step N+1; only then does
         the host wait for step N's tokens (the one sync), which were sampled into the device-side
         input of N+1 already. A sequence that finishes at step N has one step computed in vain.
+        When N+1 has a sequence with a grammar, the wait comes earlier, once N+1's logits are
+        launched: its mask needs step N's token (see _grammar_bitmask).
 
         Returns, per `output_kind`: "cumulative", an output with all tokens so far for every
         request that got a token; "delta", the same but with only this step's token in `token_ids`
