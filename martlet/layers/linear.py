@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from martlet.layers.quantization.base import LinearMethod, QuantizationConfig
+from martlet.layers.quantization.base import LinearMethod, QuantizationConfig, register_bias
 
 
 class UnquantizedLinearMethod(LinearMethod):
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features))
-        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        register_bias(layer, out_features, bias)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from martlet.layers.linear import UnquantizedLinearMethod
-from martlet.layers.quantization.base import LinearMethod, QuantizationConfig
+from martlet.layers.quantization.base import LinearMethod, QuantizationConfig, checkpoint_parameter, register_bias
 from martlet.layers.quantization.packed import PackedFormat, PackedLinearMethod, pack
 from martlet.models.llama import LlamaForCausalLM
 
@@ -335,13 +335,10 @@ class GGUFPackedMethod(PackedLinearMethod):
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         fmt = self.format
         groups = in_features // fmt.group_size
-        layer.qweight = nn.Parameter(torch.empty(out_features, in_features // fmt.pack, dtype=torch.int32),
-                                     requires_grad=False)
-        layer.scales = nn.Parameter(torch.empty(out_features, groups), requires_grad=False)
-        layer.register_parameter(
-            "offsets", nn.Parameter(torch.empty(out_features, groups), requires_grad=False) if fmt.asymmetric else None
-        )
-        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        layer.qweight = checkpoint_parameter((out_features, in_features // fmt.pack), torch.int32)
+        layer.scales = checkpoint_parameter((out_features, groups))
+        layer.register_parameter("offsets", checkpoint_parameter((out_features, groups)) if fmt.asymmetric else None)
+        register_bias(layer, out_features, bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         offsets = None if layer.offsets is None else layer.offsets.data

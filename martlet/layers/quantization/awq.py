@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from martlet.layers.quantization.base import QuantizationConfig
-from martlet.layers.quantization.gptq import _param
+from martlet.layers.quantization.base import QuantizationConfig, checkpoint_parameter, register_bias
 from martlet.layers.quantization.packed import PackedFormat, PackedLinearMethod, pack, unpack
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -69,10 +68,10 @@ class AWQMethod(PackedLinearMethod):
                 "inputs must be whole groups, groups and outputs multiples of 8"
             )
         self.format = PackedFormat(4, g, asymmetric=True)
-        layer.qweight = _param((in_features, out_features // 8), torch.int32, output_dim=1, pack_factor=8)
-        layer.qzeros = _param((in_features // g, out_features // 8), torch.int32, output_dim=1, pack_factor=8)
-        layer.scales = _param((in_features // g, out_features), None, output_dim=1)
-        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        layer.qweight = checkpoint_parameter((in_features, out_features // 8), torch.int32, output_dim=1, pack_factor=8)
+        layer.qzeros = checkpoint_parameter((in_features // g, out_features // 8), torch.int32, 1, pack_factor=8)
+        layer.scales = checkpoint_parameter((in_features // g, out_features), output_dim=1)
+        register_bias(layer, out_features, bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         codes = _unpack_outputs(layer.qweight.data).t().contiguous()  # [N, K]

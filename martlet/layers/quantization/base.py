@@ -42,6 +42,19 @@ class LinearMethod(ABC):
         return _silu_and_mul(self.apply(layer, x))
 
 
+def checkpoint_parameter(
+    shape: tuple[int, ...], dtype: torch.dtype | None = None, output_dim: int | None = 0, pack_factor: int = 1
+) -> nn.Parameter:
+    """An empty parameter for a checkpoint tensor, saying where its outputs are (see `create_weights`)."""
+    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+    param.output_dim, param.pack_factor = output_dim, pack_factor
+    return param
+
+
+def register_bias(layer: nn.Module, out_features: int, bias: bool) -> None:
+    layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+
+
 class QuantizationConfig(ABC):
     """A model's weight format: which method each of its linear layers gets."""
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from martlet.layers.quantization.base import QuantizationConfig
+from martlet.layers.quantization.base import QuantizationConfig, checkpoint_parameter, register_bias
 from martlet.layers.quantization.packed import PackedFormat, PackedLinearMethod, pack, unpack
 
 CHECKPOINT_FORMATS = {"gptq": 1, "gptq_v2": 0}  # what to add to a stored zero point
@@ -53,12 +53,6 @@ class GPTQConfig(QuantizationConfig):
         return GPTQMethod(self, prefix)
 
 
-def _param(shape: tuple[int, ...], dtype: torch.dtype | None, output_dim: int | None, pack_factor: int = 1):
-    param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
-    param.output_dim, param.pack_factor = output_dim, pack_factor
-    return param
-
-
 class GPTQMethod(PackedLinearMethod):
     def __init__(self, config: GPTQConfig, prefix: str) -> None:
         self.config, self.prefix = config, prefix
@@ -74,11 +68,11 @@ class GPTQMethod(PackedLinearMethod):
                 f"{per_word}"
             )
         self.format = PackedFormat(cfg.bits, group, asymmetric=not cfg.symmetric)
-        layer.qweight = _param((in_features // per_word, out_features), torch.int32, output_dim=1)
-        layer.qzeros = _param((in_features // group, out_features // per_word), torch.int32, 1, per_word)
-        layer.scales = _param((in_features // group, out_features), None, output_dim=1)
-        layer.g_idx = _param((in_features,), torch.int32, output_dim=None)
-        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        layer.qweight = checkpoint_parameter((in_features // per_word, out_features), torch.int32, output_dim=1)
+        layer.qzeros = checkpoint_parameter((in_features // group, out_features // per_word), torch.int32, 1, per_word)
+        layer.scales = checkpoint_parameter((in_features // group, out_features), output_dim=1)
+        layer.g_idx = checkpoint_parameter((in_features,), torch.int32, output_dim=None)
+        register_bias(layer, out_features, bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         fmt, bits = self.format, self.config.bits

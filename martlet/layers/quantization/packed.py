@@ -36,10 +36,6 @@ class PackedFormat:
     def pack(self) -> int:
         return 32 // self.bits
 
-    def bytes_per_weight(self, dtype_bytes: int) -> float:
-        """Bytes a kernel streams per weight: the code plus its share of the scale and offset."""
-        return self.bits / 8 + (2 if self.asymmetric else 1) * dtype_bytes / self.group_size
-
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned codes [N, K] (K a multiple of 32 / bits) -> int32 words [N, K / (32 / bits)]."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from martlet.layers.quantization.base import QuantizationConfig
+from martlet.layers.quantization.base import QuantizationConfig, register_bias
 from martlet.layers.quantization.packed import PackedFormat, PackedLinearMethod, quantize
 
 INT4_GROUP_SIZES = (128, 64, 32, 16)
@@ -51,7 +51,7 @@ class RoundToNearestMethod(PackedLinearMethod):
         if in_features % self.format.pack:
             raise ValueError(f"{self.name} packs {self.format.pack} inputs to a word; {self.prefix} has {in_features}")
         layer.weight = nn.Parameter(torch.empty(out_features, in_features))
-        layer.register_parameter("bias", nn.Parameter(torch.empty(out_features)) if bias else None)
+        register_bias(layer, out_features, bias)
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         qweight, scales, offsets = quantize(layer.weight.data, self.format, layer.weight.dtype)
