@@ -15,6 +15,7 @@ import torch
 
 from martlet.config import ModelConfig
 from martlet.engine.scheduler import ScheduledBatch
+from martlet.layers.kv_cache import KVFormat, tile_bytes
 
 
 @dataclass
@@ -82,7 +83,8 @@ def step_cost(batch: ScheduledBatch) -> StepCost:
 
 
 class Roofline:
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, kv_format: KVFormat | None = None,
+                 ) -> None:
         element = torch.tensor([], dtype=dtype).element_size()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
@@ -90,7 +92,8 @@ class Roofline:
         self.layer_params = cfg.num_layers * per_layer
         self.head_params = cfg.vocab_size * cfg.hidden_size
         self.weight_bytes = (self.layer_params + self.head_params) * element
-        self.kv_bytes_per_token = 2 * cfg.num_layers * kv * element
+        # K and V as stored: 8-bit codes and their scales in a quantized cache.
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * tile_bytes(1, cfg.head_dim, dtype, kv_format)
         self.attention_flops_per_pair = 4 * cfg.num_layers * q  # QK^T and PV, 2 FLOPs per MAC
         self.ceilings = ceilings
 
