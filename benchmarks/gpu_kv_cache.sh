@@ -8,7 +8,7 @@ set -uo pipefail
 OUT=${OUT:-bench-out}; WORK=$(mktemp -d); mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
-(git rev-parse HEAD 2>/dev/null || cat COMMIT) > "$WORK/commit.txt"
+(cat COMMIT 2>/dev/null || git rev-parse HEAD) > "$WORK/commit.txt"
 if [ "${PART:-tests}" = tests ]; then
   timeout 330 python3 -m pytest tests/kernels/test_rotary_kv.py tests/kernels/test_decode.py \
     tests/kernels/test_prefill.py tests/kernels/test_backend.py tests/test_gpu_engine.py -q -rf 2>&1 \
