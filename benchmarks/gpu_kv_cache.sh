@@ -10,8 +10,8 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
 (cat COMMIT 2>/dev/null || git rev-parse HEAD) > "$WORK/commit.txt"
 if [ "${PART:-tests}" = tests ]; then
-  timeout 330 python3 -m pytest tests/kernels/test_rotary_kv.py tests/kernels/test_decode.py \
-    tests/kernels/test_prefill.py tests/kernels/test_backend.py tests/test_gpu_engine.py -q -rf 2>&1 \
+  timeout ${TEST_TIMEOUT:-330} python3 -m pytest ${TESTS:-tests/kernels/test_rotary_kv.py tests/kernels/test_decode.py \
+    tests/kernels/test_prefill.py tests/kernels/test_backend.py tests/test_gpu_engine.py} -q -rf 2>&1 \
     | tee "$WORK/gpu_tests.log" | tail -15
   timeout 200 python3 -m martlet.cli bench kernels --only decode --quick --json "$WORK/kernels_decode.json" 2>&1 \
     | tee "$WORK/kernels_decode.log" | tail -32

@@ -114,13 +114,12 @@ def paged_cache(batch: int, seq_len: int, hkv: int, d: int, block_size: int, dty
     fmt = kv_format(kv_cache_dtype)
     _, (kv,) = allocate_kv_cache(1, num_blocks, hkv, block_size, d, dtype, fmt, torch.device("cuda"))
     for codes, scales in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)):
-        rows = torch.randn(codes.shape, device="cuda", dtype=dtype)
-        if fmt is None:
-            codes.copy_(rows)
-        else:
-            codes_q, scales_q = quantize(rows, fmt)
-            codes.copy_(codes_q)
-            scales.copy_(scales_q)
+        for start in range(0, num_blocks, 4096):  # a slice at a time: quantizing works in fp32
+            rows = torch.randn(codes[start : start + 4096].shape, device="cuda", dtype=dtype)
+            if fmt is None:
+                codes[start : start + 4096] = rows
+            else:
+                codes[start : start + 4096], scales[start : start + 4096] = quantize(rows, fmt)
     return kv, torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
 
 
