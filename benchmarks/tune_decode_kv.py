@@ -1,12 +1,14 @@
 """Decode tile configs per KV cache format: GB/s (bytes as stored) of each candidate on a few shapes.
 
-    PYTHONPATH=$PWD python3 benchmarks/tune_decode_kv.py
+    PYTHONPATH=$PWD python3 benchmarks/tune_decode_kv.py [FORMAT ...]   (default: auto int8 fp8)
 
 The kernel's default config was tuned on bf16 (martlet/kernels/decode.py); an 8-bit tile is half the
 bytes per key, so it may want more keys per tile or more warps.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -22,7 +24,7 @@ CANDIDATES = [None] + [DecodeConfig(*c) for c in [
 def main() -> None:
     copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
     print(f"copy {copy:.0f} GB/s")
-    for kv_cache_dtype in ("auto", "int8", "fp8"):
+    for kv_cache_dtype in sys.argv[1:] or ("auto", "int8", "fp8"):
         pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.bfloat16,
                            kv_cache_dtype)
         scores = {}
