@@ -18,7 +18,7 @@ if [ "${PART:-tests}" = tests ]; then
 else
   for kv in auto int8 fp8; do
     echo "=== kv_cache_dtype $kv"
-    OUT=$WORK/$kv EXTRA="--kv-cache-dtype $kv" ROWS="${ROWS:-32,1024,1024}" bash benchmarks/gpu_seed_rows.sh 2>&1 \
+    OUT=$WORK/$kv EXTRA="--kv-cache-dtype $kv" ROWS="${ROWS:-32,1024,1024}" ITERS=${ITERS:-2} bash benchmarks/gpu_seed_rows.sh 2>&1 \
       | tee "$WORK/rows_$kv.log" | grep -E "^==|output throughput|roofline|KV cache|Error|error"
   done
 fi
