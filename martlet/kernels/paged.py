@@ -45,29 +45,10 @@ def load_kv_tile(
         else:
             k_scale = tl.load(k_scale_ptr + scale_offs).to(tl.float32)
             v_scale = tl.load(v_scale_ptr + scale_offs).to(tl.float32)
-        if k_ptr.dtype.element_ty == tl.float8e4nv:  # `widen_codes` gives e4m3 codes / 256
-            k_scale = k_scale * 256.0
-            v_scale = v_scale * 256.0
     else:
         k_scale = 1.0
         v_scale = 1.0
     return k, v, k_scale, v_scale
-
-
-@triton.jit
-def widen_codes(x):
-    """8-bit codes as fp16 by bit arithmetic, not conversion instructions: Hopper converts 16 values a
-    clock per SM, which held decode over an 8-bit cache to half of memory bandwidth. int8 comes out
-    exact; e4m3 as its value / 256 (`load_kv_tile` multiplies the scales by 256 to make up for it)."""
-    if x.dtype == tl.int8:
-        # 1152 + x is an fp16 between 1024 and 2048, where the step is 1: its bits are 0x6480 + x.
-        bits = (x.to(tl.int32) + 0x6480).to(tl.int16)
-        return bits.to(tl.float16, bitcast=True) - 1152.0
-    else:
-        # e4m3's exponent and mantissa bits moved into fp16's: the same digits, 2^(15 - 7) smaller.
-        b = x.to(tl.int8, bitcast=True).to(tl.int32)
-        magnitude = ((b & 0x7F) << 7).to(tl.int16).to(tl.float16, bitcast=True)
-        return tl.where(b < 0, -magnitude, magnitude)
 
 
 @triton.jit
@@ -79,12 +60,12 @@ def online_softmax_step(
 
     q [M, D], k and v [N, D]; `mask` [M, N] says which logits count (ignored unless USE_MASK).
     A row must see at least one key in the first tile it is given, or its max stays -inf.
-    An 8-bit tile (QUANT) is widened to fp16 (`widen_codes`), and its per-key scales [N] go on the
-    logits (K) and on the probabilities (V), not on the tile.
+    An 8-bit tile (QUANT) is widened to q's dtype (exactly: every int8 and e4m3 code is an fp16)
+    and its per-key scales [N] go on the logits (K) and on the probabilities (V), not on the tile.
     """
     if QUANT:
-        k = widen_codes(k).to(q.dtype)
-        v = widen_codes(v).to(q.dtype)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if QUANT:
         qk = qk * (k_scale * qk_scale)[None, :]
