@@ -20,6 +20,7 @@ from triton.testing import do_bench
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels.decode import DecodeConfig, decode_attention
+from martlet.layers.kv_cache import LayerKV
 
 
 def steady_state_lengths(rows: list[dict], batch: int, seed: int = 0) -> list[int]:
@@ -41,7 +42,7 @@ def main() -> None:
     for batch in args.batch:
         lens = steady_state_lengths(rows, batch)
         pages = [-(-n // bs) for n in lens]
-        k_cache, v_cache = (torch.randn(sum(pages), hkv, bs, d, device="cuda", dtype=dtype) for _ in range(2))
+        kv = LayerKV(*(torch.randn(sum(pages), hkv, bs, d, device="cuda", dtype=dtype) for _ in range(2)))
         perm = torch.randperm(sum(pages), dtype=torch.int32).tolist()
         tables, at = [], 0
         for n in pages:
@@ -58,7 +59,7 @@ def main() -> None:
             bt = torch.tensor([tables[i] for i in order], device="cuda", dtype=torch.int32)
             for cfg in configs:
                 for splits in (1, 2, 4):
-                    call = partial(decode_attention, q, k_cache, v_cache, seq_lens, bt, d**-0.5, splits, config=cfg)
+                    call = partial(decode_attention, q, kv, seq_lens, bt, d**-0.5, splits, config=cfg)
                     ms = do_bench(call, rep=50)
                     print(f"  {name:14s} {cfg or 'default'} splits {splits}: {ms * 1e3:7.1f} us "
                           f"{nbytes / ms / 1e6:6.0f} GB/s ({nbytes / ms / 1e6 / copy_gbs:.0%} of copy)", flush=True)

@@ -91,6 +91,22 @@ def test_graphs_match_eager(tiny, dtype):
     assert greedy_tokens(path, prompts, device="cuda", dtype=dtype) == eager
 
 
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8"])
+def test_8bit_kv_cache_on_the_gpu(tiny, kv_cache_dtype):
+    """CUDA graphs (full and piecewise) over an 8-bit cache give eager's tokens; in fp32 the GPU gives
+    the CPU reference's, preempted or not."""
+    path, prompts = tiny
+    eager = greedy_tokens(path, prompts, device="cuda", dtype="float16", enforce_eager=True,
+                          kv_cache_dtype=kv_cache_dtype)
+    assert greedy_tokens(path, prompts, device="cuda", dtype="float16", kv_cache_dtype=kv_cache_dtype) == eager
+    expected = greedy_tokens(path, prompts, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype)
+    for num_kv_blocks in (256, 12):
+        assert greedy_tokens(path, prompts, device="cuda", dtype="float32", kv_cache_dtype=kv_cache_dtype,
+                             num_kv_blocks=num_kv_blocks) == expected
+
+
 def compiled_kernel_variants() -> dict[str, int]:
     """How many variants Triton has compiled of each of our kernels so far."""
     import triton
@@ -107,11 +123,12 @@ def compiled_kernel_variants() -> dict[str, int]:
 
 @needs_gpu
 @pytest.mark.gpu
-def test_no_kernel_compiles_after_start(tiny):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_no_kernel_compiles_after_start(tiny, kv_cache_dtype):
     """Serving must not stall on a compile: requests of any length, alone or joining a running batch
     (mixed steps), use only kernel variants built while the engine started."""
     path, _ = tiny
-    llm = LLM(path, quiet=True, device="cuda", dtype="float16", num_kv_blocks=256)
+    llm = LLM(path, quiet=True, device="cuda", dtype="float16", num_kv_blocks=256, kv_cache_dtype=kv_cache_dtype)
     engine = llm.engine
     compiled = compiled_kernel_variants()
     assert compiled.get("_decode_kernel") and compiled.get("_skinny_linear_kernel"), "start built no kernels to compare"

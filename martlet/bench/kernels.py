@@ -7,7 +7,8 @@ Measured in one run, on CUDA:
 - memory-bound kernels (RMSNorm, fused add + RMSNorm, SiLU * up, rotary + KV write): GB/s, vs copy;
 - prefill attention: TFLOP/s (causal: 2 * 2 * S^2 * D * Hq / 2 per sequence) vs PyTorch SDPA's flash
   backend on the same batch of equal-length sequences;
-- decode attention: GB/s (K and V bytes read, plus q and out) vs copy, batch 1..256 x context 128..32k;
+- decode attention: GB/s (K and V bytes read as stored, plus q and out) vs copy, batch 1..256 x context
+  128..32k, over a bf16, an int8 and an fp8 cache;
 - the few-token matmul: GB/s of weight read vs copy and vs cuBLAS (`F.linear`), Llama-2-7B's
   projections at 1, 4 and 16 tokens.
 `--tune` first times candidate tile configs and decode split targets on a few shapes, then runs the
@@ -31,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from martlet.bench.roofline import measure_ceilings
+from martlet.config import KV_CACHE_DTYPES
+from martlet.layers.kv_cache import LayerKV, allocate_kv_cache, kv_format, quantize
 
 GIB = 1 << 30
 
@@ -77,7 +80,7 @@ def elementwise(tokens: int) -> list[dict]:
     q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
     rotary = RotaryEmbedding(d, 8192, 500000.0, None).to("cuda")
     positions = torch.randint(0, 8192, (tokens,), device="cuda")
-    k_cache, v_cache = (torch.empty(tokens // bs + 1, hkv, bs, d, device="cuda", dtype=bf16) for _ in range(2))
+    _, (kv,) = allocate_kv_cache(1, tokens // bs + 1, hkv, bs, d, bf16, None, torch.device("cuda"))
     slots = torch.randperm(tokens, device="cuda")
 
     cases = [
@@ -87,7 +90,7 @@ def elementwise(tokens: int) -> list[dict]:
          lambda: rms_ref(x + residual, weight, 1e-6)),
         ("silu_and_mul", 3 * 2 * inter * tokens, lambda: silu_and_mul(gate_up), lambda: silu_ref(gate_up)),
         ("rotary + kv write", 2 * 2 * (hq + 2 * hkv) * d * tokens,
-         lambda: rotary_kv_write(q, k, v, positions, rotary.cos_sin_cache, k_cache, v_cache, slots), None),
+         lambda: rotary_kv_write(q, k, v, positions, rotary.cos_sin_cache, kv, slots), None),
     ]
     rows = []
     for name, nbytes, fn, ref in cases:
@@ -103,12 +106,27 @@ def elementwise(tokens: int) -> list[dict]:
 # ---- attention inputs ----------------------------------------------------------------------------
 
 
-def paged_cache(batch: int, seq_len: int, hkv: int, d: int, block_size: int, dtype: torch.dtype):
-    """A random K/V pool with room for `batch` sequences of `seq_len`; blocks handed out in shuffled order."""
+def paged_cache(batch: int, seq_len: int, hkv: int, d: int, block_size: int, dtype: torch.dtype,
+                kv_cache_dtype: str = "auto") -> tuple[LayerKV, torch.Tensor]:
+    """A random K/V pool in the engine's layout with room for `batch` sequences of `seq_len`, and its
+    blocks in shuffled order."""
     num_blocks = batch * -(-seq_len // block_size)
-    shape = (num_blocks, hkv, block_size, d)
-    k_cache, v_cache = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(2))
-    return k_cache, v_cache, torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+    fmt = kv_format(kv_cache_dtype)
+    _, (kv,) = allocate_kv_cache(1, num_blocks, hkv, block_size, d, dtype, fmt, torch.device("cuda"))
+    for codes, scales in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)):
+        for start in range(0, num_blocks, 4096):  # a slice at a time: quantizing works in fp32
+            rows = torch.randn(codes[start : start + 4096].shape, device="cuda", dtype=dtype)
+            if fmt is None:
+                codes[start : start + 4096] = rows
+            else:
+                codes[start : start + 4096], scales[start : start + 4096] = quantize(rows, fmt)
+    return kv, torch.randperm(num_blocks, device="cuda", dtype=torch.int32)
+
+
+def cache_bytes(kv: LayerKV, tokens: int) -> int:
+    """Bytes of K and V (codes and scales) of `tokens` tokens of every KV head."""
+    per_row = kv.k.shape[-1] * kv.k.element_size() + (0 if kv.k_scale is None else kv.k_scale.element_size())
+    return 2 * tokens * kv.k.shape[1] * per_row
 
 
 def block_tables_for(blocks: torch.Tensor, batch: int, seq_len: int, block_size: int) -> torch.Tensor:
@@ -129,7 +147,7 @@ def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, configs: list = (N
     bf16, tokens = torch.bfloat16, batch * seq_len
     flops = batch * 2 * 2 * seq_len * seq_len * d * hq / 2
     q = torch.randn(tokens, hq, d, device="cuda", dtype=bf16)
-    k_cache, v_cache, blocks = paged_cache(batch, seq_len, hkv, d, block_size, bf16)
+    kv, blocks = paged_cache(batch, seq_len, hkv, d, block_size, bf16)
     tables = block_tables_for(blocks, batch, seq_len, block_size)
     qsl = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int32)
     seq_lens = torch.full((batch,), seq_len, device="cuda", dtype=torch.int32)
@@ -148,8 +166,8 @@ def prefill_case(seq_len: int, batch: int, hq: int, hkv: int, configs: list = (N
         row = {"seq_len": seq_len, "batch": batch, "hq": hq, "hkv": hkv, "head_dim": d, "block_size": block_size,
                "config": cfg and vars(cfg), "sdpa_ms": sdpa_ms, "sdpa_tflops": flops / sdpa_ms / 1e9}
         try:
-            ms = bench_ms(lambda cfg=cfg: prefill_attention(q, k_cache, v_cache, qsl, seq_lens, tables, seq_len,
-                                                            d**-0.5, config=cfg))
+            ms = bench_ms(lambda cfg=cfg: prefill_attention(q, kv, qsl, seq_lens, tables, seq_len, d**-0.5,
+                                                            config=cfg))
             row.update(ms=ms, **{"TFLOP/s": flops / ms / 1e9}, vs_sdpa=sdpa_ms / ms)
         except Exception as e:  # a config the GPU cannot run (e.g. out of shared memory)
             row.update(error=repr(e)[:300])
@@ -176,20 +194,21 @@ def decode_case(batch: int, ctx: int, pool, configs: list = (None,), splits: lis
     """GB/s of decode_attention over `batch` contexts of `ctx` tokens, per config x split count."""
     from martlet.kernels.decode import decode_attention, decode_num_splits
 
-    k_cache, v_cache, blocks = pool
-    hkv, block_size, d = k_cache.shape[1:]
+    kv, blocks = pool
+    hkv, block_size, d = kv.k.shape[1:]
     tables = block_tables_for(blocks, batch, ctx, block_size)
-    q = torch.randn(batch, hq, d, device="cuda", dtype=k_cache.dtype)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
-    nbytes = 2 * batch * ctx * hkv * d * k_cache.element_size() + 2 * q.numel() * q.element_size()
+    nbytes = cache_bytes(kv, batch * ctx) + 2 * q.numel() * q.element_size()
     rows = []
     for cfg in configs:
         for num_splits in splits or [decode_num_splits(batch, hkv, ctx, q.device)]:
             row = {"batch": batch, "context": ctx, "hq": hq, "hkv": hkv, "head_dim": d, "num_splits": num_splits,
-                   "config": cfg and vars(cfg), "bytes": nbytes}
+                   "kv_cache_dtype": kv.format.name if kv.format else "bf16", "config": cfg and vars(cfg),
+                   "bytes": nbytes}
             try:
                 ms = bench_ms(lambda cfg=cfg, s=num_splits: decode_attention(
-                    q, k_cache, v_cache, seq_lens, tables, d**-0.5, s, config=cfg))
+                    q, kv, seq_lens, tables, d**-0.5, s, config=cfg))
                 row.update(ms=ms, **{"GB/s": nbytes / ms / 1e6})
             except Exception as e:
                 row.update(error=repr(e)[:300])
@@ -198,18 +217,21 @@ def decode_case(batch: int, ctx: int, pool, configs: list = (None,), splits: lis
 
 
 def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, programs_per_sm: int) -> list[dict]:
+    """Each KV cache format (bf16, int8, fp8), its bytes counted as stored (codes and scales)."""
     from martlet.kernels.decode import decode_num_splits
 
-    pool = paged_cache(max(batches), max(contexts), 8, 128, 16, torch.bfloat16)
     rows = []
-    for batch in batches:
-        for ctx in contexts:
-            splits = decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)
-            (row,) = decode_case(batch, ctx, pool, configs=[cfg], splits=[splits])
-            row["vs_copy"] = row["GB/s"] / copy_gbs
-            rows.append(row)
-            log(f"  B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: {row['ms'] * 1e3:8.1f} us "
-                f"{row['GB/s']:7.0f} GB/s ({row['vs_copy']:.0%} of copy)")
+    for kv_cache_dtype in KV_CACHE_DTYPES:
+        pool = paged_cache(max(batches), max(contexts), 8, 128, 16, torch.bfloat16, kv_cache_dtype)
+        for batch in batches:
+            for ctx in contexts:
+                splits = decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)
+                (row,) = decode_case(batch, ctx, pool, configs=[cfg], splits=[splits])
+                row["vs_copy"] = row["GB/s"] / copy_gbs
+                rows.append(row)
+                log(f"  {row['kv_cache_dtype']:4s} B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: "
+                    f"{row['ms'] * 1e3:8.1f} us {row['GB/s']:7.0f} GB/s ({row['vs_copy']:.0%} of copy)")
+        del pool
     return rows
 
 
@@ -323,8 +345,8 @@ def diagnose(prefill_cfg, decode_cfg, programs_per_sm: int) -> dict:
         (r,) = prefill_case(4096, 4, 32, 32, configs=[prefill_cfg], block_size=block_size)
         out["prefill"].append(r)
         log(f"  prefill S=4096 block_size={block_size}: {r['TFLOP/s']:.1f} TFLOP/s")
-    k_cache, v_cache, blocks = pool = paged_cache(256, 2048, 8, 128, 16, torch.bfloat16)
-    in_order = (k_cache, v_cache, torch.arange(blocks.numel(), device="cuda", dtype=torch.int32))
+    kv, blocks = pool = paged_cache(256, 2048, 8, 128, 16, torch.bfloat16)
+    in_order = (kv, torch.arange(blocks.numel(), device="cuda", dtype=torch.int32))
     for batch, ctx in [(4, 16384), (256, 256), (256, 2048)]:
         splits = [decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)]
         for name, p in [("shuffled", pool), ("in order", in_order)]:
@@ -367,10 +389,10 @@ def table(results: dict) -> str:
             lambda r: f"| S={r['seq_len']} | {r['batch']} | {r['hq']}/{r['hkv']} | {r['ms']:.3f} | "
                       f"{r['TFLOP/s']:.1f} | {r['sdpa_tflops']:.1f} | {r['vs_sdpa']:.2f}x |"),
         *markdown_rows(
-            "| decode (bf16, Hq/Hkv 32/8, hd 128, block 16) | context | splits | us | GB/s | % of copy |",
+            "| decode (bf16 q, Hq/Hkv 32/8, hd 128, block 16) | KV cache | context | splits | us | GB/s | % of copy |",
             results.get("decode", []),
-            lambda r: f"| batch {r['batch']} | {r['context']} | {r['num_splits']} | {r['ms'] * 1e3:.1f} | "
-                      f"{r['GB/s']:.0f} | {r['vs_copy']:.0%} |"),
+            lambda r: f"| batch {r['batch']} | {r.get('kv_cache_dtype', 'bf16')} | {r['context']} | "
+                      f"{r['num_splits']} | {r['ms'] * 1e3:.1f} | {r['GB/s']:.0f} | {r['vs_copy']:.0%} |"),
         *markdown_rows(
             "| few-token matmul (fp16) | N x K | us | GB/s | % of copy | cuBLAS us | vs cuBLAS |",
             results.get("skinny_linear", []),

@@ -93,19 +93,23 @@ def _setup(args: argparse.Namespace) -> tuple[LLM, Run, Ceilings]:
     ceilings = measure_ceilings(llm.engine.config.device, dtype)
     print(f"{ceilings.device}: copy {ceilings.copy_gb_s:,.0f} GB/s, {dtype} GEMM {ceilings.gemm_tflops:,.1f} "
           f"TFLOP/s", flush=True)
-    # Weight bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
-    roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(llm.engine.runner.model))
+    # Weight and K/V bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
+    roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(llm.engine.runner.model), llm.engine.runner.kv_format)
     return llm, Run(llm, roofline), ceilings
 
 
 def _report(args: argparse.Namespace, llm: LLM, ceilings: Ceilings, rows: list[tuple[str, str]],
             result: dict) -> None:
+    engine = llm.engine.config
+    kv_tokens = llm.engine.block_manager.num_blocks * engine.block_size
+    kv_gib = llm.engine.block_manager.num_blocks * llm.engine.runner.kv_bytes_per_block() / 2**30
+    rows = [*rows, ("KV cache", f"{engine.kv_cache_dtype}: {kv_tokens:,} tokens in {kv_gib:.2f} GiB")]
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if args.json:
-        engine = llm.engine.config
         result.update(ceilings=ceilings.as_dict(), model=engine.model, dtype=str(engine.dtype),
-                      enforce_eager=engine.enforce_eager, kv_blocks=llm.engine.block_manager.num_blocks)
+                      enforce_eager=engine.enforce_eager, kv_blocks=llm.engine.block_manager.num_blocks,
+                      kv_cache_dtype=engine.kv_cache_dtype, kv_cache_tokens=kv_tokens, kv_cache_gib=kv_gib)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
 

@@ -15,6 +15,7 @@ import torch
 
 from martlet.config import ModelConfig
 from martlet.engine.scheduler import ScheduledBatch
+from martlet.layers.kv_cache import KVFormat, tile_bytes
 
 
 @dataclass
@@ -92,10 +93,11 @@ def layer_weight_bytes(model: torch.nn.Module) -> int:
 
 class Roofline:
     def __init__(
-        self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, layer_bytes: int | None = None
+        self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, layer_bytes: int | None = None,
+        kv_format: KVFormat | None = None,
     ) -> None:
         """`layer_bytes`: the decoder layers' weight bytes (`layer_weight_bytes`) when they are not
-        stored in `dtype`, as under quantization."""
+        stored in `dtype`, as under quantization; `kv_format`: an 8-bit KV cache's."""
         element = torch.tensor([], dtype=dtype).element_size()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
@@ -104,7 +106,8 @@ class Roofline:
         self.head_params = cfg.vocab_size * cfg.hidden_size
         layer_bytes = self.layer_params * element if layer_bytes is None else layer_bytes
         self.weight_bytes = layer_bytes + self.head_params * element
-        self.kv_bytes_per_token = 2 * cfg.num_layers * kv * element
+        # K and V as stored: 8-bit codes and their scales in a quantized cache.
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * tile_bytes(1, cfg.head_dim, dtype, kv_format)
         self.attention_flops_per_pair = 4 * cfg.num_layers * q  # QK^T and PV, 2 FLOPs per MAC
         self.ceilings = ceilings
 

@@ -19,6 +19,7 @@ from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, Mix
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
+from martlet.layers.kv_cache import allocate_kv_cache, kv_format, tile_bytes
 from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows, record_prompt_logprobs
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
@@ -33,6 +34,7 @@ class ModelRunner:
         self.model = model
         self.device = config.device
         self.block_size = config.block_size
+        self.kv_format = kv_format(config.kv_cache_dtype)
         self.sampler = Sampler(config.device, config.seed)
         # None while profiling; made once the KV pool exists.
         self.decode_graphs: DecodeGraphs | None = None
@@ -55,9 +57,10 @@ class ModelRunner:
     # ---- the KV pool -------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
+        """K and V of every layer for one block of tokens, in the cache's format (scales included)."""
         m = self.model_config
-        element = torch.tensor([], dtype=self.config.dtype).element_size()
-        return 2 * m.num_layers * m.num_kv_heads * self.block_size * m.head_dim * element
+        return 2 * m.num_layers * m.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
+                                                                self.kv_format)
 
     def _choose_num_blocks(self) -> int:
         if self.device.type == "cuda":
@@ -102,13 +105,10 @@ class ModelRunner:
         m = self.model_config
         layers = self.model.attention_layers()
         self.kv_cache = None  # free the old pool before making the new one
-        # Zeroed once, so that padding reads of never-written slots see numbers, not NaN bit patterns.
-        self.kv_cache = torch.zeros(
-            2, len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
-            dtype=self.config.dtype, device=self.device,
-        )
-        for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.kv_cache, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
+                                                 self.config.dtype, self.kv_format, self.device)
+        for layer, kv in zip(layers, views):
+            layer.kv = kv
 
     # ---- one step ----------------------------------------------------------------------------
 

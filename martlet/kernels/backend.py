@@ -29,7 +29,7 @@ class TritonAttentionBackend(AttentionBackend):
         slot_mapping: torch.Tensor, q_out: torch.Tensor | None,
     ) -> torch.Tensor:
         return rotary_kv_write(
-            q, k, v, positions, layer.rotary.cos_sin_cache, layer.k_cache, layer.v_cache, slot_mapping, q_out
+            q, k, v, positions, layer.rotary.cos_sin_cache, layer.kv, slot_mapping, q_out
         )
 
     def attend(
@@ -39,7 +39,7 @@ class TritonAttentionBackend(AttentionBackend):
         num_prefill_tokens, num_prefills, num_decodes = meta.num_prefill_tokens, meta.num_prefills, meta.num_decodes
         if num_prefills:
             prefill_attention(
-                q[:num_prefill_tokens], layer.k_cache, layer.v_cache, meta.query_start_loc[: num_prefills + 1],
+                q[:num_prefill_tokens], layer.kv, meta.query_start_loc[: num_prefills + 1],
                 meta.seq_lens[:num_prefills], meta.block_tables[:num_prefills], meta.max_query_len, layer.scale,
                 out=out[:num_prefill_tokens],
             )
@@ -47,7 +47,7 @@ class TritonAttentionBackend(AttentionBackend):
             decodes = slice(num_prefill_tokens, num_prefill_tokens + num_decodes)
             num_splits = decode_num_splits(num_decodes, layer.num_kv_heads, meta.max_seq_len, q.device)
             decode_attention(
-                q[decodes], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
+                q[decodes], layer.kv, meta.seq_lens[num_prefills:],
                 meta.block_tables[num_prefills:], layer.scale, num_splits, out=out[decodes],
             )
         return out

@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from martlet.device import num_sms
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step
+from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.layers.kv_cache import LayerKV
 
 PROGRAMS_PER_SM = 4  # best of 2, 4, 8, 16 on an H200: enough programs to keep loads in flight on every SM
 # Shorter splits give a lone sequence more programs: at batch 1, 128 against 256 made 8 in 256 out
@@ -75,12 +76,12 @@ def decode_num_splits(
 @triton.jit(do_not_specialize=["seq_lens_ptr", "block_tables_ptr", "stride_ot", "stride_oh", "stride_lt",
                                "stride_lh", "stride_bt"])
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tables_ptr, qk_scale,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-    stride_block, stride_head, stride_slot, stride_bt,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tables_ptr,
+    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
+    stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     kv_head = tl.program_id(0)
@@ -106,9 +107,11 @@ def _decode_kernel(
     for tile in range(start, end, BLOCK_N):
         keys = tile + offs_n
         n_mask = keys < end
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
-                            stride_slot, offs_d, d_mask, BLOCK_SIZE)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, n_mask[None, :], True, PRECISION)
+        k, v, k_scale, v_scale = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
+            stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE, True, QUANT)
+        m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, n_mask[None, :], True,
+                                            QUANT, PRECISION)
 
     # An empty split (context shorter than the split count needs) contributes zeros with weight 0.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -144,17 +147,16 @@ def _merge_kernel(
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-    block_tables: torch.Tensor, scale: float, num_splits: int, out: torch.Tensor | None = None,
-    config: DecodeConfig | None = None,
+    q: torch.Tensor, kv: LayerKV, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+    num_splits: int, out: torch.Tensor | None = None, config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence, q [B, Hq, D], over its `seq_lens[b]` cached keys.
 
     `num_splits` comes from `decode_num_splits` (or a test); any value gives the same result.
     """
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    check_cache(k_cache, v_cache, num_q_heads)
+    num_kv_heads, block_size = kv.k.shape[1], kv.k.shape[2]
+    check_cache(kv, num_q_heads)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -169,15 +171,17 @@ def decode_attention(
     else:  # one split: write the final output directly, no merge
         target, stride_os, lse, lse_strides = out, 0, None, (0, 0)
     block_d = triton.next_power_of_2(head_dim)
+    k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
     pdl = pdl_launch(q.device)
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
-        q, k_cache, v_cache, target, lse, seq_lens, block_tables, scale * LOG2E,
+        q, kv.k, kv.v, k_scale, v_scale, target, lse, seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), target.stride(0), target.stride(1), stride_os, *lse_strides,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head, block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         # tl.dot needs at least 16 rows: small groups are padded with masked heads.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), SPLIT=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
+        PRECISION=dot_precision(q.dtype), SPLIT=split, QUANT=kv.k_scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl,
     )
     if split:
         _merge_kernel[(num_seqs, num_q_heads)](

@@ -1,4 +1,4 @@
-"""What the prefill and decode kernels share: addressing a paged K/V tile, and one online-softmax step.
+"""What the prefill and decode kernels share: loading a paged K/V tile, and one online-softmax step.
 
 Softmax runs in the log2 domain: the logits are scaled by `scale * log2(e)` once, so every
 exponential is an `exp2` and the log-sum-exp the decode kernel hands its merge is a log2 too.
@@ -10,52 +10,75 @@ import torch
 import triton
 import triton.language as tl
 
+from martlet.layers.kv_cache import LayerKV
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def paged_offsets(
-    block_table, offs_n, n_mask, kv_head, stride_block, stride_head, stride_slot, offs_d,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """Element offsets of keys `offs_n` of one sequence and one KV head into the cache: an [N, D] tile.
-
-    `block_table` points at the sequence's row of the block table; each key finds its page there.
-    Keys outside `n_mask` (None: all keys are in range) get garbage offsets: mask their loads too.
-    """
-    pages = tl.load(block_table + offs_n // BLOCK_SIZE, mask=n_mask).to(tl.int64)
-    rows = pages * stride_block + kv_head * stride_head + (offs_n % BLOCK_SIZE) * stride_slot
-    return rows[:, None] + offs_d[None, :]
-
-
-@triton.jit
 def load_kv_tile(
-    k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
-    offs_d, d_mask, BLOCK_SIZE: tl.constexpr,
+    k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
+    stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
 ):
-    """The K and V tiles [N, D] of `keys` (those outside `n_mask` read as zeros)."""
-    offs = paged_offsets(block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot, offs_d,
-                         BLOCK_SIZE)
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    return tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0), tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+    """The K and V tiles [N, D] of one sequence's keys `keys` for one KV head, read through its block
+    table (`block_table` points at the sequence's row), and for an 8-bit cache their scales [N].
+
+    Unless MASKED, every key is in range; otherwise keys outside `n_mask` read as zeros (scale 0).
+    Without QUANT the scales are 1 and the scale pointers are never read.
+    """
+    if MASKED:
+        pages = tl.load(block_table + keys // BLOCK_SIZE, mask=n_mask).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        pages = tl.load(block_table + keys // BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_mask[None, :]
+    in_page = keys % BLOCK_SIZE
+    offs = (pages * stride_block + kv_head * stride_head + in_page * stride_slot)[:, None] + offs_d[None, :]
+    k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+    if QUANT:
+        scale_offs = pages * stride_scale_block + kv_head * stride_scale_head + in_page
+        if MASKED:
+            k_scale = tl.load(k_scale_ptr + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
+        else:
+            k_scale = tl.load(k_scale_ptr + scale_offs).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + scale_offs).to(tl.float32)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k, v, k_scale, v_scale
 
 
 @triton.jit
 def online_softmax_step(
-    q, k, v, m_i, l_i, acc, qk_scale, mask, USE_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, mask,
+    USE_MASK: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold one key tile into the running max `m_i`, denominator `l_i` and unnormalized output `acc`.
 
     q [M, D], k and v [N, D]; `mask` [M, N] says which logits count (ignored unless USE_MASK).
     A row must see at least one key in the first tile it is given, or its max stays -inf.
+    An 8-bit tile (QUANT) is widened to q's dtype (exactly: every int8 and e4m3 code is an fp16)
+    and its per-key scales [N] go on the logits (K) and on the probabilities (V), not on the tile.
     """
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    if QUANT:
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if QUANT:
+        qk = qk * (k_scale * qk_scale)[None, :]
+    else:
+        qk = qk * qk_scale
     if USE_MASK:
         qk = tl.where(mask, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if QUANT:
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
@@ -65,12 +88,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_q_heads: int | None = None) -> None:
+def check_cache(kv: LayerKV, num_q_heads: int | None = None) -> None:
     """The cache layout the kernels assume, and (given the query heads) a whole GQA group per KV head."""
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
-        raise ValueError("k_cache and v_cache must have the same shape and strides")
-    if k_cache.stride(-1) != 1:
+    if kv.k.shape != kv.v.shape or kv.k.stride() != kv.v.stride():
+        raise ValueError("the K and V caches must have the same shape and strides")
+    if kv.k.stride(-1) != 1:
         raise ValueError("the KV cache's head_dim must be contiguous")
-    num_kv_heads = k_cache.shape[1]
+    if kv.k_scale is not None and (kv.k_scale.stride() != kv.v_scale.stride() or kv.k_scale.stride(-1) != 1):
+        raise ValueError("the K and V scales must have the same strides, one slot after another")
+    num_kv_heads = kv.k.shape[1]
     if num_q_heads is not None and num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV head groups")
+
+
+def scale_args(kv: LayerKV) -> tuple:
+    """The kernels' scale arguments: the K and V scales and their block and head strides. An
+    unquantized cache (QUANT false) passes the K cache and zeros, which its kernels never read."""
+    if kv.k_scale is None:
+        return kv.k, kv.k, 0, 0
+    return kv.k_scale, kv.v_scale, kv.k_scale.stride(0), kv.k_scale.stride(1)

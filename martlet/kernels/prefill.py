@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, paged_offsets
+from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, scale_args
+from martlet.layers.kv_cache import LayerKV
 
 
 @dataclass(frozen=True)
@@ -46,10 +47,12 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
 # variant (about a second) the first time it lands in another value class (1, multiple of 16, other).
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head, stride_slot, stride_bt,
+    q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head, stride_slot,
+    stride_scale_block, stride_scale_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     head = tl.program_id(0)
     # Causal work grows with the query block's index: launch the heaviest blocks first so the
@@ -79,21 +82,24 @@ def _prefill_kernel(
     first_pos = ctx_len - q_len + m_block * BLOCK_M
     band_start = first_pos // BLOCK_N * BLOCK_N
     for start in range(0, band_start, BLOCK_N):
-        offs = paged_offsets(block_table, start + offs_n, None, kv_head, stride_block, stride_head,
-                             stride_slot, offs_d, BLOCK_SIZE)
-        k = tl.load(k_cache_ptr + offs, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=d_mask[None, :], other=0.0)
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, None, False, PRECISION)
+        k, v, k_scale, v_scale = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, start + offs_n, None, kv_head,
+            stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE,
+            False, QUANT)
+        m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, None, False, QUANT,
+                                            PRECISION)
     # The band: keys from band_start to the block's last query. Its first tile holds first_pos, which
     # every row sees, so no row starts on an all-masked tile. Rows past q_len (padding) see all keys.
     band_end = tl.minimum(ctx_len, first_pos + BLOCK_M)
     for start in range(band_start, band_end, BLOCK_N):
         keys = start + offs_n
         n_mask = keys < ctx_len
-        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
-                            stride_slot, offs_d, d_mask, BLOCK_SIZE)
+        k, v, k_scale, v_scale = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
+            stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE, True, QUANT)
         causal = (keys[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        m_i, l_i, acc = online_softmax_step(q, k, v, m_i, l_i, acc, qk_scale, causal, True, PRECISION)
+        m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, causal, True, QUANT,
+                                            PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -101,9 +107,8 @@ def _prefill_kernel(
 
 
 def prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor, block_tables: torch.Tensor, max_query_len: int, scale: float,
-    out: torch.Tensor | None = None, config: PrefillConfig | None = None,
+    q: torch.Tensor, kv: LayerKV, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+    max_query_len: int, scale: float, out: torch.Tensor | None = None, config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """Attention of the packed queries q [T, Hq, D] over their sequences' paged context.
 
@@ -111,8 +116,8 @@ def prefill_attention(
     holds their cu_seqlens into q. `max_query_len` (a host int, at least the longest) sizes the grid.
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
-    check_cache(k_cache, v_cache, num_q_heads)
+    num_kv_heads, block_size = kv.k.shape[1], kv.k.shape[2]
+    check_cache(kv, num_q_heads)
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
@@ -120,12 +125,14 @@ def prefill_attention(
         return out
     cfg = config or prefill_config(head_dim, q.dtype, q.device)
     grid = (num_q_heads, triton.cdiv(max_query_len, cfg.block_m), num_seqs)
+    k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
+        q, kv.k, kv.v, k_scale, v_scale, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head, block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PRECISION=dot_precision(q.dtype), QUANT=kv.k_scale is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

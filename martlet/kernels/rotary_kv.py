@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import check_cache
+from martlet.kernels.paged import check_cache, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.layers.kv_cache import LayerKV
 
 
 @triton.jit
@@ -32,12 +33,50 @@ def _store_halves(ptrs, x1, x2, mask, HALF: tl.constexpr):
 
 
 @triton.jit
+def _round_to_e4m3(y):
+    """fp32 y (|y| <= 448) to the nearest e4m3 value, ties to even, in exact fp32 arithmetic, so the
+    conversion that follows has nothing left to round (Triton's interpreter rounds 124 to 64)."""
+    a = tl.abs(y)
+    # The step of a's binade, 2^(exponent - 3) for 3 mantissa bits; subnormals share the smallest normal's.
+    exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)
+    per_step = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exactly
+    units = a * per_step
+    whole = tl.floor(units)
+    odd = whole - 2.0 * tl.floor(whole * 0.5)
+    whole = tl.where((units - whole > 0.5) | ((units - whole == 0.5) & (odd == 1.0)), whole + 1.0, whole)
+    return tl.where(y < 0, -whole * step, whole * step)
+
+
+@triton.jit
+def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, MAX_CODE: tl.constexpr, HALF: tl.constexpr):
+    """Head rows (halves x1, x2, fp32) as 8-bit codes and one fp16 scale each: `kv_cache.quantize`,
+    the same operations in the same order."""
+    amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
+    scale = (amax / MAX_CODE).to(tl.float16)
+    s = scale.to(tl.float32)
+    inv = tl.where(s > 0, 1.0 / s, 0.0)[:, None]
+    y1 = tl.minimum(tl.maximum(x1 * inv, -MAX_CODE), MAX_CODE)
+    y2 = tl.minimum(tl.maximum(x2 * inv, -MAX_CODE), MAX_CODE)
+    if ptrs.dtype.element_ty == tl.int8:  # round half away from zero, then the exact conversion
+        y1 = tl.where(y1 >= 0, tl.floor(y1 + 0.5), tl.ceil(y1 - 0.5))
+        y2 = tl.where(y2 >= 0, tl.floor(y2 + 0.5), tl.ceil(y2 - 0.5))
+    else:
+        y1 = _round_to_e4m3(y1)
+        y2 = _round_to_e4m3(y2)
+    tl.store(scale_ptrs, scale, mask=head_mask)
+    _store_halves(ptrs, y1, y2, mask, HALF)
+
+
+@triton.jit
 def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos,
-    stride_block, stride_head, stride_slot,
+    stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr,
+    MAX_CODE: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
@@ -63,22 +102,33 @@ def _rotary_kv_kernel(
         cache += kv_heads[:, None] * stride_head + offs_d[None, :]
         # Round to k's dtype before the cache's, as the reference does (rotary output, then the write).
         k_dtype = k_ptr.dtype.element_ty
-        _store_halves(k_cache_ptr + cache, k1.to(k_dtype), k2.to(k_dtype), kv_mask, HALF)
+        k1, k2 = k1.to(k_dtype), k2.to(k_dtype)
         v = v_ptr + token * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :]
-        _store_halves(v_cache_ptr + cache, tl.load(v, mask=kv_mask), tl.load(v + HALF, mask=kv_mask), kv_mask, HALF)
+        v1, v2 = tl.load(v, mask=kv_mask, other=0.0), tl.load(v + HALF, mask=kv_mask, other=0.0)
+        if QUANT:
+            scales = (slot // BLOCK_SIZE) * stride_scale_block + slot % BLOCK_SIZE + kv_heads * stride_scale_head
+            head_mask = kv_heads < NUM_KV_HEADS
+            _store_quantized(k_cache_ptr + cache, k_scale_ptr + scales, k1.to(tl.float32), k2.to(tl.float32),
+                             kv_mask, head_mask, MAX_CODE, HALF)
+            _store_quantized(v_cache_ptr + cache, v_scale_ptr + scales, v1.to(tl.float32), v2.to(tl.float32),
+                             kv_mask, head_mask, MAX_CODE, HALF)
+        else:
+            _store_halves(k_cache_ptr + cache, k1, k2, kv_mask, HALF)
+            _store_halves(v_cache_ptr + cache, v1, v2, kv_mask, HALF)
 
 
 def rotary_kv_write(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None,
+    kv: LayerKV, slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rotate q and k ([T, H, D], any token/head strides) at `positions`; store k and v at `slot_mapping`.
+    """Rotate q and k ([T, H, D], any token/head strides) at `positions`; store k and v at `slot_mapping`
+    (as codes and scales in an 8-bit cache).
 
     Returns the rotated q, contiguous [T, Hq, D] (written into `q_out` if given).
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
-    check_cache(k_cache, v_cache)
+    check_cache(kv)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or cos_sin_cache.stride(-1) != 1:
         raise ValueError("q, k, v and cos_sin_cache need a contiguous last dimension")
     if q_out is None:
@@ -86,13 +136,16 @@ def rotary_kv_write(
     if num_tokens == 0:
         return q_out
     half = head_dim // 2
+    fmt = kv.format
+    k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
     _rotary_kv_kernel[(num_tokens,)](
-        q, k, v, positions, cos_sin_cache, slot_mapping, q_out, k_cache, v_cache,
+        q, k, v, positions, cos_sin_cache, slot_mapping, q_out, kv.k, kv.v, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=k_cache.shape[2],
+        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head,
+        NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=kv.k.shape[2],
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl_launch(q.device),
+        BLOCK_HALF=triton.next_power_of_2(half), QUANT=fmt is not None, MAX_CODE=fmt.max_code if fmt else 0.0,
+        num_warps=4, **pdl_launch(q.device),
     )
     return q_out

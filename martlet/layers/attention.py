@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from martlet.layers.kv_cache import LayerKV, dequantize, quantize
 from martlet.layers.rotary import RotaryEmbedding
 
 
@@ -47,7 +48,7 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Multi-head attention over the paged cache; the backend does the arithmetic.
 
-    The model runner hands every layer its `k_cache`/`v_cache` views once the pool exists.
+    The model runner hands every layer its views into the KV pool (`kv`) once the pool exists.
     """
 
     def __init__(
@@ -65,8 +66,7 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.rotary = rotary
         self.backend = backend
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        self.kv = LayerKV(torch.empty(0), torch.empty(0))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -116,45 +116,42 @@ class AttentionBackend(ABC):
         return 0
 
 
-def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Reference cache write: token t goes to block slot // bs, offset slot % bs, every head. A
-    negative slot marks a padding token (in a CUDA graph's batch): it is stored nowhere."""
-    block_size = k_cache.shape[2]
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv: LayerKV, slot_mapping: torch.Tensor) -> None:
+    """Reference cache write: token t goes to block slot // bs, offset slot % bs, every head; an
+    8-bit cache stores codes and scales (`kv_cache.quantize`). A negative slot marks a padding token
+    (in a CUDA graph's batch): it is stored nowhere."""
+    block_size = kv.k.shape[2]
     stored = slot_mapping >= 0
     slots = slot_mapping[stored]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, :, offsets] = k[stored].to(k_cache.dtype)
-    v_cache[blocks, :, offsets] = v[stored].to(v_cache.dtype)
+    for x, codes, scales in ((k, kv.k, kv.k_scale), (v, kv.v, kv.v_scale)):
+        if scales is None:
+            codes[blocks, :, offsets] = x[stored].to(codes.dtype)
+        else:
+            codes[blocks, :, offsets], scales[blocks, :, offsets] = quantize(x[stored], kv.format)
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first `length` cached rows as [Hkv, length, D]."""
-    num_blocks = -(-length // cache.shape[2])
-    tiles = cache[block_table[:num_blocks].long()]  # [nb, Hkv, bs, D]
-    return tiles.transpose(0, 1).flatten(1, 2)[:, :length]
+def read_context(codes: torch.Tensor, scales: torch.Tensor | None, block_tables: torch.Tensor) -> torch.Tensor:
+    """The cached rows of whole pages, fp32: block_tables [..., nb] gives [..., Hkv, nb * bs, D]."""
+    tables = block_tables.long()
+    rows = dequantize(codes[tables], None if scales is None else scales[tables])  # [..., nb, Hkv, bs, D]
+    return rows.transpose(-3, -4).flatten(-3, -2)
 
 
-def paged_attention_reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
+def paged_attention_reference(q: torch.Tensor, kv: LayerKV, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of every new token over its sequence's cached context, one sequence at a time.
 
     q is [T, Hq, D] after rotary; the new tokens' K/V must already be in the cache.
     """
     out = torch.empty_like(q)
-    num_kv_heads = k_cache.shape[1]
-    group = q.shape[1] // num_kv_heads
+    group = q.shape[1] // kv.k.shape[1]
     starts, seq_lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     for i, ctx_len in enumerate(seq_lens):
         start, end = starts[i], starts[i + 1]
         q_len = end - start
-        keys = gather_context(k_cache, meta.block_tables[i], ctx_len)
-        values = gather_context(v_cache, meta.block_tables[i], ctx_len)
-        keys = keys.repeat_interleave(group, dim=0).float()
-        values = values.repeat_interleave(group, dim=0).float()
+        table = meta.block_tables[i, : -(-ctx_len // kv.k.shape[2])]
+        keys = read_context(kv.k, kv.k_scale, table)[:, :ctx_len].repeat_interleave(group, dim=0)
+        values = read_context(kv.v, kv.v_scale, table)[:, :ctx_len].repeat_interleave(group, dim=0)
         # Query j sits at position ctx_len - q_len + j and sees keys up to and including it.
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
         too_far = torch.arange(ctx_len, device=q.device)[None, :] > q_pos[:, None]
@@ -165,24 +162,19 @@ def paged_attention_reference(
 
 
 def decode_attention_torch(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-    block_tables: torch.Tensor, scale: float,
+    q: torch.Tensor, kv: LayerKV, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, D], over its whole cached context: all sequences at once,
     their contexts padded to the longest and masked, since a loop per sequence costs more on a CPU."""
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
-    tables = block_tables.long()
-
-    def context(cache: torch.Tensor) -> torch.Tensor:  # [B, Hkv, num_blocks * block_size, D]
-        return cache[tables].transpose(1, 2).flatten(2, 3).to(q.dtype)
-
-    keys, values = context(k_cache), context(v_cache)
+    num_kv_heads = kv.k.shape[1]
+    keys = read_context(kv.k, kv.k_scale, block_tables)  # [B, Hkv, L, D]
+    values = read_context(kv.v, kv.v_scale, block_tables)
     q = q.view(num_seqs, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bhgd,bhld->bhgl", q.float(), keys.float()) * scale
+    scores = torch.einsum("bhgd,bhld->bhgl", q.float(), keys) * scale
     too_far = torch.arange(keys.shape[2], device=q.device)[None, :] >= seq_lens[:, None]
     scores.masked_fill_(too_far[:, None, None, :], float("-inf"))
-    values = values.float().masked_fill(too_far[:, None, :, None], 0.0)  # 0 * stale NaN would be NaN
+    values = values.masked_fill(too_far[:, None, :, None], 0.0)  # 0 * stale NaN would be NaN
     out = torch.einsum("bhgl,bhld->bhgd", torch.softmax(scores, dim=-1), values)
     return out.reshape(num_seqs, num_q_heads, head_dim).to(q.dtype)
 
@@ -197,7 +189,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def rotate_and_store(self, layer, q, k, v, positions, slot_mapping, q_out):
         q, k = layer.rotary(positions, q, k)
-        write_kv_cache(k, v, layer.k_cache, layer.v_cache, slot_mapping)
+        write_kv_cache(k, v, layer.kv, slot_mapping)
         return q if q_out is None else q_out.copy_(q)
 
     def attend(self, layer, q, meta, out):
@@ -208,13 +200,12 @@ class TorchAttentionBackend(AttentionBackend):
                 meta, query_start_loc_cpu=meta.query_start_loc_cpu[: num_prefills + 1],
                 seq_lens_cpu=meta.seq_lens_cpu[:num_prefills],
             )
-            out[:num_prefill_tokens] = paged_attention_reference(
-                q[:num_prefill_tokens], layer.k_cache, layer.v_cache, prefill_meta, layer.scale
-            )
+            out[:num_prefill_tokens] = paged_attention_reference(q[:num_prefill_tokens], layer.kv, prefill_meta,
+                                                                 layer.scale)
         if meta.num_decodes:
             out[num_prefill_tokens:] = decode_attention_torch(
-                q[num_prefill_tokens:], layer.k_cache, layer.v_cache, meta.seq_lens[num_prefills:],
-                meta.block_tables[num_prefills:], layer.scale,
+                q[num_prefill_tokens:], layer.kv, meta.seq_lens[num_prefills:], meta.block_tables[num_prefills:],
+                layer.scale,
             )
         return out
 

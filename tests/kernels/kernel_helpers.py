@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from martlet.layers.attention import AttentionMetadata, paged_attention_reference
+from martlet.layers.kv_cache import LayerKV, allocate_kv_cache, kv_format, quantize
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -24,12 +25,13 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 
 def make_paged_batch(
     q_lens: list[int], seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, dtype: torch.dtype, seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Random queries and a random paged cache holding every sequence's whole context.
+    block_size: int, dtype: torch.dtype, seed: int = 0, kv_cache_dtype: str = "auto",
+) -> tuple[torch.Tensor, LayerKV, AttentionMetadata]:
+    """Random queries and a random paged cache holding every sequence's whole context, in the
+    engine's pool layout (8-bit codes with their scales for an 8-bit `kv_cache_dtype`).
 
     Blocks are handed out in shuffled order from a pool with spare blocks, so block tables are
-    scattered as they are after some churn. Returns (q [T, Hq, D], k_cache, v_cache, meta).
+    scattered as they are after some churn. Returns (q [T, Hq, D], the cache, meta).
     """
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [-(-n // block_size) for n in seq_lens]
@@ -41,8 +43,16 @@ def make_paged_batch(
     for i, n in enumerate(blocks_per_seq):
         block_tables[i, :n] = perm[used : used + n]
         used += n
-    shape = (num_blocks, num_kv_heads, block_size, head_dim)
-    k_cache, v_cache = (torch.randn(shape, generator=gen).to(dtype) for _ in range(2))
+    fmt = kv_format(kv_cache_dtype)
+    _, (kv,) = allocate_kv_cache(1, num_blocks, num_kv_heads, block_size, head_dim, dtype, fmt, DEVICE)
+    for codes, scales in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)):
+        rows = torch.randn(codes.shape, generator=gen)
+        if fmt is None:
+            codes.copy_(rows.to(dtype))
+        else:
+            codes_q, scales_q = quantize(rows, fmt)
+            codes.copy_(codes_q)
+            scales.copy_(scales_q)
     q = torch.randn(sum(q_lens), num_q_heads, head_dim, generator=gen).to(dtype)
     starts = [0]
     for n in q_lens:
@@ -65,9 +75,15 @@ def make_paged_batch(
         query_start_loc_cpu=starts,
         seq_lens_cpu=list(seq_lens),
     )
-    return q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), meta
+    return q.to(DEVICE), kv, meta
 
 
-def reference_attention(q, k_cache, v_cache, meta, scale):
-    """paged_attention_reference in float32 on the same (possibly 16-bit) inputs."""
-    return paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), meta, scale)
+def float_cache(kv: LayerKV) -> LayerKV:
+    """The same cache in float32: an unquantized one widened; an 8-bit one as it is (the reference
+    dequantizes it in float32 anyway)."""
+    return kv if kv.k_scale is not None else LayerKV(kv.k.float(), kv.v.float())
+
+
+def reference_attention(q, kv, meta, scale):
+    """paged_attention_reference in float32 on the same (possibly 16-bit or 8-bit) inputs."""
+    return paged_attention_reference(q.float(), float_cache(kv), meta, scale)

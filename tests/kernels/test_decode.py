@@ -4,6 +4,7 @@ import pytest
 import torch
 from kernel_helpers import DEVICE, assert_close, dtypes, make_paged_batch, reference_attention
 
+from martlet.config import KV_CACHE_DTYPES
 from martlet.kernels.decode import MAX_SPLITS, decode_attention, decode_num_splits
 
 gpu = pytest.mark.gpu
@@ -20,28 +21,30 @@ CASES = [
 ]
 
 
-def _decode(q, k_cache, v_cache, meta, num_splits):
+def _decode(q, kv, meta, num_splits):
     out = torch.full_like(q, float("nan"))
-    return decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, q.shape[-1] ** -0.5,
-                            num_splits, out=out)
+    return decode_attention(q, kv, meta.seq_lens, meta.block_tables, q.shape[-1] ** -0.5, num_splits, out=out)
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
 @pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_splits", CASES)
-def test_decode_matches_reference(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_splits, dtype):
-    q, k_cache, v_cache, meta = make_paged_batch(
-        [1] * len(seq_lens), seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype
+def test_decode_matches_reference(seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, num_splits, dtype,
+                                  kv_cache_dtype):
+    q, kv, meta = make_paged_batch(
+        [1] * len(seq_lens), seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+        kv_cache_dtype=kv_cache_dtype,
     )
-    out = _decode(q, k_cache, v_cache, meta, num_splits)
-    assert_close(out, reference_attention(q, k_cache, v_cache, meta, head_dim**-0.5), dtype)
+    out = _decode(q, kv, meta, num_splits)
+    assert_close(out, reference_attention(q, kv, meta, head_dim**-0.5), dtype)
 
 
 def test_padding_sequence_gives_zeros():
     """A length-0 sequence (a padded slot of a CUDA graph batch) yields finite zeros, split or not."""
-    q, k_cache, v_cache, meta = make_paged_batch([1, 1], [20, 1], 2, 1, 64, 16, torch.float32)
+    q, kv, meta = make_paged_batch([1, 1], [20, 1], 2, 1, 64, 16, torch.float32)
     meta.seq_lens[1] = 0
     for num_splits in (1, 4):
-        out = _decode(q, k_cache, v_cache, meta, num_splits)
+        out = _decode(q, kv, meta, num_splits)
         assert not out[0].isnan().any() and (out[1] == 0).all()
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from kernel_helpers import DEVICE, assert_close, dtypes, make_paged_batch, reference_attention
 
+from martlet.config import KV_CACHE_DTYPES
 from martlet.kernels.prefill import prefill_attention
 
 gpu = pytest.mark.gpu
@@ -20,23 +21,25 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("kv_cache_dtype", KV_CACHE_DTYPES)
 @pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size", CASES)
-def test_prefill_matches_reference(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype):
-    q, k_cache, v_cache, meta = make_paged_batch(
-        q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype
+def test_prefill_matches_reference(q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype,
+                                   kv_cache_dtype):
+    q, kv, meta = make_paged_batch(
+        q_lens, seq_lens, num_q_heads, num_kv_heads, head_dim, block_size, dtype, kv_cache_dtype=kv_cache_dtype
     )
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
-    prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                      meta.max_query_len, scale, out=out)
-    assert_close(out, reference_attention(q, k_cache, v_cache, meta, scale), dtype)
+    prefill_attention(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, scale,
+                      out=out)
+    assert_close(out, reference_attention(q, kv, meta, scale), dtype)
 
 
 def test_prefill_writes_only_its_rows():
     """Two prompts packed into a larger buffer: rows outside them stay untouched."""
-    q, k_cache, v_cache, meta = make_paged_batch([5, 3], [5, 3], 2, 2, 64, 16, torch.float32)
+    q, kv, meta = make_paged_batch([5, 3], [5, 3], 2, 2, 64, 16, torch.float32)
     out = torch.full((10, 2, 64), float("nan"), device=DEVICE)
-    prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                      meta.max_query_len, 0.125, out=out)
+    prefill_attention(q, kv, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len, 0.125,
+                      out=out)
     assert not out[:8].isnan().any() and out[8:].isnan().all()

@@ -1,0 +1,46 @@
+"""Decode tile configs per KV cache format: GB/s (bytes as stored) of each candidate on a few shapes.
+
+    PYTHONPATH=$PWD python3 benchmarks/tune_decode_kv.py [FORMAT ...]   (default: auto int8 fp8)
+
+The kernel's default config was tuned on bf16 (martlet/kernels/decode.py); an 8-bit tile is half the
+bytes per key, so it may want more keys per tile or more warps.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from martlet.bench.kernels import decode_case, geomean, paged_cache
+from martlet.bench.roofline import measure_ceilings
+from martlet.kernels.decode import DecodeConfig
+
+SHAPES = [(16, 32768), (32, 2048), (256, 2048), (64, 512)]
+CANDIDATES = [None] + [DecodeConfig(*c) for c in [
+    (16, 2, 4), (64, 2, 4), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]]
+
+
+def main() -> None:
+    copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
+    print(f"copy {copy:.0f} GB/s")
+    for kv_cache_dtype in sys.argv[1:] or ("auto", "int8", "fp8"):
+        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.bfloat16,
+                           kv_cache_dtype)
+        scores = {}
+        for cfg in CANDIDATES:
+            rows = [r for batch, ctx in SHAPES for r in decode_case(batch, ctx, pool, configs=[cfg])]
+            ok = [r for r in rows if "error" not in r]
+            line = " ".join(f"b{r['batch']}/{r['context']}:{r['GB/s']:5.0f}" for r in ok)
+            if len(ok) == len(rows):
+                scores[str(cfg)] = geomean([r["GB/s"] for r in ok])
+                print(f"{kv_cache_dtype:4s} {cfg}: {line}  geomean {scores[str(cfg)]:.0f} GB/s", flush=True)
+            else:
+                print(f"{kv_cache_dtype:4s} {cfg}: error {rows[0].get('error', '')[:200]}", flush=True)
+        print(f"-> {kv_cache_dtype}: best {max(scores, key=scores.get)}", flush=True)
+        del pool
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
