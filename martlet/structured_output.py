@@ -5,8 +5,8 @@ bad schema is a ValueError before anything runs), a `CompiledGrammar` in the eng
 worker thread, since xgrammar lets go of the GIL while it compiles, and cached by the grammar's
 text), and one `GrammarMatcher` per sequence, which takes each token the sequence gets.
 
-Each step, the sampler asks for the batch's bitmask (bit j of word w allows token 32 * w + j)
-after the step's logits are launched: the host fills it, a few microseconds per row, while the
+Each step, the sampler asks for the bitmask of the batch's constrained rows (bit j of word w
+allows token 32 * w + j) after the step's logits are launched: the host fills it, a few microseconds per row, while the
 device computes the logits, and the sampler masks the logits with it on the device.
 """
 
@@ -91,14 +91,14 @@ class StructuredOutputs:
     def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
 
-    def bitmask(self, seqs: list[Sequence]) -> torch.Tensor:
-        """The batch's allowed tokens, one row per sequence; all allowed for one with no grammar."""
-        mask = self.mask[: len(seqs)]
-        mask.fill_(-1)
-        for row, seq in enumerate(seqs):
-            if seq.grammar is not None and not seq.is_finished and not seq.grammar.is_terminated():
-                seq.grammar.fill_next_token_bitmask(self.mask, row)
-        return mask
+    def bitmask(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+        """The rows of the batch whose sequence follows a grammar (and still can), and their allowed
+        tokens, in the same order."""
+        rows = [row for row, seq in enumerate(seqs)
+                if seq.grammar is not None and not seq.is_finished and not seq.grammar.is_terminated()]
+        for i, row in enumerate(rows):
+            seqs[row].grammar.fill_next_token_bitmask(self.mask, i)
+        return rows, self.mask[: len(rows)]
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

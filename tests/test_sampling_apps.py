@@ -23,10 +23,10 @@ def test_logit_bias_and_bitmask_on_logits():
             Sequence("b", [1], SamplingParams(), [])]
     biased = apply_logit_bias(logits, seqs)
     assert biased[0, 3] == 100 and biased[0, 39] == -100 and biased[1].abs().sum() == 0
-    bitmask = torch.tensor([[1 << 5, 1 << 2], [-1, -1]], dtype=torch.int32)  # row 0 allows tokens 5 and 34
-    masked = apply_token_bitmask(logits, bitmask)
-    assert torch.isfinite(masked[0]).nonzero().flatten().tolist() == [5, 34]
-    assert torch.isfinite(masked[1]).all()
+    bitmask = torch.tensor([[1 << 5, 1 << 2]], dtype=torch.int32)  # tokens 5 and 34, for row 1 alone
+    masked = apply_token_bitmask(logits, bitmask, torch.tensor([1]))
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [5, 34]
+    assert torch.isfinite(masked[0]).all()
 
 
 def test_n_choices_share_the_prompt_blocks(tiny_llm, assert_idle):
