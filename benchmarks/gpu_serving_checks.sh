@@ -4,7 +4,7 @@
 #   n       n=4 against the same prompts as 4 separate requests (prompt sharing), at saturation
 #   latency TTFT and ITL p99 at 4 requests/s, plain and with a quarter json_schema and a quarter n=2
 #   soak    benchmarks/soak.py at saturation (SOAK_SECONDS, default 600), its report in $OUT/soak.json
-# Run from the repository root: PARTS="json n latency" (about 6 minutes), then PARTS=soak with
+# Run from the repository root: PARTS="json n latency" (about 6 minutes with the start), then PARTS=soak with
 # SOAK_SECONDS under the per-command limit (the server takes a minute or two to start). Results go to $OUT.
 #
 # Structured output needs a tokenizer, and the 7B config dir has none: the model here is
@@ -51,16 +51,16 @@ for _ in range(900):
         time.sleep(1)
 PY
   if [[ " $PARTS " =~ " json " ]]; then
-    bench json_unconstrained --num-prompts 512 --max-concurrency 64
-    bench json_constrained --num-prompts 512 --max-concurrency 64 --json-schema-fraction 1
+    bench json_unconstrained --num-prompts 384 --max-concurrency 64
+    bench json_constrained --num-prompts 384 --max-concurrency 64 --json-schema-fraction 1
   fi
   if [[ " $PARTS " =~ " n " ]]; then
     bench n4_one_request --num-prompts 256 --n 4
     bench n4_separate --num-prompts 256 --copies 4
   fi
   if [[ " $PARTS " =~ " latency " ]]; then
-    bench latency_plain --num-prompts 256 --request-rate 4
-    bench latency_mixed --num-prompts 256 --request-rate 4 --json-schema-fraction 0.25 --n 2 --n-fraction 0.25
+    bench latency_plain --num-prompts 192 --request-rate 4
+    bench latency_mixed --num-prompts 192 --request-rate 4 --json-schema-fraction 0.25 --n 2 --n-fraction 0.25
   fi
   kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
   python3 - "$OUT" <<'PY'
