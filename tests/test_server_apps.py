@@ -180,6 +180,8 @@ def test_limits_and_bad_input_then_normal_service(server):
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"guided_regex": "a(b"}, "structured_outputs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
+          "tool_choice": "required"}, "tools"),
     ]:
         response = httpx.post(chat, json={"messages": ASK_WEATHER, **body}, headers=auth)
         _check_error(response, 400)
