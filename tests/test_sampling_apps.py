@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -107,6 +108,31 @@ def test_structured_outputs_follow_their_grammar(tiny_llm, assert_idle):
     for (_, check), out in zip(kinds, outs):
         for choice in out.outputs:
             assert choice.finish_reason == "stop" and check(choice.text), choice
+    assert_idle(tiny_llm)
+
+
+def test_a_compiling_grammar_does_not_hold_up_the_batch(tiny_llm, assert_idle):
+    engine = tiny_llm.engine
+    structured = engine._structured()
+    compile_grammar, gate = structured._compile, threading.Event()
+    structured._compile = lambda params: gate.wait() and compile_grammar(params)
+    try:
+        schema = {"type": "object", "properties": {"slow": {"type": "boolean"}}, "required": ["slow"]}
+        waiting = engine.add_request([5, 6, 7], SamplingParams(
+            max_tokens=20, structured_outputs=StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
+        plain = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+        finished = set()
+        while plain not in finished:
+            finished |= {out.request_id for out in engine.step("final")}
+        assert waiting not in finished and engine.waiting_for_grammar  # still compiling, never scheduled
+        gate.set()
+        while engine.has_unfinished_requests():
+            for out in engine.step("final"):
+                assert json.loads(out.outputs[0].text)["slow"] in (True, False)
+                finished.add(out.request_id)
+        assert waiting in finished
+    finally:
+        structured._compile = compile_grammar
     assert_idle(tiny_llm)
 
 
