@@ -362,7 +362,7 @@ class GGUFPackedMethod(PackedLinearMethod):
 
 
 def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
-    array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    array = gguf.quants.dequantize(tensor.data.reshape(1, -1), tensor.tensor_type)  # one row: see _repack
     array = array.astype(np.float32, copy=False).reshape(_hf_shape(tensor))
     if not array.flags.writeable:  # float32 tensors come back as views of the read-only file
         array = array.copy()
