@@ -87,17 +87,20 @@ class SamplingRequest(OpenAIBaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, n: int | None = None,
-                        structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
-        """Raises ValueError (naming the field) for an out-of-range value."""
-        return SamplingParams(
-            n=self.n if n is None else n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
-            ignore_eos=self.ignore_eos, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens,
-            logit_bias=self._logit_bias(), structured_outputs=structured_outputs or self.structured_output_params(),
+    def sampling_params(self, **fields: Any) -> SamplingParams:
+        """The request's SamplingParams: `fields` (those each endpoint has its own way to say, such as
+        max_tokens and logprobs) over those both share. Raises ValueError (naming the field) for an
+        out-of-range value."""
+        if "structured_outputs" not in fields:
+            fields["structured_outputs"] = self.structured_output_params()
+        shared = dict(
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, seed=self.seed, min_tokens=self.min_tokens, stop=self.stop,
+            stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens, logit_bias=self._logit_bias(),
         )
+        return SamplingParams(**(shared | fields))
 
     def _logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:

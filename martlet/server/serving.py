@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import jinja2
 from fastapi import Request
@@ -110,11 +111,10 @@ class OpenAIServing:
             prompts = [self._prompt(p) for p in _prompt_list(body.prompt)]
         # Choosing the best needs every choice's logprobs; echo with logprobs shows the prompt's.
         logprobs = body.logprobs if best_of == body.n else (body.logprobs or 0)
-        params = self._sampling_params(body, prompts, body.max_tokens, logprobs, n=best_of)
         prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else (
             body.logprobs if body.echo else None)
-        with _as_bad_request("prompt_logprobs"):
-            params = [replace(p, prompt_logprobs=prompt_logprobs) for p in params]
+        params = self._sampling_params(body, prompts, max_tokens=body.max_tokens, logprobs=logprobs, n=best_of,
+                                       prompt_logprobs=prompt_logprobs)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         formatter = _CompletionChoices(prompts, body.n, body.echo, self._prompt_text, self._token_text)
         deltas = self._generate(request_id, prompts, params)
@@ -144,7 +144,8 @@ class OpenAIServing:
             prompt = self._chat_prompt(body, with_tools=tools != "none")
         structured = _chat_grammar(body, tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = self._sampling_params(body, [prompt], max_tokens, body.num_logprobs, structured=structured)
+        params = self._sampling_params(body, [prompt], max_tokens=max_tokens, logprobs=body.num_logprobs,
+                                       structured_outputs=structured)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         formatter = _ChatChoices(body.top_logprobs or 0, self._token_text, self._tool_parser_maker(tools))
         deltas = self._generate(request_id, [prompt], params)
@@ -197,17 +198,15 @@ class OpenAIServing:
         )
         return self._prompt(text)
 
-    def _sampling_params(
-        self, body: SamplingRequest, prompts: list[Prompt], max_tokens: int | None, logprobs: int | None,
-        n: int | None = None, structured: StructuredOutputsParams | None = None,
-    ) -> list[SamplingParams]:
-        """One SamplingParams per prompt; None for max_tokens means the rest of the context."""
+    def _sampling_params(self, body: SamplingRequest, prompts: list[Prompt], **fields: Any) -> list[SamplingParams]:
+        """One SamplingParams per prompt (see SamplingRequest.sampling_params for `fields`); None for
+        max_tokens means the rest of the context."""
         if not prompts:
             raise bad_request("the prompt is empty", "prompt")
         if body.stop and self.engine.tokenizer is None:
             raise bad_request("stop strings need a tokenizer, and this model has none: use stop_token_ids", "stop")
         with _as_bad_request("structured_outputs"):
-            params = body.sampling_params(max_tokens, logprobs, n, structured)
+            params = body.sampling_params(**fields)
         result = []
         for prompt in prompts:
             if self.max_prompt_tokens is not None and len(prompt.token_ids) > self.max_prompt_tokens:
