@@ -26,21 +26,24 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PROMPTS = [{"prompt_token_ids": [1, 450, 4996, 17354, 1701, 29916]}, {"prompt_token_ids": [15043, 29892, 590]}]
 
 
-def pack_words(codes: np.ndarray, axis: int, order: tuple[int, ...] = tuple(range(8))) -> np.ndarray:
-    """4-bit codes -> int32 words, eight consecutive entries along `axis` to a word, entry order[i] in nibble i."""
+def pack_words(codes: np.ndarray, axis: int, bits: int = 4, order: tuple[int, ...] | None = None) -> np.ndarray:
+    """b-bit codes -> int32 words, 32 / b consecutive entries along `axis` to a word, entry order[i]
+    in field i (lowest bits first)."""
+    per_word = 32 // bits
+    order = order or tuple(range(per_word))
     codes = np.moveaxis(codes.astype(np.uint32), axis, -1)
-    groups = codes.reshape(*codes.shape[:-1], -1, 8)
-    words = sum(groups[..., order[i]] << np.uint32(4 * i) for i in range(8))
+    groups = codes.reshape(*codes.shape[:-1], -1, per_word)
+    words = sum(groups[..., order[i]] << np.uint32(bits * i) for i in range(per_word))
     return np.moveaxis(words.view(np.int32), -1, axis)
 
 
-def quantized_linear(n: int, k: int, group: int, sym: bool, rng: np.random.Generator, input_perm=None):
+def quantized_linear(n: int, k: int, group: int, sym: bool, rng: np.random.Generator, input_perm=None, bits=4):
     """Random codes, zeros and scales of an [n, k] layer -> (codes [k, n], zeros [k/g, n], scales, g_idx, weight).
 
     Zero points start at 1: GPTQ's original format stores them minus one, so it cannot hold a 0.
     """
-    codes = rng.integers(0, 16, (k, n))
-    zeros = np.full((k // group, n), 8) if sym else rng.integers(1, 16, (k // group, n))
+    codes = rng.integers(0, 2**bits, (k, n))
+    zeros = np.full((k // group, n), 2 ** (bits - 1)) if sym else rng.integers(1, 2**bits, (k // group, n))
     scales = (rng.random((k // group, n)) * 0.02 + 0.005).astype(np.float16)
     g_idx = np.arange(k) // group
     if input_perm is not None:  # act-order: the i-th input in order of importance is in group i // g
@@ -49,7 +52,9 @@ def quantized_linear(n: int, k: int, group: int, sym: bool, rng: np.random.Gener
     return codes, zeros, scales, g_idx.astype(np.int32), torch.from_numpy(weight.T.copy())
 
 
-def write_checkpoint(base: Path, out: Path, fmt: str, group: int, sym: bool = False, act_order: bool = False) -> Path:
+def write_checkpoint(
+    base: Path, out: Path, fmt: str, group: int, sym: bool = False, act_order: bool = False, bits: int = 4
+) -> Path:
     """`base`'s model with its linear layers replaced by random packed ones: writes the `fmt` checkpoint
     to `out` and the dequantized reference beside it; returns the reference's path."""
     rng = np.random.default_rng(0)
@@ -66,12 +71,13 @@ def write_checkpoint(base: Path, out: Path, fmt: str, group: int, sym: bool = Fa
         shared_input = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "mlp", "up_proj": "mlp"}
         key = (parts[2], shared_input.get(parts[-2], parts[-2]))
         perm = perms.setdefault(key, rng.permutation(k)) if act_order else None
-        codes, zeros, scales, g_idx, weight = quantized_linear(n, k, group, sym, rng, perm)
+        layer_group = k if group == -1 else group  # -1: one group per output channel
+        codes, zeros, scales, g_idx, weight = quantized_linear(n, k, layer_group, sym, rng, perm, bits)
         stem = name.removesuffix(".weight")
         reference[name] = weight
         if fmt == "gptq":
-            packed[f"{stem}.qweight"] = torch.from_numpy(pack_words(codes, axis=0))
-            packed[f"{stem}.qzeros"] = torch.from_numpy(pack_words(zeros - 1, axis=1))  # stored minus one
+            packed[f"{stem}.qweight"] = torch.from_numpy(pack_words(codes, axis=0, bits=bits))
+            packed[f"{stem}.qzeros"] = torch.from_numpy(pack_words(zeros - 1, axis=1, bits=bits))  # stored minus one
             packed[f"{stem}.g_idx"] = torch.from_numpy(g_idx)
         else:
             packed[f"{stem}.qweight"] = torch.from_numpy(pack_words(codes, axis=1, order=AWQ_ORDER))
@@ -79,7 +85,7 @@ def write_checkpoint(base: Path, out: Path, fmt: str, group: int, sym: bool = Fa
         packed[f"{stem}.scales"] = torch.from_numpy(scales)
     config = json.loads((base / "config.json").read_text())
     quantization_config = (
-        {"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym, "desc_act": act_order}
+        {"quant_method": "gptq", "bits": bits, "group_size": group, "sym": sym, "desc_act": act_order}
         if fmt == "gptq" else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
                                "version": "gemm"}
     )
@@ -105,11 +111,12 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "fmt, group, sym, act_order",
-    [("gptq", 32, True, False), ("gptq", 32, False, True), ("awq", 32, False, False), ("awq", 64, False, False)],
+    "fmt, group, sym, act_order, bits",
+    [("gptq", 32, True, False, 4), ("gptq", 32, False, True, 4), ("gptq", -1, True, False, 8),
+     ("awq", 32, False, False, 4), ("awq", 64, False, False, 4)],
 )
-def test_checkpoint_matches_its_dequantized_weights(base, tmp_path, fmt, group, sym, act_order):
-    reference = write_checkpoint(base, tmp_path / fmt, fmt, group, sym, act_order)
+def test_checkpoint_matches_its_dequantized_weights(base, tmp_path, fmt, group, sym, act_order, bits):
+    reference = write_checkpoint(base, tmp_path / fmt, fmt, group, sym, act_order, bits)
     assert greedy(tmp_path / fmt) == greedy(reference)
 
 
