@@ -126,6 +126,8 @@ def test_checkpoint_matches_its_dequantized_weights(base, tmp_path, fmt, group, 
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version='gemv'"),
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "zero_point"),
     ({"quant_method": "fp8"}, "quant_method 'fp8'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 32, "lm_head": True}, "lm_head"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 32, "modules_to_not_convert": ["mlp"]}, "modules_to_not_convert"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 48}, "does not fit"),  # 64 inputs are not whole groups of 48
 ])
 def test_unsupported_quantization_config_is_named(base, tmp_path, quantization_config, error):

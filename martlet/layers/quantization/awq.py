@@ -41,6 +41,8 @@ class AWQConfig(QuantizationConfig):
             problems.append(f"version={version!r} (Martlet loads AutoAWQ's 'gemm' packing)")
         if not qc.get("zero_point", True):
             problems.append("zero_point=false")
+        if skipped := qc.get("modules_to_not_convert"):
+            problems.append(f"modules_to_not_convert={skipped!r} (Martlet needs every linear layer quantized)")
         if problems:
             raise ValueError(f"unsupported AWQ quantization_config: {', '.join(problems)}")
 

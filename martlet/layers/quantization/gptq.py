@@ -46,6 +46,8 @@ class GPTQConfig(QuantizationConfig):
             problems.append(f"checkpoint_format={self.checkpoint_format!r} (Martlet loads {list(CHECKPOINT_FORMATS)})")
         if qc.get("is_marlin_format"):
             problems.append("is_marlin_format=true")
+        if qc.get("lm_head"):
+            problems.append("lm_head=true (Martlet keeps the LM head unquantized)")
         if problems:
             raise ValueError(f"unsupported GPTQ quantization_config: {', '.join(problems)}")
 
