@@ -129,6 +129,10 @@ class SamplingParams:
                self.min_tokens, f"must be <= max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs", self.logprobs,
                f"must be in [0, {MAX_LOGPROBS}]")
+        # The grammar decides where a structured output ends: nothing may keep it from ending there.
+        _check(self.structured_outputs is None or (self.min_tokens == 0 and not self.ignore_eos), "structured_outputs",
+               {"min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos},
+               "cannot be used with min_tokens or ignore_eos (the grammar decides where the output ends)")
         _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS, "prompt_logprobs",
                self.prompt_logprobs, f"must be in [0, {MAX_LOGPROBS}]")
         _check(all(_is_int(t) and t >= 0 and _is_number(b) and abs(b) <= MAX_LOGIT_BIAS

@@ -147,3 +147,9 @@ def test_a_compiling_grammar_does_not_hold_up_the_batch(tiny_llm, assert_idle):
 def test_bad_grammar_is_a_value_error_that_says_why(kwargs, message):
     with pytest.raises(ValueError, match=message):
         StructuredOutputsParams(**kwargs)
+
+
+@pytest.mark.parametrize("extra", [{"min_tokens": 3}, {"ignore_eos": True}])
+def test_nothing_may_keep_a_grammar_from_ending(extra):
+    with pytest.raises(ValueError, match="grammar decides where the output ends"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(choice=["a"]), **extra)
