@@ -95,3 +95,14 @@ def test_quant_linear_refuses_what_it_cannot_do():
                      config=QuantLinearConfig(2, 32, 128, 4, 2))
     with pytest.raises(ValueError, match="group size"):
         quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, offsets, PackedFormat(4, 12, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
+@pytest.mark.parametrize("m", [1, 3, 16, 32, 100, 256])
+def test_quant_linear_7b_shapes(m, name):
+    """Llama-2-7B's qkv projection at every kernel's token counts, with the default tiles."""
+    qweight, scales, offsets, fmt = packed_weight(12288, 4096, FORMATS[name], torch.float16)
+    x = random((m, 4096), m, torch.float16)
+    assert_close(quant_linear(x, qweight, scales, offsets, fmt).cpu(), reference(x, qweight, scales, offsets, fmt),
+                 torch.float16)
