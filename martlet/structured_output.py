@@ -23,7 +23,10 @@ import xgrammar as xgr
 from martlet.engine.sequence import Sequence
 from martlet.sampling_params import StructuredOutputsParams
 
-MAX_CACHED_GRAMMARS = 512
+# Compiled grammars kept, most recently used first: one is 35-300 KB with SmolLM2's 49,152 tokens
+# (a token mask cache per grammar state), so the cache stays under some tens of MB.
+MAX_CACHED_GRAMMARS = 128
+XGRAMMAR_CACHE_BYTES = 64 << 20
 # Whitespace allowed between two JSON tokens: room for any indentation, but a model that falls into
 # writing blanks cannot spend its whole max_tokens on one gap.
 MAX_JSON_WHITESPACE = 64
@@ -85,7 +88,9 @@ class StructuredOutputs:
         if self.compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
-            self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+            # xgrammar's cache also holds the pieces grammars share (compiling without it is ~10x slower),
+            # and it is unbounded unless told.
+            self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=XGRAMMAR_CACHE_BYTES)
         return self.compiler.compile_grammar(build_grammar(params))
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
