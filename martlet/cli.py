@@ -32,7 +32,8 @@ def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = Fals
     g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="KV cache format: auto (the model's dtype), int8 or fp8 (8-bit, scaled per token and head)")
     g.add_argument("--quantization", "-q", default=None, choices=[q for q in QUANTIZATIONS if q],
-                   help="quantize the weights at load: int8 (per channel) or int4 (groupwise)")
+                   help="quantize at load: int8 (weights per channel) or int4 (groupwise), weight-only; "
+                        "fp8 or w8a8 (int8): 8-bit weights and activations")
     g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
 
 

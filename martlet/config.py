@@ -103,7 +103,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
-QUANTIZATIONS = (None, "int8", "int4")
+QUANTIZATIONS = (None, "int8", "int4", "fp8", "w8a8")
 
 
 @dataclass
@@ -124,4 +124,4 @@ class EngineConfig:
     attention_backend: str
     enforce_eager: bool
     kv_cache_dtype: str  # "auto" (the model's dtype), "int8" or "fp8": see martlet/kernels/__init__.py
-    quantization: str | None  # weight format: None (the checkpoint's dtype), "int8" or "int4"
+    quantization: str | None  # None (the checkpoint's format), "int8"/"int4" (weight-only) or "fp8"/"w8a8" (W8A8)

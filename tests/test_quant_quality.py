@@ -1,4 +1,5 @@
-"""int8 and int4 quantized at load, judged on real text with the real default model (SmolLM2-135M).
+"""int8, int4 (weight-only), fp8 and w8a8 (W8A8) quantized at load, judged on real text with the real
+default model (SmolLM2-135M).
 
 The figure is next-token top-1 agreement with the unquantized model: at every position of three
 public-domain passages (Carroll, Shakespeare, Milton: ~800 cut points), does the quantized model
@@ -46,7 +47,7 @@ throne and monarchy of God, raised impious war in Heaven and battle proud, with 
 ]
 QUESTIONS = ["The capital of France is", "The three primary colors are"]
 # Lower bounds a few points under what was measured (README): a real drop in quality fails.
-MIN_AGREEMENT = {"int8": 0.92, "int4": 0.55}
+MIN_AGREEMENT = {"int8": 0.92, "int4": 0.55, "fp8": 0.85, "w8a8": 0.82}
 
 
 @torch.inference_mode()
@@ -79,7 +80,7 @@ def greedy_answers(llm: LLM) -> list[str]:
     return [out.outputs[0].text for out in outputs]
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
+@pytest.mark.parametrize("quantization", ["int8", "int4", "fp8", "w8a8"])
 def test_agreement_with_unquantized_model(quantization, unquantized):
     tokenized, reference, reference_answers = unquantized
     llm = load(quantization)

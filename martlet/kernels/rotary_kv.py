@@ -13,6 +13,7 @@ import triton.language as tl
 
 from martlet.kernels.paged import check_cache, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.kernels.quantize import reciprocal_or_zero, round_to_code
 from martlet.layers.kv_cache import LayerKV
 
 
@@ -33,37 +34,16 @@ def _store_halves(ptrs, x1, x2, mask, HALF: tl.constexpr):
 
 
 @triton.jit
-def _round_to_e4m3(y):
-    """fp32 y (|y| <= 448) to the nearest e4m3 value, ties to even, in exact fp32 arithmetic, so the
-    conversion that follows has nothing left to round (Triton's interpreter rounds 124 to 64)."""
-    a = tl.abs(y)
-    # The step of a's binade, 2^(exponent - 3) for 3 mantissa bits; subnormals share the smallest normal's.
-    exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)
-    per_step = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exactly
-    units = a * per_step
-    whole = tl.floor(units)
-    odd = whole - 2.0 * tl.floor(whole * 0.5)
-    whole = tl.where((units - whole > 0.5) | ((units - whole == 0.5) & (odd == 1.0)), whole + 1.0, whole)
-    return tl.where(y < 0, -whole * step, whole * step)
-
-
-@triton.jit
 def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, MAX_CODE: tl.constexpr, HALF: tl.constexpr):
     """Head rows (halves x1, x2, fp32) as 8-bit codes and one fp16 scale each: `kv_cache.quantize`,
     the same operations in the same order."""
     amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
     scale = (amax / MAX_CODE).to(tl.float16)
-    s = scale.to(tl.float32)
-    inv = tl.where(s > 0, 1.0 / s, 0.0)[:, None]
+    inv = reciprocal_or_zero(scale.to(tl.float32))[:, None]
     y1 = tl.minimum(tl.maximum(x1 * inv, -MAX_CODE), MAX_CODE)
     y2 = tl.minimum(tl.maximum(x2 * inv, -MAX_CODE), MAX_CODE)
-    if ptrs.dtype.element_ty == tl.int8:  # round half away from zero, then the exact conversion
-        y1 = tl.where(y1 >= 0, tl.floor(y1 + 0.5), tl.ceil(y1 - 0.5))
-        y2 = tl.where(y2 >= 0, tl.floor(y2 + 0.5), tl.ceil(y2 - 0.5))
-    else:
-        y1 = _round_to_e4m3(y1)
-        y2 = _round_to_e4m3(y2)
+    y1 = round_to_code(y1, ptrs.dtype.element_ty)
+    y2 = round_to_code(y2, ptrs.dtype.element_ty)
     tl.store(scale_ptrs, scale, mask=head_mask)
     _store_halves(ptrs, y1, y2, mask, HALF)
 

@@ -89,15 +89,18 @@ def allocate_kv_cache(
     ]
 
 
-def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `head_dim` channels [..., D] to 8-bit codes [..., D] and fp16 scales [...].
+def quantize(
+    x: torch.Tensor, fmt: KVFormat, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [..., D] to 8-bit codes [..., D] and one scale per row [...], in `scale_dtype`.
 
-    The reference for the fused rotary + cache-write kernel, which does the same fp32 operations
-    in the same order (so both give the same codes): the scale is rounded to fp16 before the row is
-    divided by it, and int8 rounds half away from zero.
+    The reference for the kernels that quantize (`martlet.kernels.quantize`: the KV cache write,
+    W8A8's activations), which do the same fp32 operations in the same order, so both give the same
+    codes: the scale is rounded to its dtype before the row is divided by it, and int8 rounds half
+    away from zero. (W8A8 quantizes its weights and activations with it too, with fp32 scales.)
     """
     x = x.float()
-    scale = (x.abs().amax(-1) / fmt.max_code).to(SCALE_DTYPE)
+    scale = (x.abs().amax(-1) / fmt.max_code).to(scale_dtype)
     s = scale.float()
     inv = torch.where(s > 0, 1.0 / s, 0.0)
     y = (x * inv[..., None]).clamp(-fmt.max_code, fmt.max_code)

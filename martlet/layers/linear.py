@@ -73,7 +73,8 @@ def load_weight(param: nn.Parameter, tensor: torch.Tensor, name: str, rows: slic
 
     Quantized checkpoints store some tensors with the outputs in dimension 1, or several outputs
     packed into one element: such a param carries `output_dim` (None: shared by every output, so
-    each shard holds all of it) and `pack_factor` attributes.
+    each shard holds all of it) and `pack_factor` attributes. A param with `scalar_fills_rows` (FP8's
+    weight scales) takes one number for all its rows as well as one per row.
     """
     target = param.data
     output_dim = getattr(param, "output_dim", 0)
@@ -82,6 +83,8 @@ def load_weight(param: nn.Parameter, tensor: torch.Tensor, name: str, rows: slic
         if rows.start % pack or rows.stop % pack:
             raise ValueError(f"{name}: output rows {rows.start}:{rows.stop} are not whole packed elements of {pack}")
         target = target.narrow(output_dim, rows.start // pack, (rows.stop - rows.start) // pack)
+    if getattr(param, "scalar_fills_rows", False) and tensor.numel() in (1, target.numel()):
+        tensor = tensor.reshape(-1).expand(target.numel()).reshape(target.shape)  # per tensor or per row
     if target.shape != tensor.shape:
         raise ValueError(f"checkpoint tensor {name!r} is {tuple(tensor.shape)}, expected {tuple(target.shape)}")
     target.copy_(tensor)

@@ -1,0 +1,82 @@
+"""8-bit quantization in kernels: rounding to int8 and e4m3 codes, and per-token activation codes for W8A8.
+
+References: `martlet.layers.kv_cache.quantize` (the same fp32 operations in the same order, so the
+kernels and the reference give the same codes). `quantize_rows` is W8A8's dynamic activation
+quantization: one fp32 scale per token, max|x| / max_code, one program per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from martlet.layers.kv_cache import KVFormat
+
+
+@triton.jit
+def reciprocal_or_zero(s):
+    """1 / s, and 0 for a zero scale (an all-zero row), without dividing by zero."""
+    return tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """fp32 y (|y| <= 448) to the nearest e4m3 value, ties to even, in exact fp32 arithmetic, so the
+    conversion that follows has nothing left to round (Triton's interpreter rounds 124 to 64)."""
+    a = tl.abs(y)
+    # The step of a's binade, 2^(exponent - 3) for 3 mantissa bits; subnormals share the smallest normal's.
+    exponent = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent + 124) << 23).to(tl.float32, bitcast=True)
+    per_step = ((130 - exponent) << 23).to(tl.float32, bitcast=True)  # 1 / step, exactly
+    units = a * per_step
+    whole = tl.floor(units)
+    odd = whole - 2.0 * tl.floor(whole * 0.5)
+    whole = tl.where((units - whole > 0.5) | ((units - whole == 0.5) & (odd == 1.0)), whole + 1.0, whole)
+    return tl.where(y < 0, -whole * step, whole * step)
+
+
+@triton.jit
+def round_to_code(y, code_dtype: tl.constexpr):
+    """Scaled fp32 values, already within the code range, to the nearest code of `code_dtype` (as
+    fp32): int8 rounds half away from zero, e4m3 to nearest even."""
+    if code_dtype == tl.int8:
+        return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+    else:
+        return round_to_e4m3(y)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, codes_ptr, scales_ptr, stride_x, stride_c, width, MAX_CODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x_row = x_ptr + row * stride_x
+    amax = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, width, BLOCK):
+        x = tl.load(x_row + start + offs, mask=start + offs < width, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.max(amax, 0) / MAX_CODE
+    tl.store(scales_ptr + row, scale)
+    inv = reciprocal_or_zero(scale)
+    for start in range(0, width, BLOCK):
+        mask = start + offs < width
+        x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x * inv, -MAX_CODE), MAX_CODE)
+        code = round_to_code(y, codes_ptr.dtype.element_ty)
+        tl.store(codes_ptr + row * stride_c + start + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (contiguous rows) to codes [M, K] and fp32 scales [M]: `kv_cache.quantize` with fp32 scales."""
+    if x.stride(-1) != 1:
+        raise ValueError("quantize_rows needs rows with a contiguous last dimension")
+    num_rows, width = x.shape
+    codes = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
+    scales = torch.empty(num_rows, dtype=torch.float32, device=x.device)
+    if num_rows:
+        block = min(triton.next_power_of_2(width), 2048 if x.is_cuda else 256)
+        _quantize_rows_kernel[(num_rows,)](x, codes, scales, x.stride(0), codes.stride(0), width,
+                                           MAX_CODE=fmt.max_code, BLOCK=block, num_warps=4)
+    return codes, scales

@@ -1,0 +1,124 @@
+"""W8A8: 8-bit weights and 8-bit activations, multiplied on 8-bit tensor cores.
+
+`quantization="fp8"`: e4m3 weights and activations (Ada and Hopper's FP8 tensor cores,
+`torch._scaled_mm`); `quantization="w8a8"`: int8 weights and activations (`torch._int_mm`). Both
+quantize their weights at load with one fp32 scale per output channel, and each token's activation
+row at run time with one fp32 scale of its own (dynamic: no calibration data), so the product is
+(x_codes @ w_codes^T) * x_scale[:, None] * w_scale[None, :]. Per-token and per-channel scales cost
+one multiply per output and keep outlier tokens and channels from flattening everyone else's range.
+
+Checkpoints already in FP8 (`quantization_config` with quant_method "fp8", as vLLM writes them: e4m3
+`weight` and a per-tensor or per-channel `weight_scale`, dynamic activations) load as they are.
+
+On a CPU (and in CI) the same codes and scales go through the PyTorch reference: both operands
+dequantized to fp32, then multiplied, which is what the tensor cores compute up to summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from martlet.layers.kv_cache import KV_FORMATS, KVFormat, dequantize, quantize
+from martlet.layers.quantization.base import LinearMethod, QuantizationConfig, checkpoint_parameter, register_bias
+
+# `torch._int_mm` on CUDA wants more than 16 rows: fewer are padded to this many.
+INT_MM_MIN_ROWS = 32
+
+
+def check_device(fmt: KVFormat, device: torch.device) -> None:
+    """W8A8 on a GPU needs its format's tensor cores: say so rather than run something else."""
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if fmt.dtype == torch.float8_e4m3fn and capability < (8, 9):
+        raise ValueError(
+            f"quantization='fp8' needs FP8 tensor cores (compute capability 8.9 or newer: Ada, Hopper); "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
+            "quantization='w8a8' (int8) or 'int8' (weight-only) run there")
+
+
+class W8A8Config(QuantizationConfig):
+    """Quantized at load: `quantization="fp8" | "w8a8"`."""
+
+    def __init__(self, name: str) -> None:
+        if name not in ("fp8", "w8a8"):
+            raise ValueError(f"unknown W8A8 quantization {name!r}; choose 'fp8' or 'w8a8'")
+        self.name = name
+        self.format = KV_FORMATS["fp8" if name == "fp8" else "int8"]
+
+    def linear_method(self, prefix: str) -> W8A8Method:
+        return W8A8Method(self.format)
+
+
+class FP8CheckpointConfig(QuantizationConfig):
+    """A checkpoint stored in FP8: e4m3 weights with their scales, activations quantized per token."""
+
+    name = "fp8"
+
+    def __init__(self, quantization_config: dict) -> None:
+        if quantization_config.get("weight_block_size"):
+            raise ValueError("FP8 checkpoints with block-wise weight scales (weight_block_size) are not supported; "
+                             "Martlet loads per-tensor and per-channel weight_scale")
+        scheme = quantization_config.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":
+            raise ValueError(f"FP8 checkpoints with activation_scheme {scheme!r} are not supported; Martlet "
+                             "quantizes activations per token at run time ('dynamic')")
+        self.format = KV_FORMATS["fp8"]
+
+    def linear_method(self, prefix: str) -> W8A8Method:
+        return W8A8Method(self.format, from_checkpoint=True)
+
+
+class W8A8Method(LinearMethod):
+    def __init__(self, fmt: KVFormat, from_checkpoint: bool = False) -> None:
+        self.format, self.from_checkpoint = fmt, from_checkpoint
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        if self.from_checkpoint:
+            layer.weight = checkpoint_parameter((out_features, in_features), self.format.dtype)
+            layer.weight_scale = checkpoint_parameter((out_features,), torch.float32)
+            layer.weight_scale.scalar_fills_rows = True  # a per-tensor scale: one number for its rows
+        else:
+            layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        register_bias(layer, out_features, bias)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        check_device(self.format, weight.device)
+        if self.from_checkpoint:
+            codes, scales = weight, layer.weight_scale.data.float()
+            del layer.weight_scale
+        else:
+            codes, scales = quantize(weight, self.format, torch.float32)
+        del layer.weight
+        layer.register_buffer("weight_codes", codes.contiguous())  # [N, K]: its transpose is column-major
+        layer.register_buffer("weight_scale", scales.reshape(1, -1), persistent=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.is_cuda:
+            from martlet.kernels.quantize import quantize_rows
+
+            codes, scales = quantize_rows(rows.contiguous(), self.format)
+            out = self._tensor_core_matmul(codes, scales, layer, x.dtype)
+        else:
+            codes, scales = quantize(rows, self.format, torch.float32)
+            weight = dequantize(layer.weight_codes, layer.weight_scale[0])
+            out = (dequantize(codes, scales) @ weight.T).to(x.dtype)
+        if layer.bias is not None:
+            out = out + layer.bias
+        return out.reshape(*x.shape[:-1], -1)
+
+    def _tensor_core_matmul(
+        self, codes: torch.Tensor, scales: torch.Tensor, layer: nn.Module, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        weight = layer.weight_codes.T
+        if self.format.dtype == torch.float8_e4m3fn:
+            return torch._scaled_mm(codes, weight, scale_a=scales[:, None], scale_b=layer.weight_scale,
+                                    out_dtype=out_dtype)
+        num_rows = codes.shape[0]
+        if num_rows < INT_MM_MIN_ROWS:
+            codes = torch.cat([codes, codes.new_zeros(INT_MM_MIN_ROWS - num_rows, codes.shape[1])])
+        sums = torch._int_mm(codes, weight)[:num_rows]
+        return (sums.float() * scales[:, None] * layer.weight_scale).to(out_dtype)
