@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from martlet.engine.sequence import Sequence
+from martlet.layers import sampler
 from martlet.layers.sampler import apply_logit_bias, apply_token_bitmask
 from martlet.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -74,11 +75,17 @@ def test_logit_bias_forces_a_token(tiny_llm):
     assert out.outputs[0].token_ids == [42] * 5
 
 
-def test_prompt_logprobs_agree_with_sampled_logprobs(tiny_llm, tokenizer):
+def test_prompt_logprobs_agree_with_sampled_logprobs(tiny_llm, tokenizer, monkeypatch):
     ids = tokenizer.encode(PROMPT)
     [scored] = tiny_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=2),
                                  use_tqdm=False)
     lps = scored.prompt_logprobs
+    monkeypatch.setattr(sampler, "PROMPT_LOGPROBS_SLICE", 5)  # scored 5 positions at a time: the same
+    [sliced] = tiny_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=2),
+                                 use_tqdm=False)
+    assert len(sliced.prompt_logprobs) == len(lps) and sliced.prompt_logprobs[0] is None
+    for a, b in zip(sliced.prompt_logprobs[1:], lps[1:]):
+        assert a.keys() == b.keys() and all(a[t] == pytest.approx(b[t], abs=1e-5) for t in a)
     assert len(lps) == len(ids) and lps[0] is None
     assert all(ids[i] in lps[i] and 2 <= len(lps[i]) <= 3 for i in range(1, len(ids)))
     # The logprob of prompt token i is that of sampling it after the first i tokens.

@@ -98,6 +98,9 @@ class Sampler:
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
 
+PROMPT_LOGPROBS_SLICE = 256  # prompt positions scored at once
+
+
 @torch.inference_mode()
 def record_prompt_logprobs(hidden: torch.Tensor, seqs: list[Sequence], num_new_tokens: list[int],
                            compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -110,14 +113,15 @@ def record_prompt_logprobs(hidden: torch.Tensor, seqs: list[Sequence], num_new_t
         if seq.wants_prompt_logprobs:
             if not seq.prompt_logprobs:
                 seq.prompt_logprobs.append(None)  # nothing scores the first token
-            first = len(seq.prompt_logprobs) - 1  # the first position not scored yet
             end = min(start + n, seq.num_prompt_tokens - 1)  # positions whose next token is in the prompt
-            if start <= first < end:
-                rows = hidden[row + first - start : row + end - start]
-                logprobs = torch.log_softmax(compute_logits(rows).float(), -1)
-                targets = torch.tensor(seq.token_ids[first + 1 : end + 1], device=logprobs.device)
-                k = max(seq.params.prompt_logprobs, 1)
-                top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+            # A slice at a time: the logits of a whole chunk (8192 x vocabulary) would not fit in the
+            # memory the engine profiled for a step.
+            while start <= (first := len(seq.prompt_logprobs) - 1) < end:  # the first position not scored
+                last = min(end, first + PROMPT_LOGPROBS_SLICE)
+                logits = compute_logits(hidden[row + first - start : row + last - start])
+                logprobs = torch.log_softmax(logits.float(), -1)
+                targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=logprobs.device)
+                top_logprobs, top_ids = logprobs.topk(max(seq.params.prompt_logprobs, 1), dim=-1)
                 actual = logprobs.gather(1, targets[:, None]).squeeze(1)
                 seq.prompt_logprobs += logprob_rows(top_ids.tolist(), top_logprobs.tolist(), targets.tolist(),
                                                     actual.tolist(), [seq.params.prompt_logprobs] * len(targets))
