@@ -25,7 +25,7 @@ from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
-from martlet.layers.attention import get_attention_backend
+from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
 from martlet.outputs import CompletionOutput, RequestOutput

@@ -208,13 +208,3 @@ class TorchAttentionBackend(AttentionBackend):
                 layer.scale,
             )
         return out
-
-
-def get_attention_backend(name: str) -> AttentionBackend:
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "triton":
-        from martlet.kernels.backend import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"unknown attention_backend {name!r}; choose 'torch' or 'triton'")

@@ -5,7 +5,8 @@ import torch
 from kernel_helpers import DEVICE, assert_close, dtypes, float_cache, make_paged_batch
 
 from martlet.config import KV_CACHE_DTYPES
-from martlet.layers.attention import Attention, TorchAttentionBackend, get_attention_backend
+from martlet.layers.attention import Attention, TorchAttentionBackend
+from martlet.layers.backends import get_attention_backend
 from martlet.layers.kv_cache import LayerKV, dequantize
 from martlet.layers.rotary import RotaryEmbedding
 
