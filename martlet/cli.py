@@ -1,6 +1,6 @@
 """`martlet generate | chat | serve | bench ...`: the command line.
 
-Every command that builds an engine takes the same engine options as `LLM(...)`.
+Every command that builds an engine takes the same engine options as `LLM(...)`: `EngineArgs`'.
 """
 
 from __future__ import annotations
@@ -9,53 +9,8 @@ import argparse
 import logging
 import sys
 
-from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS
+from martlet.config import EngineArgs
 from martlet.sampling_params import SamplingParams
-
-
-def add_engine_args(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
-    g = parser.add_argument_group("engine")
-    g.add_argument("--model", required=model_required,
-                   help="Hugging Face model directory or .gguf file (default: SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-kv-blocks", type=int, default=None)
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"])
-    g.add_argument("--attention-backend", default=None, choices=["torch", "triton"])
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    g.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="KV cache format: auto (the model's dtype), int8 or fp8 (8-bit, scaled per token and head)")
-    g.add_argument("--quantization", "-q", default=None, choices=[q for q in QUANTIZATIONS if q],
-                   help="quantize at load: int8 (weights per channel) or int4 (groupwise), weight-only; "
-                        "fp8 or w8a8 (int8): 8-bit weights and activations")
-    g.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The `LLM(...)` keyword arguments named by `add_engine_args`."""
-    return dict(
-        dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-        load_format=args.load_format, attention_backend=args.attention_backend,
-        enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-        quiet=args.quiet,
-    )
-
-
-def model_path(args: argparse.Namespace) -> str:
-    if args.model:
-        return args.model
-    from martlet.models.gguf import default_model_path
-
-    return str(default_model_path())
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +35,8 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 def _load(args: argparse.Namespace):
     from martlet.llm import LLM
 
-    return LLM(model_path(args), **engine_kwargs(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    return LLM(engine_args.model, **engine_args.engine_kwargs())
 
 
 def stream_reply(llm, prompt: str, params: SamplingParams) -> str:
@@ -119,18 +75,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
-    add_engine_args(parser)
+    EngineArgs.add_cli_args(parser)
     add_sampling_args(parser)
 
 
 def _chat_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", default=None, help="system prompt")
-    add_engine_args(parser)
+    EngineArgs.add_cli_args(parser)
     add_sampling_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here: the server and the serving bench import this module for the shared options.
     from martlet import server
     from martlet.bench import kernels, offline
     from martlet.bench import serve as bench_serve

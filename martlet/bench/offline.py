@@ -18,25 +18,23 @@ import torch
 from tqdm import tqdm
 
 from martlet.bench.roofline import Ceilings, Roofline, StepCost, layer_weight_bytes, measure_ceilings, step_cost
+from martlet.config import EngineArgs
 from martlet.llm import LLM
 from martlet.sampling_params import SamplingParams
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    from martlet.cli import add_engine_args
-
     parser.add_argument("--config-dir", default=None, help="a model directory with only config.json (use "
                         "--load-format dummy); same as --model")
     parser.add_argument("--json", default=None, help="write the results to this file")
-    add_engine_args(parser)
+    EngineArgs.add_cli_args(parser)
 
 
 def load_llm(args: argparse.Namespace) -> LLM:
-    from martlet.cli import engine_kwargs, model_path
-
     if args.config_dir:
         args.model = args.config_dir
-    return LLM(model_path(args), **engine_kwargs(args))
+    engine_args = EngineArgs.from_cli_args(args)
+    return LLM(engine_args.model, **engine_args.engine_kwargs())
 
 
 def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0) -> list[dict]:

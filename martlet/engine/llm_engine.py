@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, ModelConfig
+from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
@@ -87,52 +87,48 @@ class LLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_args(
-        cls, model: str, *, dtype: str | torch.dtype = "auto", device: str = "auto",
-        max_model_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-        block_size: int = 16, num_kv_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
-        seed: int = 0, load_format: str = "auto", attention_backend: str | None = None,
-        enforce_eager: bool = False, kv_cache_dtype: str = "auto", quantization: str | None = None,
-        quiet: bool = False,
-    ) -> LLMEngine:
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-        model_config = read_model_config(model)
-        resolved_device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        )
-        _check_positive(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        block_size=block_size, num_kv_blocks=num_kv_blocks, max_model_len=max_model_len)
-        if not 0.0 < gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        limit = model_config.max_position_embeddings
-        if max_model_len is None:
-            max_model_len = limit
-            if num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
-                max_model_len = min(max_model_len, num_kv_blocks * block_size)
-        elif max_model_len > limit:
-            raise ValueError(f"max_model_len={max_model_len} exceeds the model's limit of {limit} positions")
+    def from_args(cls, model: str, **kwargs) -> LLMEngine:
+        """An engine for `model`; `kwargs` are `EngineArgs`' (an unknown name is a TypeError)."""
+        args = EngineArgs(model=str(model), **kwargs)
+        if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {args.kv_cache_dtype!r}")
+        if args.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {args.quantization!r}")
+        model_config = read_model_config(args.model)
+        auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto_device if args.device == "auto" else args.device)
+        _check_positive(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
+        if not 0.0 < args.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+        limit = max_model_len = model_config.max_position_embeddings
+        if args.max_model_len is None:
+            if args.num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
+                max_model_len = min(limit, args.num_kv_blocks * args.block_size)
+        elif args.max_model_len > limit:
+            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} positions")
+        else:
+            max_model_len = args.max_model_len
         config = EngineConfig(
-            model=str(model),
-            dtype=_resolve_dtype(dtype, model_config, resolved_device),
-            device=resolved_device,
+            model=args.model,
+            dtype=_resolve_dtype(args.dtype, model_config, device),
+            device=device,
             max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            block_size=block_size,
-            num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization,
-            seed=seed,
-            load_format=load_format,
-            attention_backend=attention_backend or ("triton" if resolved_device.type == "cuda" else "torch"),
-            enforce_eager=enforce_eager,
-            kv_cache_dtype=kv_cache_dtype,
-            quantization=quantization,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            block_size=args.block_size,
+            num_kv_blocks=args.num_kv_blocks,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            seed=args.seed,
+            load_format=args.load_format,
+            attention_backend=args.attention_backend or ("triton" if device.type == "cuda" else "torch"),
+            enforce_eager=args.enforce_eager,
+            kv_cache_dtype=args.kv_cache_dtype,
+            quantization=args.quantization,
         )
-        torch.manual_seed(seed)
-        return cls(config, model_config, _try_tokenizer(model), quiet=quiet)
+        torch.manual_seed(args.seed)
+        return cls(config, model_config, _try_tokenizer(args.model), quiet=args.quiet)
 
     # ---- requests ----------------------------------------------------------------------------
 

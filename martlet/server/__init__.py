@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 
-from martlet.cli import add_engine_args, engine_kwargs, model_path
+from martlet.config import EngineArgs
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a request body over this is answered 413
 
@@ -36,7 +36,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--disable-access-log", action="store_true", help="do not log every HTTP request")
-    add_engine_args(parser)
+    EngineArgs.add_cli_args(parser)
     return parser
 
 
@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     from martlet.server.engine_core import LOG_FORMAT
 
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    model = model_path(args)
+    engine_args = EngineArgs.from_cli_args(args)
+    model = engine_args.model
     try:
-        engine = AsyncEngine(model, engine_kwargs(args))
+        engine = AsyncEngine(model, engine_args.engine_kwargs())
     except EngineStartupError as exc:
         logging.getLogger("martlet.server").error("the engine could not start: %s", exc)
         return 1

@@ -1,0 +1,28 @@
+"""EngineArgs is where every engine option lives: `LLM(...)` and every command take the same ones."""
+
+import pytest
+
+from martlet import LLM
+from martlet.cli import build_parser
+from martlet.config import EngineArgs
+
+COMMANDS = [["generate", "--prompt", "x"], ["chat"], ["serve"], ["bench", "latency"], ["bench", "throughput"]]
+
+
+@pytest.mark.parametrize("argv", COMMANDS)
+def test_every_command_takes_every_engine_option_with_its_default(argv):
+    from_flags = EngineArgs.from_cli_args(build_parser().parse_args(argv))
+    assert from_flags == EngineArgs(model=from_flags.model)
+
+
+def test_flags_reach_the_engine_arguments():
+    argv = ["generate", "--prompt", "x", "--model", "m", "--max-num-seqs", "3", "-q", "fp8", "--enforce-eager",
+            "--kv-cache-dtype", "int8", "--gpu-memory-utilization", "0.5"]
+    args = EngineArgs.from_cli_args(build_parser().parse_args(argv))
+    assert args == EngineArgs(model="m", max_num_seqs=3, quantization="fp8", enforce_eager=True,
+                              kv_cache_dtype="int8", gpu_memory_utilization=0.5)
+
+
+def test_an_unknown_engine_argument_is_a_type_error(tiny_model):
+    with pytest.raises(TypeError, match="kv_cache_dtyp"):
+        LLM(tiny_model, kv_cache_dtyp="int8")
