@@ -1,0 +1,68 @@
+"""Compile the decode kernel for sm_90 on any machine (no GPU needed) and count what its PTX does, per
+KV cache format: how the K/V tiles are loaded (cp.async, ldmatrix, ld.shared) and how many conversion
+and integer instructions the 8-bit formats add.
+
+    env -u TRITON_INTERPRET python benchmarks/decode_ptx.py [--out DIR]
+
+Pointers and the cache strides are declared 16-aligned, as the engine's are at run time (Triton
+specializes them so); without that, no load is vectorized and the picture is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from martlet.kernels import decode
+
+FORMATS = {"bf16": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}
+ALIGNED = ["q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "lse_ptr", "stride_qt",
+           "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_scale_block",
+           "stride_scale_head"]
+
+
+def compile_decode(kv_type: str, group: int = 1, block_n: int = 32, num_warps: int = 2, num_stages: int = 4):
+    """Llama-2-7B's decode shape (head dim 128, block 16), bf16 queries, split-K."""
+    kernel, names = decode._decode_kernel, decode._decode_kernel.arg_names
+    quant = kv_type != "*bf16"
+    const = dict(GROUP=group, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=max(16, group), BLOCK_N=block_n, BLOCK_D=128,
+                 PRECISION="tf32", SPLIT=True, QUANT=quant, PDL=True)
+    types = {"q_ptr": "*bf16", "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "out_ptr": "*fp32",
+             "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "qk_scale": "fp32",
+             "k_scale_ptr": "*fp16" if quant else kv_type, "v_scale_ptr": "*fp16" if quant else kv_type}
+    signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if quant or "scale" not in n}
+    source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write each format's TTGIR and PTX here")
+    args = parser.parse_args()
+    counts = {}
+    for name, kv_type in FORMATS.items():
+        compiled = compile_decode(kv_type)
+        ptx = compiled.asm["ptx"]
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            for ext in ("ttgir", "ptx"):
+                Path(args.out, f"decode_{name}.{ext}").write_text(compiled.asm[ext])
+        # An instruction's name, after an optional predicate and the brace of an inline-asm block.
+        starts = re.finditer(r"^\s*(?:@!?%p\d+\s+)?\{?\s*([a-z][a-z0-9]*)[.\s]", ptx, re.M)
+        counts[name] = collections.Counter(m.group(1) for m in starts)
+    ops = sorted(set().union(*counts.values()), key=lambda op: -max(c[op] for c in counts.values()))
+    print(f"{'instruction':12s}" + "".join(f"{name:>8s}" for name in FORMATS))
+    for op in ops[:24]:
+        print(f"{op:12s}" + "".join(f"{counts[name][op]:8d}" for name in FORMATS))
+
+
+if __name__ == "__main__":
+    main()
