@@ -88,8 +88,9 @@ def _setup(args: argparse.Namespace) -> tuple[LLM, Run, Ceilings]:
     llm = load_llm(args)
     cfg, dtype = llm.engine.model_config, llm.engine.config.dtype
     print("measuring ceilings (copy bandwidth, GEMM) ...", flush=True)
-    ceilings = measure_ceilings(llm.engine.config.device, dtype)
-    print(f"{ceilings.device}: copy {ceilings.copy_gb_s:,.0f} GB/s, {dtype} GEMM {ceilings.gemm_tflops:,.1f} "
+    ceilings = measure_ceilings(llm.engine.config.device, dtype, llm.engine.config.quantization)
+    gemm = llm.engine.config.quantization if llm.engine.config.quantization in ("fp8", "w8a8") else dtype
+    print(f"{ceilings.device}: copy {ceilings.copy_gb_s:,.0f} GB/s, {gemm} GEMM {ceilings.gemm_tflops:,.1f} "
           f"TFLOP/s", flush=True)
     # Weight and K/V bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
     roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(llm.engine.runner.model), llm.engine.runner.kv_format)

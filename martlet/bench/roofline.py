@@ -9,6 +9,7 @@ actually ran. "Roofline %" is that floor over the measured time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,7 +23,7 @@ from martlet.layers.kv_cache import KVFormat, tile_bytes
 class Ceilings:
     device: str
     copy_gb_s: float  # bytes read + written per second, /1e9
-    gemm_tflops: float  # in the model's dtype
+    gemm_tflops: float  # in the model's dtype, or on 8-bit tensor cores for W8A8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,19 +49,33 @@ def _time_ms(fn, device: torch.device, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype) -> Ceilings:
-    """Copy bandwidth (2 GiB on a GPU) and square-GEMM rate (8192 on a GPU), on random data."""
+def measure_ceilings(device: torch.device, dtype: torch.dtype, quantization: str | None = None) -> Ceilings:
+    """Copy bandwidth (2 GiB on a GPU) and square-GEMM rate (8192 on a GPU), on random data. The GEMM
+    is the one the model's matmuls run: in `dtype`, or on 8-bit tensor cores for W8A8."""
     on_gpu = device.type == "cuda"
     n_copy = (1 << 29) if on_gpu else (1 << 24)  # fp32 elements: 2 GiB / 64 MiB
     src = torch.randn(n_copy, device=device)
     dst = torch.empty_like(src)
     copy_ms = _time_ms(lambda: dst.copy_(src), device, 20)
     n = 8192 if on_gpu else 1024
-    gemm_dtype = dtype if on_gpu else torch.float32
-    a, b = (torch.randn(n, n, device=device, dtype=gemm_dtype) for _ in range(2))
-    gemm_ms = _time_ms(lambda: a @ b, device, 10)
+    gemm = _square_gemm(n, device, dtype if on_gpu else torch.float32, quantization if on_gpu else None)
+    gemm_ms = _time_ms(gemm, device, 10)
     name = torch.cuda.get_device_name(device) if on_gpu else "cpu"
     return Ceilings(name, 2 * n_copy * 4 / copy_ms / 1e6, 2 * n**3 / gemm_ms / 1e9)
+
+
+def _square_gemm(n: int, device: torch.device, dtype: torch.dtype, quantization: str | None) -> Callable[[], object]:
+    """An n x n x n product as the model runs its matmuls: W8A8 ("fp8", "w8a8") calls the 8-bit tensor
+    cores as `layers/quantization/w8a8.py` does."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    if quantization == "fp8":
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+        scale_a, scale_b = torch.ones(n, 1, device=device), torch.ones(1, n, device=device)
+        return lambda: torch._scaled_mm(a8, b8.T, scale_a=scale_a, scale_b=scale_b, out_dtype=dtype)
+    if quantization == "w8a8":
+        a8, b8 = (t.clamp(-127, 127).to(torch.int8) for t in (a, b))
+        return lambda: torch._int_mm(a8, b8.T)
+    return lambda: a @ b
 
 
 @dataclass
