@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -107,8 +108,55 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 QUANTIZATIONS = (None, "int8", "int4", "fp8", "w8a8")
 
 
-def _option(default, help: str, choices: tuple | None = None, short: str | None = None):  # noqa: A002
-    return field(default=default, metadata={"help": help, "choices": choices, "short": short})
+def _option(default, help: str, choices: tuple | None = None, short: str | None = None,  # noqa: A002
+            parse: Callable[[str], object] | None = None):
+    """An engine option; `parse` turns its flag's text into the value (for options that are not
+    numbers or plain strings)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "short": short, "parse": parse})
+
+
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's `speculative_config`; only prompt lookup ("ngram") is implemented so far.
+
+    Each decode step proposes up to `num_speculative_tokens` tokens: those that followed the
+    latest earlier occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down to
+    `prompt_lookup_min`. Missing one of the two, it takes the other's value (both 5 if neither).
+    """
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int
+    prompt_lookup_min: int
+    method: str = "ngram"
+
+    @classmethod
+    def from_dict(cls, config: dict) -> SpeculativeConfig:
+        config = dict(config)
+        if "model" in config or config.get("method") in ("medusa", "eagle", "eagle3", "draft_model"):
+            raise ValueError("speculative_config: draft models and Medusa/EAGLE heads are not implemented yet; "
+                             "use {'method': 'ngram', 'num_speculative_tokens': k}")
+        method = config.pop("method", "ngram")
+        if method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config: method must be one of {SPECULATIVE_METHODS}, got {method!r}")
+        k = config.pop("num_speculative_tokens", None)
+        lookup_max, lookup_min = config.pop("prompt_lookup_max", None), config.pop("prompt_lookup_min", None)
+        if config:
+            raise ValueError(f"speculative_config: unknown keys {sorted(config)}; 'ngram' takes "
+                             "num_speculative_tokens, prompt_lookup_max and prompt_lookup_min")
+        lookup_max = lookup_max or lookup_min or 5
+        lookup_min = lookup_min or lookup_max
+        for name, value in (("num_speculative_tokens", k), ("prompt_lookup_max", lookup_max),
+                            ("prompt_lookup_min", lookup_min)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
+        if lookup_min > lookup_max:
+            raise ValueError(f"speculative_config: prompt_lookup_min ({lookup_min}) must be <= "
+                             f"prompt_lookup_max ({lookup_max})")
+        return cls(num_speculative_tokens=k, prompt_lookup_max=lookup_max, prompt_lookup_min=lookup_min,
+                   method=method)
 
 
 @dataclass
@@ -135,6 +183,9 @@ class EngineArgs:
     quantization: str | None = _option(None, "quantize at load: int8 (weights per channel) or int4 (groupwise), "
                                              "weight-only; fp8 or w8a8 (int8): 8-bit weights and activations",
                                        tuple(q for q in QUANTIZATIONS if q), short="-q")
+    speculative_config: dict | None = _option(
+        None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
+              '"prompt_lookup_max": n, "prompt_lookup_min": m}', parse=json.loads)
     quiet: bool = _option(False, "no progress bars or log lines")
 
     @classmethod
@@ -146,7 +197,8 @@ class EngineArgs:
             if f.type == "bool":
                 group.add_argument(*names, action="store_true", help=f.metadata["help"])
                 continue
-            kind = {"int | None": int, "int": int, "float": float}.get(f.type, str)  # annotations are strings
+            # Annotations are strings here.
+            kind = f.metadata["parse"] or {"int | None": int, "int": int, "float": float}.get(f.type, str)
             group.add_argument(*names, type=kind, default=f.default, choices=f.metadata["choices"],
                                help=f.metadata["help"])
 
@@ -185,3 +237,4 @@ class EngineConfig:
     enforce_eager: bool
     kv_cache_dtype: str  # "auto" (the model's dtype), "int8" or "fp8": see martlet/kernels/__init__.py
     quantization: str | None  # None (the checkpoint's format), "int8"/"int4" (weight-only) or "fp8"/"w8a8" (W8A8)
+    speculative_config: SpeculativeConfig | None = None

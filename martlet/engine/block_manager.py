@@ -97,8 +97,8 @@ class BlockManager:
             self._forget(block_id)
             self._take(block_id)
             seq.block_table.append(block_id)
-        if self.enable_prefix_caching:
-            self._remember_full_blocks(seq, total // self.block_size)
+        if self.enable_prefix_caching:  # proposals past the sequence's own tokens are unverified: never hashed
+            self._remember_full_blocks(seq, min(total, len(seq)) // self.block_size)
 
     def free(self, seq: Sequence) -> None:
         # The tail is freed first so it is reused first: its prefix is the more valuable part.

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig
+from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, NgramProposer, accepted_prefix
 from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
@@ -72,6 +73,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
+        spec = config.speculative_config
+        self.proposer = None if spec is None else NgramProposer(spec, config.max_model_len)
         # Called with every scheduled batch before it runs (benchmarks count its cost).
         self.on_step: Callable[[ScheduledBatch], None] | None = None
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its sequences, one per choice
@@ -126,6 +129,8 @@ class LLMEngine:
             enforce_eager=args.enforce_eager,
             kv_cache_dtype=args.kv_cache_dtype,
             quantization=args.quantization,
+            speculative_config=(None if args.speculative_config is None
+                                else SpeculativeConfig.from_dict(args.speculative_config)),
         )
         torch.manual_seed(args.seed)
         return cls(config, model_config, _try_tokenizer(args.model), quiet=args.quiet)
@@ -217,7 +222,9 @@ class LLMEngine:
         the host wait for step N's tokens (the one sync), which were sampled into the device-side
         input of N+1 already. A sequence that finishes at step N has one step computed in vain.
         When N+1 has a sequence with a grammar, the wait comes earlier, once N+1's logits are
-        launched: its mask needs step N's token (see _grammar_bitmask).
+        launched: its mask needs step N's token (see _grammar_bitmask). With speculative decoding
+        it comes before N+1 is scheduled: the proposals are made from step N's tokens, and a step
+        that verified proposals must have its rejected ones rolled back first.
 
         Returns, per `output_kind`: "cumulative", an output with all tokens so far for every
         request that got a token; "delta", the same but with only this step's token in `token_ids`
@@ -226,8 +233,14 @@ class LLMEngine:
         """
         self._output_kind = output_kind
         outputs = self._admit_compiled()
-        if self.in_flight is not None and any(has_penalty(s) for s in self.scheduler.running):
-            outputs += self._collect(output_kind)  # penalties count the output tokens on the host
+        speculate = self.proposer is not None and len(self.scheduler.running) <= MAX_SPECULATIVE_BATCH
+        if self.in_flight is not None and (speculate or self.in_flight.verifies
+                                           or any(has_penalty(s) for s in self.scheduler.running)):
+            # Penalties count the output tokens on the host; proposals are made from them.
+            outputs += self._collect(output_kind)
+        if self.proposer is not None:
+            for seq in self.scheduler.running:
+                seq.spec_token_ids = self.proposer.propose(seq) if speculate else []
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -235,7 +248,8 @@ class LLMEngine:
                 self.on_step(batch)
             launched = self.runner.execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                seq.num_computed_tokens += n
+                seq.num_computed_tokens += n  # rejected proposals are taken back when collected
+                seq.spec_token_ids = []
                 if seq.forks and seq.num_computed_tokens >= seq.num_prompt_tokens:
                     self._release_forks(seq)
         outputs += self._early_outputs + self._collect(output_kind)
@@ -294,20 +308,29 @@ class LLMEngine:
         self.in_flight = None
         token_ids, logprobs = launched.results()
         now = time.perf_counter()
-        got: dict[str, dict[Sequence, int]] = {}  # request id -> its sequences that got a token, and where
-        for i, seq in enumerate(launched.seqs):
-            if seq.is_finished:  # finished or aborted while the step ran: its token is dropped
+        got: dict[str, dict[Sequence, slice]] = {}  # request id -> its sequences that got tokens, and where
+        rows = itertools.accumulate((len(d) + 1 for d in launched.drafts), initial=0)
+        for seq, slot, drafts, row in zip(launched.seqs, slots, launched.drafts, rows):
+            if seq.is_finished:  # finished or aborted while the step ran: its tokens are dropped
                 continue
-            token = seq.token_ids[slots[i]] = token_ids[i]
-            if logprobs is not None and seq.params.logprobs is not None:
-                seq.output_logprobs.append(logprobs[i])
-                seq.cumulative_logprob += logprobs[i][token]
-            if seq.grammar is not None:
-                seq.grammar.accept_token(token)
+            new_tokens = accepted_prefix(drafts, token_ids[row : row + len(drafts) + 1])
+            if drafts:
+                self._roll_back(seq, drafts, new_tokens)
+            # A verifying step is collected before the next one launches: its placeholder is the last
+            # token, and the accepted run takes its place.
+            seq.token_ids[slot : slot + 1] = new_tokens
+            if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
+                seq.output_logprobs.append(logprobs[row])
+                seq.cumulative_logprob += logprobs[row][new_tokens[0]]
+            if seq.grammar is not None:  # never with drafts
+                seq.grammar.accept_token(new_tokens[0])
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
-            self._check_finished(seq, slots[i])
-            got.setdefault(seq.request_id, {})[seq] = slots[i]
+            end = slot
+            while not seq.is_finished and end < slot + len(new_tokens):
+                self._check_finished(seq, end)  # a stop drops the tokens after it
+                end += 1
+            got.setdefault(seq.request_id, {})[seq] = slice(slot, end)
         outputs = []
         for request_id, slots_of in got.items():
             seqs = self.requests[request_id]
@@ -317,6 +340,15 @@ class LLMEngine:
             if finished:
                 self._forget(request_id)
         return outputs
+
+    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int]) -> None:
+        """Count only the accepted proposals as computed: the K/V of the rejected ones stay in the
+        sequence's blocks beyond its computed tokens, to be overwritten by the next steps."""
+        num_accepted = len(new_tokens) - 1
+        seq.num_computed_tokens -= len(drafts) - num_accepted
+        seq.metrics.num_spec_steps += 1
+        seq.metrics.num_draft_tokens += len(drafts)
+        seq.metrics.num_accepted_tokens += num_accepted
 
     def _forget(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):
@@ -346,12 +378,12 @@ class LLMEngine:
             detok.flush()
         self.scheduler.finish(seq, reason, stop_reason)
 
-    def make_output(self, seqs: list[Sequence], delta_slots: dict[Sequence, int] | None = None) -> RequestOutput:
+    def make_output(self, seqs: list[Sequence], delta_slots: dict[Sequence, slice] | None = None) -> RequestOutput:
         """A request's output so far: every choice; or with `delta_slots` only the choices in it, each
-        with only the token at its slot (and the prompt logprobs with the first token)."""
+        with only the tokens at its slots (and the prompt logprobs with the first token)."""
         first = seqs[0]
         prompt_logprobs = first.prompt_logprobs if first.params.prompt_logprobs is not None else None
-        if delta_slots is not None and delta_slots.get(first) != first.num_prompt_tokens:
+        if delta_slots is not None and delta_slots.get(first, slice(0)).start != first.num_prompt_tokens:
             prompt_logprobs = None
         shown = seqs if delta_slots is None else [seq for seq in seqs if seq in delta_slots]
         return RequestOutput(
@@ -364,12 +396,12 @@ class LLMEngine:
             prompt_logprobs=prompt_logprobs,
         )
 
-    def _completion(self, seq: Sequence, delta_slot: int | None) -> CompletionOutput:
+    def _completion(self, seq: Sequence, delta_slots: slice | None) -> CompletionOutput:
         detok = self.detokenizers.get(seq)
         logprobs = seq.output_logprobs if seq.params.logprobs is not None else None
         token_ids = seq.output_token_ids
-        if delta_slot is not None:
-            token_ids, logprobs = [seq.token_ids[delta_slot]], logprobs and logprobs[-1:]
+        if delta_slots is not None:
+            token_ids, logprobs = seq.token_ids[delta_slots], logprobs and logprobs[-1:]
         return CompletionOutput(
             index=seq.index,
             # While running, only text no stop string can take back; all of it once finished.

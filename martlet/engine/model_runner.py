@@ -2,7 +2,9 @@
 
 The flat batch has no padding: the new tokens of all sequences back to back, prefills first.
 Only the last token of a sequence whose prompt is complete gets logits; a prompt chunk that
-leaves more of the prompt for later is computed into the cache and produces nothing.
+leaves more of the prompt for later is computed into the cache and produces nothing. A decode
+that verifies k proposals (speculative decoding) runs k + 1 tokens, like a prompt chunk, and all
+k + 1 get logits.
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> LaunchedStep | None:
         """Launch one step and return without waiting for the device. The sampled tokens, for the
-        sequences that complete their prompt or decode (`completes_prompt`), follow in the result."""
+        sequences that complete their prompt or decode (`num_sampled`), follow in the result."""
         input_ids, positions, meta, logits_indices = self._prepare(batch)
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
@@ -131,12 +133,18 @@ class ModelRunner:
             if not sample or not logits_indices:
                 return None
             logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])
-        seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if completes_prompt(s, n)]
-        sampled = self.sampler(logits, seqs)
-        for row, seq in enumerate(seqs):
-            seq.sample_row = row
+        seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if num_sampled(s, n)]
+        drafts = [list(seq.spec_token_ids) for seq in seqs]
+        # One row per sampled position: a sequence's rows are consecutive, its drafts' first.
+        row_seqs = [seq for seq, d in zip(seqs, drafts) for _ in range(len(d) + 1)]
+        row_drafts = None
+        if any(drafts):
+            row_drafts = to_device([t for d in drafts for t in [*d, -1]], self.device, torch.int64)
+        sampled = self.sampler(logits, row_seqs, row_drafts)
+        for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
+            seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
-        return LaunchedStep.start(seqs, sampled)
+        return LaunchedStep.start(seqs, sampled, drafts)
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         seqs, counts = batch.seqs, batch.num_new_tokens
@@ -150,13 +158,15 @@ class ModelRunner:
         for seq, start, n in zip(seqs, starts, counts):
             if len(seq.block_table) * bs < start + n:
                 raise RuntimeError(f"request {seq.request_id} has no cache block for position {start + n - 1}")
-            if seq.token_ids[start + n - 1] == PLACEHOLDER:
-                pending_at.append(len(input_ids) + n - 1)
+            own = n - len(seq.spec_token_ids)  # the sequence's own tokens; its drafts, if any, follow
+            if seq.token_ids[start + own - 1] == PLACEHOLDER:
+                pending_at.append(len(input_ids) + own - 1)
                 pending_rows.append(seq.sample_row)
-            input_ids += seq.token_ids[start : start + n]
+            input_ids += seq.token_ids[start : start + own] + seq.spec_token_ids
         query_start_loc = [0, *itertools.accumulate(counts)]
         seq_lens = [start + n for start, n in zip(starts, counts)]
-        logits_indices = [end - 1 for seq, n, end in zip(seqs, counts, query_start_loc[1:]) if completes_prompt(seq, n)]
+        logits_indices = [i for seq, n, end in zip(seqs, counts, query_start_loc[1:])
+                          for i in range(end - num_sampled(seq, n), end)]
         # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
         tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int32)
         for row, seq in zip(tables, seqs):
@@ -192,35 +202,46 @@ class ModelRunner:
 class LaunchedStep:
     """A launched step whose sampled tokens are on their way to the host."""
 
-    seqs: list[Sequence]  # the sequences that get a token, in sampler row order
+    seqs: list[Sequence]  # the sequences that get tokens, in sampler row order
+    drafts: list[list[int]]  # per sequence, the proposals it verifies: its rows are 1 + len(drafts)
     host: SamplerOutput  # host copies, filled by non-blocking copies from the device
     ready: torch.cuda.Event | None
 
     @classmethod
-    def start(cls, seqs: list[Sequence], sampled: SamplerOutput) -> LaunchedStep:
+    def start(cls, seqs: list[Sequence], sampled: SamplerOutput, drafts: list[list[int]] | None = None
+              ) -> LaunchedStep:
+        drafts = drafts or [[] for _ in seqs]
         if sampled.token_ids.device.type != "cuda":
-            return cls(seqs, sampled, None)
+            return cls(seqs, drafts, sampled, None)
         # Queued right behind the sampler, ahead of whatever step is launched next.
         host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
                                for t in (sampled.token_ids, sampled.top_ids, sampled.top_logprobs,
                                          sampled.sampled_logprobs)))
         ready = torch.cuda.Event()
         ready.record()
-        return cls(seqs, host, ready)
+        return cls(seqs, drafts, host, ready)
+
+    @property
+    def verifies(self) -> bool:
+        return any(self.drafts)
 
     def results(self) -> tuple[list[int], list[dict[int, float]] | None]:
-        """Tokens, and logprob rows if any sequence asked; waits for this step only."""
+        """Per sampler row, tokens, and logprob rows if any sequence asked; waits for this step only."""
         if self.ready is not None:
             self.ready.synchronize()
         tokens = self.host.token_ids.tolist()
         if self.host.top_ids is None:
             return tokens, None
-        counts = [s.params.logprobs or 0 for s in self.seqs]
+        counts = [s.params.logprobs or 0 for s, d in zip(self.seqs, self.drafts) for _ in range(len(d) + 1)]
         rows = logprob_rows(self.host.top_ids.tolist(), self.host.top_logprobs.tolist(), tokens,
                             self.host.sampled_logprobs.tolist(), counts)
         return tokens, rows
 
 
-def completes_prompt(seq: Sequence, num_new_tokens: int) -> bool:
-    """True when this step computes the sequence's last known token, so it gets a new one."""
-    return seq.num_computed_tokens + num_new_tokens == len(seq)
+def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
+    """Tokens this step samples for the sequence: none for a prompt chunk that leaves more of the
+    prompt for later, one when the step computes its last known token, and one more per proposal
+    it verifies."""
+    if seq.num_computed_tokens + num_new_tokens != len(seq) + len(seq.spec_token_ids):
+        return 0
+    return 1 + len(seq.spec_token_ids)

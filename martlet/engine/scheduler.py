@@ -1,11 +1,12 @@
 """Iteration-level continuous batching.
 
 Every step the scheduler picks which sequences run and how many of their tokens. Running
-sequences go first, oldest first: one token each for decodes, the next chunk for prompts being
-prefilled in pieces. Waiting sequences then join, first come first served, while the token budget,
-the sequence limit and the free blocks allow. When a running sequence needs a block and none is
-free, the newest running sequence is preempted: its blocks are freed and it goes back to the
-front of the queue, to be recomputed from its prompt and the tokens it already produced.
+sequences go first, oldest first: one token each for decodes (plus the proposals a speculating
+decode verifies), the next chunk for prompts being prefilled in pieces. Waiting sequences then
+join, first come first served, while the token budget, the sequence limit and the free blocks
+allow. When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed from
+its prompt and the tokens it already produced.
 
 The scheduler knows token counts and blocks, never tensors.
 """
@@ -22,7 +23,8 @@ from martlet.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    seqs: list[Sequence]  # prefills (several new tokens) first, then decodes (one new token), longest first
+    # Prefills and verifying decodes (several new tokens) first, then decodes (one new token), longest first.
+    seqs: list[Sequence]
     num_new_tokens: list[int]
     num_prefills: int
 
@@ -65,8 +67,12 @@ class Scheduler:
             if seq.has_pending_token and seq.reached_length_limit(self.max_model_len):
                 i += 1  # its last token, still being sampled, ends it: nothing to compute
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = self._num_running_tokens(seq, budget)
             while not self.block_manager.can_allocate(seq, num_new):
+                if seq.spec_token_ids:  # verifying guesses is not worth a preemption
+                    num_new -= len(seq.spec_token_ids)
+                    seq.spec_token_ids.clear()
+                    continue
                 preempted = True
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -96,8 +102,17 @@ class Scheduler:
             budget -= num_new
         return _order(chosen)
 
+    @staticmethod
+    def _num_running_tokens(seq: Sequence, budget: int) -> int:
+        """Its uncomputed tokens and then its proposals, as many as the budget takes (the proposals
+        it leaves out are dropped)."""
+        num_new = min(seq.num_uncomputed_tokens, budget)
+        del seq.spec_token_ids[budget - num_new :]
+        return num_new + len(seq.spec_token_ids)
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        seq.spec_token_ids.clear()
         seq.status = SequenceStatus.WAITING
         seq.metrics.num_preemptions += 1
         self.waiting.appendleft(seq)

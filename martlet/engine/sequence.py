@@ -53,7 +53,10 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.num_hashed_blocks = 0  # leading blocks of block_table registered for prefix caching
-        self.sample_row = 0  # row of this sequence's token in the last step's sampler output
+        self.sample_row = 0  # row of this sequence's (last) token in the last step's sampler output
+        # Speculative decoding: tokens proposed to follow token_ids, verified by the next step. They
+        # join token_ids only once accepted.
+        self.spec_token_ids: list[int] = []
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []

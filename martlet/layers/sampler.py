@@ -8,6 +8,12 @@ batch samples in one op; a seeded sequence draws its noise from its own generato
 tokens independent of batch-mates.
 
 The common case, an all-greedy batch with no penalties and no logprobs, is a single argmax.
+
+Speculative decoding adds a draft token to some rows (see `martlet/engine/speculative.py`): the row
+returns the draft when it is accepted, and otherwise a token of its own. Greedy rows accept a
+draft that is their argmax. Sampled rows use the rejection-sampling rule for a draft that is a
+point mass (prompt lookup): accept with probability p(draft); on rejection draw from p with the
+draft's mass removed. Either way the token that comes out is distributed as p.
 """
 
 from __future__ import annotations
@@ -52,7 +58,10 @@ class Sampler:
         self.grammar_bitmask: Callable[[list[Sequence]], tuple[list[int], torch.Tensor]] | None = None
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], drafts: torch.Tensor | None = None
+                 ) -> SamplerOutput:
+        """One token per row of `logits`; `seqs[i]` is row i's sequence. `drafts` ([rows] int64, -1
+        for none) are tokens to verify: a row returns its draft exactly when it accepts it."""
         logits = logits.float()
         all_logprobs = None
         if any(s.params.logprobs is not None for s in seqs):
@@ -70,7 +79,7 @@ class Sampler:
         if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = self._sample(logits, seqs)
+            tokens = self._sample(logits, seqs, drafts)
         if all_logprobs is None:
             return SamplerOutput(tokens)
         k = max(max(s.params.logprobs or 0 for s in seqs), 1)
@@ -78,7 +87,7 @@ class Sampler:
         sampled = all_logprobs.gather(1, tokens[:, None]).squeeze(1)
         return SamplerOutput(tokens, top_ids, top_logprobs, sampled)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], drafts: torch.Tensor | None) -> torch.Tensor:
         device = logits.device
         temperature = to_device([s.params.temperature or 1.0 for s in seqs], device)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
@@ -93,9 +102,30 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.generator is not None:
                 noise[i].exponential_(generator=seq.generator)
-        sampled = (probs / noise).argmax(dim=-1)
+        if drafts is None:
+            sampled = (probs / noise).argmax(dim=-1)
+        else:
+            sampled = self._verify(probs, noise, drafts, seqs)
         greedy = to_device([s.params.greedy for s in seqs], device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+    def _verify(self, probs: torch.Tensor, noise: torch.Tensor, drafts: torch.Tensor, seqs: list[Sequence]
+                ) -> torch.Tensor:
+        """Rejection sampling of each row's draft (rows with none just sample). `probs` need not sum
+        to 1 (top-k/top-p zero some), so p(draft) is taken over their sum."""
+        has_draft = drafts >= 0
+        index = drafts.clamp(min=0)[:, None]
+        p_draft = probs.gather(1, index).squeeze(1) / probs.sum(dim=-1)
+        uniform = torch.rand(len(seqs), device=probs.device, generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.generator is not None:
+                uniform[i] = torch.rand((), device=probs.device, generator=seq.generator)
+        accepted = has_draft & (uniform < p_draft)
+        # The exponential race needs no renormalizing: argmax of p / noise over what is left is a draw
+        # from what is left.
+        residual = torch.where(has_draft[:, None], probs.scatter(1, index, 0.0), probs)
+        return torch.where(accepted, drafts, (residual / noise).argmax(dim=-1))
 
 
 PROMPT_LOGPROBS_SLICE = 256  # prompt positions scored at once
