@@ -2,7 +2,7 @@
 KV cache format: how the K/V tiles are loaded (cp.async, ldmatrix, ld.shared) and how many conversion
 and integer instructions the 8-bit formats add.
 
-    env -u TRITON_INTERPRET python benchmarks/decode_ptx.py [--out DIR]
+    env -u TRITON_INTERPRET python benchmarks/decode_ptx.py [--query-dtype fp16|bf16] [--out DIR]
 
 Pointers and the cache strides are declared 16-aligned, as the engine's are at run time (Triton
 specializes them so); without that, no load is vectorized and the picture is wrong.
@@ -21,19 +21,21 @@ from triton.compiler import ASTSource
 
 from martlet.kernels import decode
 
-FORMATS = {"bf16": "*bf16", "int8": "*i8", "fp8": "*fp8e4nv"}
+FORMATS = {"16-bit": None, "int8": "*i8", "fp8": "*fp8e4nv"}  # None: the query's own dtype
 ALIGNED = ["q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "lse_ptr", "stride_qt",
            "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_scale_block",
            "stride_scale_head"]
 
 
-def compile_decode(kv_type: str, group: int = 1, block_n: int = 32, num_warps: int = 2, num_stages: int = 4):
-    """Llama-2-7B's decode shape (head dim 128, block 16), bf16 queries, split-K."""
+def compile_decode(query_type: str, kv_type: str | None, group: int = 1, block_n: int = 32, num_warps: int = 2,
+                   num_stages: int = 4):
+    """Llama-2-7B's decode shape (head dim 128, block 16), split-K; kv_type None: an unquantized cache."""
     kernel, names = decode._decode_kernel, decode._decode_kernel.arg_names
-    quant = kv_type != "*bf16"
+    quant = kv_type is not None
+    kv_type = kv_type or query_type
     const = dict(GROUP=group, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=max(16, group), BLOCK_N=block_n, BLOCK_D=128,
                  PRECISION="tf32", SPLIT=True, QUANT=quant, PDL=True)
-    types = {"q_ptr": "*bf16", "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "out_ptr": "*fp32",
+    types = {"q_ptr": query_type, "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "out_ptr": "*fp32",
              "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "qk_scale": "fp32",
              "k_scale_ptr": "*fp16" if quant else kv_type, "v_scale_ptr": "*fp16" if quant else kv_type}
     signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
@@ -45,11 +47,13 @@ def compile_decode(kv_type: str, group: int = 1, block_n: int = 32, num_warps: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--query-dtype", default="fp16", choices=["fp16", "bf16"],
+                        help="the model's dtype: it decides how 8-bit codes are widened")
     parser.add_argument("--out", default=None, help="also write each format's TTGIR and PTX here")
     args = parser.parse_args()
     counts = {}
     for name, kv_type in FORMATS.items():
-        compiled = compile_decode(kv_type)
+        compiled = compile_decode("*" + args.query_dtype, kv_type)
         ptx = compiled.asm["ptx"]
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
