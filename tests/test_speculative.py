@@ -292,3 +292,20 @@ def test_sampled_tokens_follow_the_same_distribution(spec_llm, plain_llm, accept
     # 400 seeds leave a total variation of about 0.05 by chance; accepting every proposal gives 0.38.
     # The precise check of the rule is test_rejection_sampling_keeps_the_target_distribution.
     assert total_variation < 0.15, (spec, plain)
+
+
+# ---- the real default model ------------------------------------------------------------------
+
+
+def test_the_default_model_repeating_a_passage_is_unchanged_and_accepts_proposals():
+    from martlet.models.gguf import default_model_path
+
+    passage = "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step."
+    messages = [{"role": "user", "content": f"Repeat this passage exactly, word for word:\n\n{passage}"}]
+    params = SamplingParams(temperature=0, max_tokens=20)
+    outputs = [LLM(str(default_model_path()), device="cpu", quiet=True, speculative_config=config)
+               .chat(messages, params, use_tqdm=False)[0] for config in (None, NGRAM)]
+    plain, spec = (out.outputs[0] for out in outputs)
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text
+    assert plain.text.startswith("The quick brown fox")
+    assert outputs[1].metrics.num_accepted_tokens > 0
