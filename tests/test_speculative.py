@@ -7,6 +7,7 @@ accepted; each test asserts that some were.
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import transformers
 
 from martlet import LLM, SamplingParams
-from martlet.cli import build_parser
+from martlet.cli import build_parser, main
 from martlet.config import EngineArgs, SpeculativeConfig
 from martlet.engine.sequence import Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, find_continuation
@@ -309,3 +310,30 @@ def test_the_default_model_repeating_a_passage_is_unchanged_and_accepts_proposal
     assert spec.token_ids == plain.token_ids and spec.text == plain.text
     assert plain.text.startswith("The quick brown fox")
     assert outputs[1].metrics.num_accepted_tokens > 0
+
+
+def test_prefix_cache_hits_keep_output(spec_llm, hf_reference):
+    """Blocks are hashed only over verified tokens, so the second time the same prompts (and the
+    outputs, as a prompt) read the cache and still give Hugging Face's tokens."""
+    prompts, expected = hf_reference
+    spec_llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    hits_before = spec_llm.engine.block_manager.num_hit_tokens
+    outs = spec_llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert token_ids(outs) == expected
+    assert spec_llm.engine.block_manager.num_hit_tokens > hits_before
+    again = spec_llm.generate([{"prompt_token_ids": p + e[:-1]} for p, e in zip(prompts, expected)],
+                              SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [e[-1:] for e in expected]
+
+
+def test_bench_reports_acceptance(tiny_model, tmp_path, capsys):
+    result_file = tmp_path / "result.json"
+    with pytest.raises(SystemExit) as done:
+        main(["bench", "throughput", "--model", str(tiny_model), "--num-prompts", "4", "--input-len", "16",
+              "--output-len", "24", "--device", "cpu", "--dtype", "float32", "--quiet", "--json", str(result_file),
+              "--speculative-config", json.dumps(NGRAM)])
+    assert done.value.code == 0
+    result = json.loads(result_file.read_text())
+    assert result["output_tokens"] == 4 * 24
+    assert 0 < result["spec_accepted_tokens"] <= result["spec_draft_tokens"]
+    assert "proposed tokens accepted" in capsys.readouterr().out

@@ -76,7 +76,19 @@ class Run:
             "roofline_seconds": ideal, "roofline_pct": 100 * ideal / seconds,
             "preemptions": sum(o.metrics.num_preemptions for o in outputs),
             "prefix_cache_hit_tokens": engine.block_manager.num_hit_tokens - hits_before,
+            "spec_steps": sum(o.metrics.num_spec_steps for o in outputs),
+            "spec_draft_tokens": sum(o.metrics.num_draft_tokens for o in outputs),
+            "spec_accepted_tokens": sum(o.metrics.num_accepted_tokens for o in outputs),
         }
+
+
+def _speculation_summary(result: dict) -> str:
+    """Acceptance rate and tokens per verification step (vLLM's mean acceptance length)."""
+    steps, drafts, accepted = result["spec_steps"], result["spec_draft_tokens"], result["spec_accepted_tokens"]
+    if not steps:
+        return "no proposals verified"
+    return (f"{accepted:,} of {drafts:,} proposed tokens accepted ({accepted / drafts:.1%}), "
+            f"{1 + accepted / steps:.2f} tokens per verification step")
 
 
 def _sync(engine) -> None:
@@ -103,6 +115,8 @@ def _report(args: argparse.Namespace, llm: LLM, ceilings: Ceilings, rows: list[t
     kv_tokens = llm.engine.block_manager.num_blocks * engine.block_size
     kv_gib = llm.engine.block_manager.num_blocks * llm.engine.runner.kv_bytes_per_block() / 2**30
     rows = [*rows, ("KV cache", f"{engine.kv_cache_dtype}: {kv_tokens:,} tokens in {kv_gib:.2f} GiB")]
+    if engine.speculative_config is not None:
+        rows.append(("speculation", _speculation_summary(result)))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if args.json:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from martlet.config import ModelConfig
+from martlet.engine.model_runner import num_sampled
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.layers.kv_cache import KVFormat, tile_bytes
 
@@ -91,7 +92,7 @@ def step_cost(batch: ScheduledBatch) -> StepCost:
     logits, kv, pairs = 0, 0, 0
     for seq, n in zip(batch.seqs, batch.num_new_tokens):
         ctx = seq.num_computed_tokens + n
-        logits += ctx == len(seq)
+        logits += num_sampled(seq, n)
         kv += ctx
         pairs += n * seq.num_computed_tokens + n * (n + 1) // 2
     return StepCost(batch.num_tokens, logits, kv, pairs)
