@@ -337,3 +337,22 @@ def test_bench_reports_acceptance(tiny_model, tmp_path, capsys):
     assert result["output_tokens"] == 4 * 24
     assert 0 < result["spec_accepted_tokens"] <= result["spec_draft_tokens"]
     assert "proposed tokens accepted" in capsys.readouterr().out
+
+
+def test_the_server_streams_the_same_text_and_counts_acceptance(tiny_model, plain_llm, accepted_run, tmp_path):
+    from test_server import API_KEY, MODEL_NAME, Server
+
+    prompt, _ = accepted_run
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = plain_llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].text
+    server = Server(tiny_model, tmp_path / "server.log", "--api-key", API_KEY, "--speculative-config",
+                    json.dumps(NGRAM))
+    try:
+        chunks = server.client().completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=16, temperature=0,
+                                                    stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in chunks) == expected
+        metrics = server.metrics()
+        assert 0 < metrics["martlet_spec_decode_num_accepted_tokens_total"] <= \
+            metrics["martlet_spec_decode_num_draft_tokens_total"]
+    finally:
+        assert server.stop() == 0

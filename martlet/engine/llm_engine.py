@@ -75,6 +75,9 @@ class LLMEngine:
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
         spec = config.speculative_config
         self.proposer = None if spec is None else NgramProposer(spec, config.max_model_len)
+        # Over all requests (each request's own are in its metrics): verification steps, proposed tokens
+        # and accepted ones.
+        self.num_spec_steps = self.num_draft_tokens = self.num_accepted_tokens = 0
         # Called with every scheduled batch before it runs (benchmarks count its cost).
         self.on_step: Callable[[ScheduledBatch], None] | None = None
         self.requests: dict[str, list[Sequence]] = {}  # request id -> its sequences, one per choice
@@ -346,9 +349,10 @@ class LLMEngine:
         sequence's blocks beyond its computed tokens, to be overwritten by the next steps."""
         num_accepted = len(new_tokens) - 1
         seq.num_computed_tokens -= len(drafts) - num_accepted
-        seq.metrics.num_spec_steps += 1
-        seq.metrics.num_draft_tokens += len(drafts)
-        seq.metrics.num_accepted_tokens += num_accepted
+        for counts in (seq.metrics, self):
+            counts.num_spec_steps += 1
+            counts.num_draft_tokens += len(drafts)
+            counts.num_accepted_tokens += num_accepted
 
     def _forget(self, request_id: str) -> None:
         for seq in self.requests.pop(request_id, []):

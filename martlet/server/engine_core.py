@@ -189,4 +189,6 @@ class EngineCore:
         return EngineStats(
             num_running=len(scheduler.running), num_waiting=len(scheduler.waiting),
             kv_cache_usage=self.engine.block_manager.usage, num_steps=self.num_steps, num_added=self.num_added,
+            num_spec_steps=self.engine.num_spec_steps, num_draft_tokens=self.engine.num_draft_tokens,
+            num_accepted_tokens=self.engine.num_accepted_tokens,
         )

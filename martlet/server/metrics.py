@@ -32,6 +32,10 @@ class EngineStats:
     kv_cache_usage: float = 0.0
     num_steps: int = 0
     num_added: int = 0  # requests the engine has taken in, so far
+    # Speculative decoding, so far: verification steps, proposed tokens, accepted ones.
+    num_spec_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
 
 class ServerMetrics:
@@ -82,3 +86,11 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("martlet_kv_cache_usage", "Fraction of KV cache blocks in use (0 to 1).",
                                 value=stats.kv_cache_usage)
         yield CounterMetricFamily("martlet_engine_steps", "Engine steps run.", value=stats.num_steps)
+        # The acceptance rate is accepted / draft tokens; the mean accepted length 1 + accepted / steps.
+        yield CounterMetricFamily("martlet_spec_decode_num_verification_steps",
+                                  "Speculative decoding: sequence steps that verified proposed tokens.",
+                                  value=stats.num_spec_steps)
+        yield CounterMetricFamily("martlet_spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed.",
+                                  value=stats.num_draft_tokens)
+        yield CounterMetricFamily("martlet_spec_decode_num_accepted_tokens",
+                                  "Speculative decoding: proposed tokens accepted.", value=stats.num_accepted_tokens)
