@@ -230,7 +230,7 @@ class LLMEngine:
         that verified proposals must have its rejected ones rolled back first.
 
         Returns, per `output_kind`: "cumulative", an output with all tokens so far for every
-        request that got a token; "delta", the same but with only this step's token in `token_ids`
+        request that got a token; "delta", the same but with only this step's tokens in `token_ids`
         and `logprobs` (text stays cumulative), which saves copying long outputs every step;
         "final", the whole output of every request that finished.
         """
@@ -242,8 +242,7 @@ class LLMEngine:
             # Penalties count the output tokens on the host; proposals are made from them.
             outputs += self._collect(output_kind)
         if self.proposer is not None:
-            for seq in self.scheduler.running:
-                seq.spec_token_ids = self.proposer.propose(seq) if speculate else []
+            self._propose(speculate)
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -264,6 +263,12 @@ class LLMEngine:
                 if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
                     seq.append_token(PLACEHOLDER)
         return outputs
+
+    def _propose(self, speculate: bool) -> None:
+        """Each running sequence's proposals for this step: none when the step does not speculate (a
+        sequence the scheduler left out last step may still hold old ones)."""
+        for seq in self.scheduler.running:
+            seq.spec_token_ids = self.proposer.propose(seq) if speculate else []
 
     def _release_forks(self, parent: Sequence) -> None:
         """The parent's prompt is computed (on the device, by the time anything runs after this step):
