@@ -356,3 +356,17 @@ def test_the_server_streams_the_same_text_and_counts_acceptance(tiny_model, plai
             metrics["martlet_spec_decode_num_draft_tokens_total"]
     finally:
         assert server.stop() == 0
+
+
+def test_the_triton_backend_verifies_alike(tiny_model, hf_reference):
+    """The Triton kernels (Triton's interpreter on a CPU): verification chunks attend to their cached
+    context, and rejected proposals' K/V, written to the cache, are overwritten (block 8, so runs
+    cross blocks). Against the same backend without speculation, so that a GPU compares like with like."""
+    prompts, _ = hf_reference
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    requests = [{"prompt_token_ids": p} for p in prompts[1:3]]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = [LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
+                speculative_config=config).generate(requests, params, use_tqdm=False) for config in (None, NGRAM)]
+    assert token_ids(outs[1]) == token_ids(outs[0])
+    assert acceptance(outs[1]) > 0
