@@ -162,14 +162,15 @@ def test_greedy_matches_hf_under_preemption(tiny_model, hf_reference):
 
 def test_speculating_and_plain_requests_share_a_batch(spec_llm, plain_llm, hf_reference, assert_idle):
     """Penalties and logprobs need one row per step, so those requests decode one token at a time
-    in the same batches as the speculating ones."""
+    in the same batches as the speculating ones (and two choices of one prompt, forked, speculate)."""
     prompts, _ = hf_reference
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=0.5),
-              GREEDY, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2), GREEDY]
+              SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2), GREEDY]
     requests = [{"prompt_token_ids": p} for p in prompts]
     outs = spec_llm.generate(requests, params, use_tqdm=False)
     plain = plain_llm.generate(requests, params, use_tqdm=False)
-    assert token_ids(outs) == token_ids(plain)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == [[c.token_ids for c in o.outputs] for o in plain]
     for row, plain_row in zip(outs[3].outputs[0].logprobs, plain[3].outputs[0].logprobs, strict=True):
         assert row.keys() == plain_row.keys()
         assert list(row.values()) == pytest.approx(list(plain_row.values()), abs=1e-5)
