@@ -111,6 +111,22 @@ def test_the_longest_earlier_ngram_proposes_what_followed_it():
     assert find_continuation(np.array([1, 2, 3, 4]), 3, 1, 3) == []
 
 
+def test_the_lookup_agrees_with_a_plain_search():
+    def plain_search(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+        for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+            starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[-n:]]
+            if starts:
+                return tokens[starts[-1] + n : starts[-1] + n + k]
+        return []
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        tokens = [rng.randrange(rng.choice([2, 3, 50])) for _ in range(rng.randrange(1, 30))]
+        k, min_n = rng.randrange(1, 6), rng.randrange(1, 4)
+        max_n = rng.randrange(min_n, 6)
+        assert find_continuation(np.array(tokens), k, min_n, max_n) == plain_search(tokens, k, min_n, max_n)
+
+
 def test_the_accepted_prefix_ends_at_the_first_disagreement():
     assert accepted_prefix([5, 6, 7], [5, 6, 8, 1]) == [5, 6, 8]
     assert accepted_prefix([5, 6, 7], [5, 6, 7, 1]) == [5, 6, 7, 1]

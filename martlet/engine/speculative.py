@@ -14,7 +14,6 @@ tokens, where the next steps overwrite them.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from martlet.config import SpeculativeConfig
 from martlet.engine.sequence import Sequence
@@ -57,15 +56,22 @@ class NgramProposer:
 
 def find_continuation(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
     """The up to `k` tokens that followed the latest earlier occurrence of the last n tokens, for the
-    largest n in [min_n, max_n] that occurred before; [] if none did."""
-    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
-        # Windows that end before the last token, so that at least one token follows each.
-        windows = sliding_window_view(tokens[:-1], n)
-        hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if hits.size:
-            start = hits[-1] + n
-            return tokens[start : start + k].tolist()
-    return []
+    largest n in [min_n, max_n] that occurred before; [] if none did.
+
+    One pass over the tokens finds where the last token occurred before (not at the end, so a token
+    follows each); each longer n then keeps the places where the token before matches too.
+    """
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where earlier occurrences end
+    n = 1
+    while n < max_n and ends.size:
+        longer = ends[ends >= n]
+        longer = longer[tokens[longer - n] == tokens[-1 - n]]
+        if not longer.size:
+            break
+        ends, n = longer, n + 1
+    if not ends.size or n < min_n:
+        return []
+    return tokens[ends[-1] + 1 : ends[-1] + 1 + k].tolist()
 
 
 def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:
