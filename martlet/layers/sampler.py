@@ -109,7 +109,6 @@ class Sampler:
         greedy = to_device([s.params.greedy for s in seqs], device)
         return torch.where(greedy, logits.argmax(dim=-1), sampled)
 
-
     def _verify(self, probs: torch.Tensor, noise: torch.Tensor, drafts: torch.Tensor, seqs: list[Sequence]
                 ) -> torch.Tensor:
         """Rejection sampling of each row's draft (rows with none just sample). `probs` need not sum
