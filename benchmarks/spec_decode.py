@@ -1,0 +1,150 @@
+"""Speculative decoding on a GPU: what a verification step costs, and what n-gram speculation gains.
+
+    PYTHONPATH=$PWD python3 benchmarks/spec_decode.py verify-cost [--config-dir DIR] [--json FILE]
+    PYTHONPATH=$PWD python3 benchmarks/spec_decode.py ngram [--model GGUF] [--json FILE]
+
+`verify-cost` (issue 22's first GPU check): dummy weights, batch 1 and 8, every sequence verifying k
+proposals per step for k = 0..6 (k = 0 is a plain decode step); the proposals are random tokens,
+so nearly all are rejected and each step makes one token per sequence. Prints ms per step and, from
+it, the speedup a given acceptance rate would bring: a step that verifies k proposals accepted
+with probability a makes (1 - a^(k+1)) / (1 - a) tokens on average.
+
+`ngram` (the second): the real default model at batch 1 on copy-heavy prompts (repeat, or edit, a
+passage of this README), greedy, with and without n-gram speculation: output tok/s, the speedup,
+and the acceptance. Issue 22 asks for 1.8x or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from martlet import LLM, SamplingParams
+from martlet.engine.sequence import Sequence
+
+KS = range(7)
+BATCHES = (1, 8)
+STEPS = 64
+ACCEPTANCE_RATES = (0.5, 0.7, 0.9)
+
+
+class RandomProposer:
+    """k random tokens for every decoding sequence (the engine's proposer seam)."""
+
+    def __init__(self, k: int, vocab_size: int) -> None:
+        self.k, self.vocab_size = k, vocab_size
+
+    def propose(self, seq: Sequence) -> list[int]:
+        return [random.randrange(self.vocab_size) for _ in range(self.k)] if seq.num_uncomputed_tokens == 1 else []
+
+
+def expected_tokens(k: int, acceptance: float) -> float:
+    return sum(acceptance**i for i in range(k + 1))
+
+
+def verify_cost(args: argparse.Namespace) -> dict:
+    llm = LLM(args.config_dir, load_format="dummy", dtype=args.dtype, quiet=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": max(KS)})
+    engine = llm.engine
+    vocab = engine.model_config.vocab_size
+    rows = []
+    for batch in BATCHES:
+        for k in KS:
+            # k = 0 is the plain engine: no proposer, so the host stays a step ahead as it does without speculation.
+            engine.proposer = RandomProposer(k, vocab) if k else None
+            prompts = [{"prompt_token_ids": [random.randrange(vocab) for _ in range(128)]} for _ in range(batch)]
+            params = SamplingParams(temperature=0, max_tokens=STEPS + 16, ignore_eos=True, detokenize=False)
+            for prompt in prompts:
+                engine.add_request(prompt["prompt_token_ids"], params)
+            for _ in range(8):  # the prefill and a few steps of warm-up
+                engine.step()
+            _sync(engine)
+            start = time.perf_counter()
+            for _ in range(STEPS):
+                engine.step()
+            _sync(engine)
+            ms = 1e3 * (time.perf_counter() - start) / STEPS
+            while engine.has_unfinished_requests():
+                engine.step()
+            rows.append({"batch": batch, "k": k, "ms_per_step": ms})
+    for row in rows:
+        base = next(r["ms_per_step"] for r in rows if r["batch"] == row["batch"] and r["k"] == 0)
+        row["speedup_at"] = {a: expected_tokens(row["k"], a) * base / row["ms_per_step"] for a in ACCEPTANCE_RATES}
+        gains = ", ".join(f"a={a}: {s:.2f}x" for a, s in row["speedup_at"].items())
+        print(f"b{row['batch']} k={row['k']}: {row['ms_per_step']:.2f} ms/step ({row['ms_per_step'] / base:.2f}x a "
+              f"decode step); speedup {gains}", flush=True)
+    return {"config_dir": args.config_dir, "steps": STEPS, "rows": rows}
+
+
+def copy_heavy_prompts(llm: LLM) -> list[str]:
+    """Chat prompts that ask for a passage of this README back, as it is or lightly edited."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    passages = [p for p in text.split("\n\n") if 300 < len(p) < 900 and not p.startswith(("```", "|"))][:4]
+    asks = ["Repeat the following text exactly, word for word:",
+            "Rewrite the following text with every sentence in the past tense, changing nothing else:"]
+    return [llm.apply_chat_template([{"role": "user", "content": f"{ask}\n\n{passage}"}])
+            for passage in passages for ask in asks]
+
+
+def ngram(args: argparse.Namespace) -> dict:
+    from martlet.models.gguf import default_model_path
+
+    model = args.model or str(default_model_path())
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    result = {"model": model, "speculative_config": spec}
+    for name, config in (("plain", None), ("ngram", spec)):
+        llm = LLM(model, quiet=True, speculative_config=config)
+        prompts = copy_heavy_prompts(llm)[: args.num_prompts]
+        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)  # warm-up
+        tokens, seconds, accepted, drafts = 0, 0.0, 0, 0
+        for prompt in prompts:  # batch 1: one request at a time
+            start = time.perf_counter()
+            out = llm.generate(prompt, params, use_tqdm=False)[0]
+            seconds += time.perf_counter() - start
+            tokens += len(out.outputs[0].token_ids)
+            accepted += out.metrics.num_accepted_tokens
+            drafts += out.metrics.num_draft_tokens
+        result[name] = {"output_tokens": tokens, "seconds": seconds, "output_tok_s": tokens / seconds,
+                        "acceptance_rate": accepted / drafts if drafts else None}
+        print(f"{name}: {tokens / seconds:,.1f} output tok/s over {len(prompts)} prompts"
+              + (f", {accepted / drafts:.1%} of proposals accepted" if drafts else ""), flush=True)
+        del llm
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result["speedup"] = result["ngram"]["output_tok_s"] / result["plain"]["output_tok_s"]
+    print(f"speedup: {result['speedup']:.2f}x")
+    return result
+
+
+def _sync(engine) -> None:
+    if engine.config.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="command", required=True)
+    cost = sub.add_parser("verify-cost")
+    cost.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
+    cost.add_argument("--dtype", default="float16")
+    gain = sub.add_parser("ngram")
+    gain.add_argument("--model", default=None)
+    gain.add_argument("--k", type=int, default=4)
+    gain.add_argument("--max-tokens", type=int, default=256)
+    gain.add_argument("--num-prompts", type=int, default=8)
+    for parser in (cost, gain):
+        parser.add_argument("--json")
+    args = ap.parse_args()
+    result = verify_cost(args) if args.command == "verify-cost" else ngram(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
