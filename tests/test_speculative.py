@@ -387,3 +387,15 @@ def test_the_triton_backend_verifies_alike(tiny_model, hf_reference):
                 speculative_config=config).generate(requests, params, use_tqdm=False) for config in (None, NGRAM)]
     assert token_ids(outs[1]) == token_ids(outs[0])
     assert acceptance(outs[1]) > 0
+
+
+def test_an_abort_while_proposals_are_verified_frees_everything(spec_llm, accepted_run, assert_idle):
+    prompt, _ = accepted_run
+    engine = spec_llm.engine
+    request_id = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=24))
+    while not (engine.in_flight is not None and engine.in_flight.verifies):
+        engine.step()
+    engine.abort_request(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_idle(spec_llm)
