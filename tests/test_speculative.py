@@ -107,7 +107,9 @@ def test_the_longest_earlier_ngram_proposes_what_followed_it():
     tokens = np.array([1, 2, 3, 9, 9, 7, 2, 3, 4, 5, 6, 7, 2, 3])
     assert find_continuation(tokens, 3, 1, 3) == [4, 5, 6]  # "7 2 3" at 5..7 beats the shorter "2 3" at 1..2
     assert find_continuation(tokens, 3, 1, 2) == [4, 5, 6]  # the latest "2 3"
-    assert find_continuation(tokens, 9, 1, 2) == [4, 5, 6, 7, 2, 3]  # up to the end
+    assert find_continuation(tokens, 9, 1, 2) == [9, 9, 7, 2, 3, 4, 5, 6, 7]  # the latest that 9 tokens follow
+    assert find_continuation(tokens, 12, 1, 2) == [9, 9, 7, 2, 3, 4, 5, 6, 7, 2, 3]  # none: the earliest
+    assert find_continuation(np.array([8, 5, 5, 5, 5, 5, 5]), 3, 1, 3) == [5, 5, 5]  # not the 5 at the end alone
     assert find_continuation(np.array([1, 2, 3, 4]), 3, 1, 3) == []
 
 
@@ -116,7 +118,9 @@ def test_the_lookup_agrees_with_a_plain_search():
         for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
             starts = [s for s in range(len(tokens) - n) if tokens[s : s + n] == tokens[-n:]]
             if starts:
-                return tokens[starts[-1] + n : starts[-1] + n + k]
+                followed_by_k = [s for s in starts if s + n + k <= len(tokens)]
+                start = followed_by_k[-1] if followed_by_k else starts[0]
+                return tokens[start + n : start + n + k]
         return []
 
     rng = random.Random(0)
@@ -399,3 +403,11 @@ def test_an_abort_while_proposals_are_verified_frees_everything(spec_llm, accept
     while engine.has_unfinished_requests():
         engine.step()
     assert_idle(spec_llm)
+
+
+def test_every_decode_step_speculates_while_proposals_are_found(spec_llm):
+    """The tiny model answers a run of one token with a run of another: after its first two tokens every
+    step finds a proposal, and every step verifies one (the step after a verification included)."""
+    steps = list(spec_llm.stream({"prompt_token_ids": [1465] * 40}, SamplingParams(temperature=0, max_tokens=24)))
+    assert len(set(steps[-1].outputs[0].token_ids)) == 1
+    assert steps[-1].metrics.num_spec_steps >= len(steps) - 3  # all but the prefill and the first two decodes

@@ -236,13 +236,12 @@ class LLMEngine:
         """
         self._output_kind = output_kind
         outputs = self._admit_compiled()
-        speculate = self.proposer is not None and len(self.scheduler.running) <= MAX_SPECULATIVE_BATCH
-        if self.in_flight is not None and (speculate or self.in_flight.verifies
+        if self.in_flight is not None and (self.in_flight.verifies or self._speculates()
                                            or any(has_penalty(s) for s in self.scheduler.running)):
             # Penalties count the output tokens on the host; proposals are made from them.
             outputs += self._collect(output_kind)
         if self.proposer is not None:
-            self._propose(speculate)
+            self._propose(self._speculates())  # asked again: the sequences just verified may speculate now
         batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -263,6 +262,13 @@ class LLMEngine:
                 if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
                     seq.append_token(PLACEHOLDER)
         return outputs
+
+    def _speculates(self) -> bool:
+        """Whether this step proposes tokens: a small enough batch with a sequence that may use them
+        (otherwise the host stays a step ahead, as without speculation)."""
+        running = self.scheduler.running
+        return (self.proposer is not None and len(running) <= MAX_SPECULATIVE_BATCH
+                and any(self.proposer.may_speculate(seq) for seq in running))
 
     def _propose(self, speculate: bool) -> None:
         """Each running sequence's proposals for this step: none when the step does not speculate (a

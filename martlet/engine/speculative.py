@@ -1,9 +1,9 @@
 """Speculative decoding with prompt lookup: guess the next tokens from the sequence itself.
 
 Text that repeats (quoting, editing, code) continues the way it did before: the tokens that
-followed the latest earlier occurrence of a sequence's last n tokens are a good guess for what
-follows now. The next step feeds the sequence's last token and the k guesses to the model at once
-(k + 1 query tokens, laid out like a prompt chunk), and the sampler checks each guess against the
+followed an earlier occurrence of a sequence's last n tokens are a good guess for what follows
+now. The next step feeds the sequence's last token and the k guesses to the model at once (k + 1
+query tokens, laid out like a prompt chunk), and the sampler checks each guess against the
 target's own choice at that position (`Sampler`, rejection sampling). The engine keeps the
 leading guesses that pass plus the target's token after them, so each verification step makes 1
 to k + 1 tokens, exactly the tokens (greedy) or the distribution (sampling) of decoding one at a
@@ -55,8 +55,10 @@ class NgramProposer:
 
 
 def find_continuation(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
-    """The up to `k` tokens that followed the latest earlier occurrence of the last n tokens, for the
-    largest n in [min_n, max_n] that occurred before; [] if none did.
+    """The up to `k` tokens that followed an earlier occurrence of the last n tokens, for the largest
+    n in [min_n, max_n] that occurred before; [] if none did. The occurrence is the latest that k
+    tokens follow (the freshest context), or if none is, the earliest (the most tokens): in a run of
+    one repeated token the latest occurrence ends just before the last token, and would give one.
 
     One pass over the tokens finds where the last token occurred before (not at the end, so a token
     follows each); each longer n then keeps the places where the token before matches too.
@@ -71,7 +73,9 @@ def find_continuation(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> lis
         ends, n = longer, n + 1
     if not ends.size or n < min_n:
         return []
-    return tokens[ends[-1] + 1 : ends[-1] + 1 + k].tolist()
+    followed_by_k = ends[ends < len(tokens) - k]
+    end = followed_by_k[-1] if followed_by_k.size else ends[0]
+    return tokens[end + 1 : end + 1 + k].tolist()
 
 
 def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:
