@@ -3,7 +3,9 @@
     PYTHONPATH=$PWD python3 benchmarks/tune_decode_kv.py [FORMAT ...]   (default: auto int8 fp8)
 
 The kernel's default config was tuned on bf16 (martlet/kernels/decode.py); an 8-bit tile is half the
-bytes per key, so it may want more keys per tile or more warps.
+bytes per key, so it may want more keys per tile or more warps. Queries are fp16, as in the seed rows'
+model: the query dtype decides how 8-bit codes are widened (benchmarks/decode_ptx.py). The first runs,
+in raw-2026-12-02-h200-kv/, used bf16 queries.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ def main() -> None:
     copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
     print(f"copy {copy:.0f} GB/s")
     for kv_cache_dtype in sys.argv[1:] or ("auto", "int8", "fp8"):
-        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.bfloat16,
+        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.float16,
                            kv_cache_dtype)
         scores = {}
         for cfg in CANDIDATES:
-            rows = [r for batch, ctx in SHAPES for r in decode_case(batch, ctx, pool, configs=[cfg])]
+            rows = [r for batch, ctx in SHAPES
+                    for r in decode_case(batch, ctx, pool, configs=[cfg], dtype=torch.float16)]
             ok = [r for r in rows if "error" not in r]
             line = " ".join(f"b{r['batch']}/{r['context']}:{r['GB/s']:5.0f}" for r in ok)
             if len(ok) == len(rows):

@@ -190,14 +190,15 @@ def prefill(seq_lens: list[int], total_tokens: int, cfg) -> list[dict]:
 
 
 def decode_case(batch: int, ctx: int, pool, configs: list = (None,), splits: list[int] | None = None,
-                hq: int = 32) -> list[dict]:
-    """GB/s of decode_attention over `batch` contexts of `ctx` tokens, per config x split count."""
+                hq: int = 32, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """GB/s of decode_attention over `batch` contexts of `ctx` tokens, per config x split count, with
+    queries in the model's `dtype` (it decides how an 8-bit cache's codes are widened)."""
     from martlet.kernels.decode import decode_attention, decode_num_splits
 
     kv, blocks = pool
     hkv, block_size, d = kv.k.shape[1:]
     tables = block_tables_for(blocks, batch, ctx, block_size)
-    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=dtype)
     seq_lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     nbytes = cache_bytes(kv, batch * ctx) + 2 * q.numel() * q.element_size()
     rows = []
