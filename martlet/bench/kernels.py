@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.config import KV_CACHE_DTYPES
-from martlet.layers.kv_cache import LayerKV, allocate_kv_cache, kv_format, quantize
+from martlet.layers.kv_cache import LayerKV, allocate_kv_cache, kv_format, quantize, tile_bytes
 
 GIB = 1 << 30
 
@@ -125,8 +125,7 @@ def paged_cache(batch: int, seq_len: int, hkv: int, d: int, block_size: int, dty
 
 def cache_bytes(kv: LayerKV, tokens: int) -> int:
     """Bytes of K and V (codes and scales) of `tokens` tokens of every KV head."""
-    per_row = kv.k.shape[-1] * kv.k.element_size() + (0 if kv.k_scale is None else kv.k_scale.element_size())
-    return 2 * tokens * kv.k.shape[1] * per_row
+    return 2 * tokens * kv.k.shape[1] * tile_bytes(1, kv.k.shape[-1], kv.k.dtype, kv.format)
 
 
 def block_tables_for(blocks: torch.Tensor, batch: int, seq_len: int, block_size: int) -> torch.Tensor:

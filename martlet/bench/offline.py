@@ -105,7 +105,9 @@ def _setup(args: argparse.Namespace) -> tuple[LLM, Run, Ceilings]:
     print(f"{ceilings.device}: copy {ceilings.copy_gb_s:,.0f} GB/s, {gemm} GEMM {ceilings.gemm_tflops:,.1f} "
           f"TFLOP/s", flush=True)
     # Weight and K/V bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
-    roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(llm.engine.runner.model), llm.engine.runner.kv_format)
+    runner = llm.engine.runner
+    roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(runner.model),
+                        runner.kv_bytes_per_block() // runner.block_size)
     return llm, Run(llm, roofline), ceilings
 
 
@@ -113,7 +115,7 @@ def _report(args: argparse.Namespace, llm: LLM, ceilings: Ceilings, rows: list[t
             result: dict) -> None:
     engine = llm.engine.config
     kv_tokens = llm.engine.block_manager.num_blocks * engine.block_size
-    kv_gib = llm.engine.block_manager.num_blocks * llm.engine.runner.kv_bytes_per_block() / 2**30
+    kv_gib = llm.engine.runner.kv_cache.nbytes / 2**30
     rows = [*rows, ("KV cache", f"{engine.kv_cache_dtype}: {kv_tokens:,} tokens in {kv_gib:.2f} GiB")]
     if engine.speculative_config is not None:
         rows.append(("speculation", _speculation_summary(result)))

@@ -17,7 +17,6 @@ import torch
 from martlet.config import ModelConfig
 from martlet.engine.model_runner import num_sampled
 from martlet.engine.scheduler import ScheduledBatch
-from martlet.layers.kv_cache import KVFormat, tile_bytes
 
 
 @dataclass
@@ -110,10 +109,11 @@ def layer_weight_bytes(model: torch.nn.Module) -> int:
 class Roofline:
     def __init__(
         self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, layer_bytes: int | None = None,
-        kv_format: KVFormat | None = None,
+        kv_bytes_per_token: int | None = None,
     ) -> None:
         """`layer_bytes`: the decoder layers' weight bytes (`layer_weight_bytes`) when they are not
-        stored in `dtype`, as under quantization; `kv_format`: an 8-bit KV cache's."""
+        stored in `dtype`, as under quantization; `kv_bytes_per_token`: K and V of every layer as
+        the cache stores them (an 8-bit cache's codes and scales), when not in `dtype`."""
         element = torch.tensor([], dtype=dtype).element_size()
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
@@ -122,8 +122,7 @@ class Roofline:
         self.head_params = cfg.vocab_size * cfg.hidden_size
         layer_bytes = self.layer_params * element if layer_bytes is None else layer_bytes
         self.weight_bytes = layer_bytes + self.head_params * element
-        # K and V as stored: 8-bit codes and their scales in a quantized cache.
-        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * tile_bytes(1, cfg.head_dim, dtype, kv_format)
+        self.kv_bytes_per_token = kv_bytes_per_token or 2 * cfg.num_layers * kv * element
         self.attention_flops_per_pair = 4 * cfg.num_layers * q  # QK^T and PV, 2 FLOPs per MAC
         self.ceilings = ceilings
 

@@ -68,7 +68,7 @@ class LLMEngine:
             )
         if not quiet:
             logger.info("KV cache (%s): %d blocks of %d tokens = %d tokens, %.2f GiB", config.kv_cache_dtype,
-                        num_blocks, config.block_size, capacity, num_blocks * self.runner.kv_bytes_per_block() / 2**30)
+                        num_blocks, config.block_size, capacity, self.runner.kv_cache.nbytes / 2**30)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)

@@ -37,9 +37,10 @@ def round_to_e4m3(y):
 
 
 @triton.jit
-def round_to_code(y, code_dtype: tl.constexpr):
-    """Scaled fp32 values, already within the code range, to the nearest code of `code_dtype` (as
-    fp32): int8 rounds half away from zero, e4m3 to nearest even."""
+def to_codes(x, inv_scale, MAX_CODE: tl.constexpr, code_dtype: tl.constexpr):
+    """fp32 x times its scale's reciprocal, clamped to the code range and rounded to the nearest code
+    of `code_dtype` (still fp32): int8 rounds half away from zero, e4m3 to nearest even."""
+    y = tl.minimum(tl.maximum(x * inv_scale, -MAX_CODE), MAX_CODE)
     if code_dtype == tl.int8:
         return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
     else:
@@ -63,8 +64,7 @@ def _quantize_rows_kernel(
     for start in range(0, width, BLOCK):
         mask = start + offs < width
         x = tl.load(x_row + start + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x * inv, -MAX_CODE), MAX_CODE)
-        code = round_to_code(y, codes_ptr.dtype.element_ty)
+        code = to_codes(x, inv, MAX_CODE, codes_ptr.dtype.element_ty)
         tl.store(codes_ptr + row * stride_c + start + offs, code.to(codes_ptr.dtype.element_ty), mask=mask)
 
 

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from martlet.kernels.paged import check_cache, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
-from martlet.kernels.quantize import reciprocal_or_zero, round_to_code
+from martlet.kernels.quantize import reciprocal_or_zero, to_codes
 from martlet.layers.kv_cache import LayerKV
 
 
@@ -40,11 +40,9 @@ def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, MAX_CODE: tl.con
     amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
     scale = (amax / MAX_CODE).to(tl.float16)
     inv = reciprocal_or_zero(scale.to(tl.float32))[:, None]
-    y1 = tl.minimum(tl.maximum(x1 * inv, -MAX_CODE), MAX_CODE)
-    y2 = tl.minimum(tl.maximum(x2 * inv, -MAX_CODE), MAX_CODE)
-    y1 = round_to_code(y1, ptrs.dtype.element_ty)
-    y2 = round_to_code(y2, ptrs.dtype.element_ty)
     tl.store(scale_ptrs, scale, mask=head_mask)
+    y1 = to_codes(x1, inv, MAX_CODE, ptrs.dtype.element_ty)
+    y2 = to_codes(x2, inv, MAX_CODE, ptrs.dtype.element_ty)
     _store_halves(ptrs, y1, y2, mask, HALF)
 
 
