@@ -18,7 +18,7 @@ The KV cache layout, `[num_blocks, num_kv_heads, block_size, head_dim]` for K an
   16-byte vector loads. Token-major pages (`[num_blocks, block_size, num_kv_heads, head_dim]`) would
   interleave the heads and stride every row by `num_kv_heads * head_dim`: the same bytes in 16
   separate 256-byte runs instead of one 4 KiB run, and no single 2-D box a bulk tensor copy could fetch.
-- K and V share the layout and strides, so one offset computation serves both loads.
+- K and V share the layout and strides in the model's dtype (an 8-bit V differs: below).
 - Both matmuls want the K/V tile as `[keys, head_dim]` rows: `tl.dot(q, tl.trans(k))` transposes in
   shared memory for free, so K needs none of the split `[.., head_dim / x, block_size, x]` layout old
   CUDA paged-attention kernels used.
@@ -40,6 +40,11 @@ tokens in the same memory), addressed with the codes' strides and a scale view's
   range serves each row (a per-tensor scale, vLLM's default, wastes it on quiet heads).
 - Scales are computed from the row alone, so a recomputed (preempted) or prefix-cached row has exactly
   the codes it had.
+- V's codes are stored channel-major within the tile (`[head_dim, block_size]`, seen through a
+  transposed view): the P.V product reduces over keys, and an 8-bit tile with keys contiguous loads
+  into the tensor cores' operand layout with `ldmatrix`, where a key-major one took one shared-memory
+  load per byte (ldmatrix.trans moves 16-bit elements only). K stays key-major, as Q.K^T reduces
+  over channels. The write of a new token's V row is then a strided scatter, small next to the reads.
 - `rotary_kv.py` quantizes the rotated k and v while they are in registers (absmax per head row, one
   store of codes and one of scales); `paged.load_kv_tile` reads codes and scales of a tile and
   `paged.online_softmax_step` applies them.
