@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from martlet import LLM, SamplingParams
+from martlet.layers.activation import silu_and_mul
 from martlet.layers.kv_cache import KV_FORMATS, dequantize, quantize
-from martlet.layers.linear import Linear
+from martlet.layers.linear import Linear, SiluGateUpLinear
+from martlet.layers.norm import RMSNorm, rms_norm
 from martlet.layers.quantization import from_name
-from martlet.layers.quantization.w8a8 import check_device
+from martlet.layers.quantization.w8a8 import QuantizedRows, check_device
 from martlet.testing import make_tiny_model
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -130,3 +132,24 @@ def test_graphs_match_eager_gpu(name, tmp_path):
                   enforce_eager=eager, kv_cache_dtype="fp8")
         outs.append([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("name", ["fp8", "w8a8"])
+def test_norm_and_silu_quantize_for_the_projection_they_feed(name):
+    """The RMSNorm before a W8A8 projection and the gated MLP's SiLU*mul hand it per-token codes
+    (`QuantizedRows`); the products are those of quantizing their outputs in `apply`."""
+    gen = torch.Generator().manual_seed(0)
+    quant = from_name(name)
+    gate_up, down = SiluGateUpLinear(96, 2 * 40, quant=quant), Linear(40, 96, bias=False, quant=quant)
+    for layer in (gate_up, down):
+        layer.weight.data.copy_(torch.randn(layer.weight.shape, generator=gen))
+        layer.method.process_weights_after_loading(layer)
+    norm = RMSNorm(96, 1e-6, feeds=gate_up.method)
+    norm.weight.data.copy_(1 + 0.1 * torch.randn(96, generator=gen))
+    x, residual = torch.randn(7, 96, generator=gen), torch.randn(7, 96, generator=gen)
+    h, summed = norm(x, residual.clone()), residual + x
+    assert isinstance(h, QuantizedRows)
+    hidden = gate_up(h)
+    assert isinstance(hidden, QuantizedRows)
+    expected_hidden = silu_and_mul(gate_up.method.apply(gate_up, rms_norm(summed, norm.weight, 1e-6)))
+    torch.testing.assert_close(down(hidden), down(expected_hidden))
