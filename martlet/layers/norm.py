@@ -5,7 +5,8 @@ norm, which a piecewise CUDA graph needs (every piece finds it at the same addre
 
 A norm built with `feeds`, the method of the linear layer its output goes into, returns that
 layer's input in the form the method asks for (`LinearMethod.input_format`): W8A8 takes 8-bit codes
-and a scale per token, which the norm's kernel computes while the row is in registers.
+and a scale per token, which the norm's kernel computes while the row is in registers. Its
+SmoothQuant factors, where the checkpoint has them, are folded into the norm's weight at load.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return rms_norm(residual.add_(x), self.weight, self.eps)
+
+    def fold_input_smoothing(self) -> None:
+        """After loading: the layer this norm feeds takes its input multiplied by these factors."""
+        smoothing = None if self.feeds is None else self.feeds.take_input_smoothing()
+        if smoothing is not None:
+            self.weight.data.copy_(self.weight.float() * smoothing.float())
 
     def _quantized(self, x: torch.Tensor, residual: torch.Tensor | None, fmt: KVFormat) -> QuantizedRows:
         if x.is_cuda:

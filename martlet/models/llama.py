@@ -179,7 +179,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
         missing = []
-        for name in params:
+        for name, param in params.items():
+            if getattr(param, "optional", False):  # e.g. W8A8's pre_quant_scale: ones unless the checkpoint has it
+                continue
             merged = name.split(".")[-2] in ("qkv_proj", "gate_up_proj")
             num_shards = len(self._shard_rows(name.split(".")[-2])) if merged else 1
             keys = [f"{name}#{i}" for i in range(num_shards)] if merged else [name]

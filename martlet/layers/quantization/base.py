@@ -43,6 +43,11 @@ class LinearMethod(ABC):
         `QuantizedRows`; None, the default: rows in the model's dtype."""
         return None
 
+    def take_input_smoothing(self) -> torch.Tensor | None:
+        """Per-input-channel factors the input is to be multiplied by (SmoothQuant), for the norm
+        before this layer to fold into its weight, once loaded; the layer then leaves them out."""
+        return None
+
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """For a gated MLP's merged [gate; up] layer: SiLU(x gate^T) * (x up^T). Methods with a
         kernel that fuses the activation override this."""

@@ -20,6 +20,16 @@ through `martlet.kernels.linear.skinny_linear` against activations in the model'
 one launch, where per-token codes plus `torch._scaled_mm` take two and a cuBLAS kernel tuned for
 large products.
 
+SmoothQuant: quantized at load, a layer takes an optional `pre_quant_scale` from the checkpoint, one
+factor p per input channel that its input is multiplied by before it is quantized: y = (x * p) W^T.
+That is NVIDIA ModelOpt's name and meaning (vLLM and TensorRT-LLM read it so). Smoothing divides the
+weight's columns by p and multiplies the activations by p where p is small for the channels with
+outliers, so that the per-token activation scale is not set by a few channels. p is folded into the
+RMSNorm before a layer, so it costs nothing at run time: q, k and v (and gate and up) share their
+norm's input and so must share p, as ModelOpt exports them. A layer no norm feeds (o_proj,
+down_proj) multiplies its own weight columns by p: the same product, unsmoothed. Without the
+tensor, p is ones.
+
 On a CPU (and in CI) the same codes and scales go through the PyTorch reference: both operands
 dequantized to fp32, then multiplied, which is what the tensor cores compute up to summation order.
 """
@@ -106,6 +116,7 @@ class FP8CheckpointConfig(QuantizationConfig):
 class W8A8Method(LinearMethod):
     def __init__(self, fmt: KVFormat, from_checkpoint: bool = False) -> None:
         self.format, self.from_checkpoint = fmt, from_checkpoint
+        self.input_smoothing: torch.Tensor | None = None  # pre_quant_scale until a norm takes it
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
         if self.from_checkpoint:
@@ -114,7 +125,15 @@ class W8A8Method(LinearMethod):
             layer.weight_scale.scalar_fills_rows = True  # a per-tensor scale: one number for its rows
         else:
             layer.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+            # Shared by all outputs (output_dim None): each shard of a merged layer holds all of it.
+            layer.pre_quant_scale = nn.Parameter(torch.ones(in_features), requires_grad=False)
+            layer.pre_quant_scale.output_dim, layer.pre_quant_scale.optional = None, True
+            self.input_smoothing = layer.pre_quant_scale
         register_bias(layer, out_features, bias)
+
+    def take_input_smoothing(self) -> torch.Tensor | None:
+        smoothing, self.input_smoothing = self.input_smoothing, None
+        return smoothing
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data
@@ -123,7 +142,11 @@ class W8A8Method(LinearMethod):
             codes, scales = weight, layer.weight_scale.data.float()
             del layer.weight_scale
         else:
+            if self.input_smoothing is not None:  # no norm folded it in: the weight does
+                weight = weight.float() * self.input_smoothing.float()
             codes, scales = quantize(weight, self.format, torch.float32)
+            del layer.pre_quant_scale
+            self.input_smoothing = None
         del layer.weight
         layer.register_buffer("weight_codes", codes.contiguous())  # [N, K]: its transpose is column-major
         layer.register_buffer("weight_scale", scales.reshape(1, -1), persistent=False)
