@@ -210,3 +210,20 @@ def test_smoothquant_factors_fold_into_the_norms(tmp_path):
     error = lambda out: ((out - exact).norm() / exact.norm()).item()  # noqa: E731
     assert error(smoothed) < 1.5 * error(plain) < 0.1  # measured: 2.9% and 2.2%
     assert error(outliers) > 0.3  # 50%
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["fp8", "w8a8"])
+def test_gpu_model_matches_cpu_reference(name, tmp_path):
+    """A 48-token prefill on the GPU (codes from the fused norm and SiLU*mul kernels, tensor cores),
+    SmoothQuant factors folded, against the CPU reference's logits."""
+    from quality import next_token_logits
+
+    src = make_tiny_model(tmp_path / "tiny", "llama", with_tokenizer=False)
+    _outlier_checkpoint(src, tmp_path / "smoothed", outlier=100.0, smoothed=True)
+    ids = [random.Random(0).randrange(4096) for _ in range(48)]
+    cpu = LLM(str(tmp_path / "smoothed"), device="cpu", dtype="float32", quantization=name, quiet=True)
+    gpu = LLM(str(tmp_path / "smoothed"), device="cuda", dtype="float16", quantization=name, num_kv_blocks=64,
+              quiet=True)
+    ref, out = next_token_logits(cpu, ids), next_token_logits(gpu, ids).float().cpu()
+    assert ((out - ref).norm() / ref.norm()).item() < 5e-2

@@ -22,7 +22,8 @@ large products.
 
 SmoothQuant: quantized at load, a layer takes an optional `pre_quant_scale` from the checkpoint, one
 factor p per input channel that its input is multiplied by before it is quantized: y = (x * p) W^T.
-That is NVIDIA ModelOpt's name and meaning (vLLM and TensorRT-LLM read it so). Smoothing divides the
+That is NVIDIA ModelOpt's name and meaning. (llm-compressor's SmoothQuant folds its factors into the
+weights and norms before saving: its checkpoints carry none and need nothing.) Smoothing divides the
 weight's columns by p and multiplies the activations by p where p is small for the channels with
 outliers, so that the per-token activation scale is not set by a few channels. p is folded into the
 RMSNorm before a layer, so it costs nothing at run time: q, k and v (and gate and up) share their
@@ -47,8 +48,8 @@ from martlet.layers.quantization.base import LinearMethod, QuantizationConfig, c
 
 # `torch._int_mm` on CUDA wants more than 16 rows: fewer are padded to this many.
 INT_MM_MIN_ROWS = 32
-# Up to this many tokens on a GPU: the W8A16 skinny kernel, no activation codes. Not yet measured:
-# benchmarks/gpu_w8a8.sh times both paths at 1 to 64 tokens on Llama-2-7B's shapes.
+# Up to this many tokens on a GPU (at most kernels.linear.MAX_TOKENS): the W8A16 skinny kernel, no
+# activation codes. A guess: benchmarks/gpu_w8a8.sh times both paths at 1 to 64 tokens on 7B shapes.
 SKINNY_MAX_TOKENS = 16
 
 
@@ -169,8 +170,9 @@ class W8A8Method(LinearMethod):
         return out.reshape(*x.shape[:-1], -1)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor | QuantizedRows:
-        """The result feeds the MLP's down projection, a layer of this format: quantized for it here,
-        by the SiLU*mul kernel, where it wants codes; up to 16 tokens the skinny kernel applies SiLU too."""
+        """The result feeds the MLP's down projection, a layer of this format: quantized for it here, by
+        the SiLU*mul kernel, where it wants codes; where it does not, the skinny kernel applies SiLU too
+        (up to its SILU_AND_MUL_MAX_TOKENS)."""
         num_tokens = x.codes.shape[0] if isinstance(x, QuantizedRows) else x.shape[0]
         fmt = self.input_format(num_tokens, layer.weight_codes.device)
         if fmt is None:
