@@ -7,8 +7,9 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
    of every decoder layer with its own weight (`gemm_graph.graph_us`). Paths: fp16 as the engine runs
    it (skinny Triton kernel up to 32 tokens, cuBLAS beyond); for fp8 and w8a8, "skinny" (the 8-bit
    codes through `skinny_linear` against fp16 activations, W8A16, up to 32 tokens) and "tc" (per-token
-   codes by `quantize_rows`, then `torch._scaled_mm` / `torch._int_mm`). Printed: us per matmul, GB/s
-   of weight bytes, and which path is faster. The threshold is the largest token count up to which
+   codes by `quantize_rows`, then `torch._scaled_mm` / `torch._int_mm`); and weight-only int8
+   (`quant_linear`, the same weight bytes) for comparison. Printed: us per matmul, GB/s of weight
+   bytes, and which path is faster. The threshold is the largest token count up to which
    skinny wins on every projection. Each path is checked against the CPU-side reference first.
 2. The skinny kernel's tile for 8-bit weights (`skinny_config` picks by N and x's dtype, tuned for
    fp16 weights): a few larger K tiles at 1 and 16 tokens, fp8.
@@ -31,10 +32,12 @@ from gemm_sweep import layer_shapes
 from martlet.kernels.activation import silu_and_mul, silu_and_mul_quantized
 from martlet.kernels.linear import MAX_TOKENS, skinny_config, skinny_linear
 from martlet.kernels.norm import rms_norm, rms_norm_quantized
+from martlet.kernels.quant_linear import quant_linear
 from martlet.kernels.quantize import quantize_rows
 from martlet.layers.kv_cache import dequantize, quantize
 from martlet.layers.linear import Linear
-from martlet.layers.quantization import from_name
+from martlet.layers.quantization import from_name, packed
+from martlet.layers.quantization.packed import PackedFormat
 from martlet.layers.quantization.w8a8 import QuantizedRows
 
 FORMATS = ("fp8", "w8a8")
@@ -76,10 +79,16 @@ def matmuls(config: dict, tokens: list[int], layers: int) -> list[dict]:
     for name, (n, k) in layer_shapes(config).items():
         fp16_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
         formats = {f: w8a8_layers(n, k, f, layers) for f in FORMATS}
+        int8_fmt = PackedFormat(8, k, False)
+        int8_wo = [packed.quantize(w, int8_fmt, torch.float16) for w in fp16_ws]
         for m in tokens:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
             fp16_us = graph_us(fp16_matmul, xs, fp16_ws)
             line = [f"{name:8s} n{n:6d} k{k:6d} m{m:3d}  fp16 {fp16_us:7.1f} us"]
+            if m <= MAX_TOKENS:  # the weight-only int8 kernel on the same bytes, for comparison
+                int8_wo_us = graph_us(lambda x, w, fmt=int8_fmt: quant_linear(x, *w, fmt), xs, int8_wo)
+                line.append(f"int8 weight-only {int8_wo_us:7.1f}")
+                rows.append({"layer": name, "n": n, "k": k, "m": m, "format": "int8_weight_only", "us": int8_wo_us})
             for f, ls in formats.items():
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us}
                 check(xs[0], ls[0], tensor_cores(xs[0], ls[0]), quantized_x=True)
