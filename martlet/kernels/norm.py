@@ -48,7 +48,7 @@ def _rms_norm_kernel(
     normed = (xf * rstd[:, None]).to(x_ptr.dtype.element_ty)
     weight = tl.load(weight_ptr + offs_n, mask=offs_n < N, other=0.0)
     out = weight.to(tl.float32)[None, :] * normed.to(tl.float32)
-    if MAX_CODE:  # out_ptr holds codes: quantize the row as it is in x's dtype, as the reference does
+    if MAX_CODE > 0:  # out_ptr holds codes: quantize the row as it is in x's dtype, as the reference does
         out = out.to(x_ptr.dtype.element_ty).to(tl.float32)
         scale = tl.max(tl.abs(out), 1) / MAX_CODE
         tl.store(scales_ptr + token * NUM_ROWS + offs_h, scale, mask=offs_h < NUM_ROWS)
