@@ -11,8 +11,9 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
    (`quant_linear`, the same weight bytes) for comparison. Printed: us per matmul, GB/s of weight
    bytes, and which path is faster. The threshold is the largest token count up to which
    skinny wins on every projection. Each path is checked against the CPU-side reference first.
-2. The skinny kernel's tile for 8-bit weights (`skinny_config` picks by N and x's dtype, tuned for
-   fp16 weights): a few larger K tiles at 1 and 16 tokens, fp8.
+2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s default: the fp16 tile with twice the
+   K, untimed) against the fp16 tile and its K doubled and quadrupled at 3 to 5 stages, at 1 and 16
+   tokens, fp8.
 3. RMSNorm (residual fused) over 4096 and SiLU*mul over 2 x 11008 with the per-token quantization fused
    (`rms_norm_quantized`, `silu_and_mul_quantized`) against the kernel followed by `quantize_rows`.
 """
@@ -118,9 +119,9 @@ def skinny_tiles(config: dict, layers: int) -> list[dict]:
         ls = w8a8_layers(n, k, "fp8", layers)
         for m in (1, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
-            base = skinny_config(n, torch.float16, xs[0].device)
-            candidates = [base] + [replace(base, block_k=base.block_k * f, num_stages=s) for f in (2, 4)
-                                   for s in (3, 4, 5)]
+            fp16_tile = skinny_config(n, torch.float16, xs[0].device)
+            candidates = [skinny_config(n, torch.float16, xs[0].device, torch.float8_e4m3fn)] + [
+                replace(fp16_tile, block_k=fp16_tile.block_k * f, num_stages=s) for f in (1, 2, 4) for s in (3, 4, 5)]
             timed = []
             for cfg in candidates:
                 try:

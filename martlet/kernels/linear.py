@@ -41,10 +41,14 @@ class SkinnyConfig:
     num_stages: int = 5
 
 
-def skinny_config(n: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
+def skinny_config(
+    n: int, dtype: torch.dtype, device: torch.device, weight_dtype: torch.dtype | None = None
+) -> SkinnyConfig:
     """The tile for an [N, K] weight: the best per Llama-2-7B projection, timed inside a CUDA graph
     at 16 and 32 tokens on an H200 (benchmarks/gemm_graph.py; benchmarks/results/skinny-linear-H200-2026-11-21.md).
     fp32 takes half the K tile, so a pipeline stage holds the same bytes and fits in shared memory.
+    8-bit weights take twice the K tile, so a stage streams as many weight bytes as the fp16 tile
+    (not yet timed: benchmarks/w8a8_bench.py times it against the fp16 tile and others).
     """
     columns_of_32 = triton.cdiv(n, 32)
     if columns_of_32 <= 2 * num_sms(device):  # o, down (N 4096): one program per SM
@@ -53,7 +57,9 @@ def skinny_config(n: int, dtype: torch.dtype, device: torch.device) -> SkinnyCon
         cfg = SkinnyConfig(32, 128, 2, 4)
     else:
         cfg = SkinnyConfig(64, 128, 4, 3)  # gate_up (N 22016), LM head
-    return replace(cfg, block_k=cfg.block_k // 2) if dtype.itemsize > 2 else cfg
+    if dtype.itemsize > 2:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    return replace(cfg, block_k=cfg.block_k * 2) if weight_dtype in CODE_DTYPES else cfg
 
 
 @triton.jit
@@ -126,7 +132,7 @@ def skinny_linear(
         raise ValueError(f"weight_scale must be contiguous fp32 [{n}]")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or skinny_config(n, x.dtype, x.device)
+    cfg = config or skinny_config(n, x.dtype, x.device, weight.dtype)
     # Gated, a program reads block_n / 2 gate rows and as many up rows: as many weight bytes as ungated.
     out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
