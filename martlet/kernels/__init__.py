@@ -4,9 +4,11 @@
     rotary_kv.py   rotary embedding on q and k, and the store of k and v into the paged cache: one kernel
     prefill.py     causal flash attention over a packed batch, every key read through the block table
     decode.py      flash decoding: split-K over the paged context, then a log-sum-exp merge
-    norm.py        RMSNorm, with the residual add fused in; per-head (Qwen3 QK) norm through the same kernel
-    activation.py  SiLU(gate) * up over the merged [gate | up] projection
-    linear.py      the few-token matmul: decode at small batch, one pass over the weight
+    norm.py        RMSNorm, with the residual add fused in; per-head (Qwen3 QK) norm through the same kernel;
+                   optionally quantizing its rows per token for W8A8
+    activation.py  SiLU(gate) * up over the merged [gate | up] projection, optionally quantized per token
+    linear.py      the few-token matmul: decode at small batch, one pass over the weight (fp16/bf16 or
+                   8-bit codes with a scale per output feature)
     backend.py     TritonAttentionBackend: the attention kernels behind the backend seam
     pdl.py         programmatic dependent launch: a decode-path kernel is placed while the one before ends
 

@@ -71,8 +71,10 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, backend, quant, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg, quant, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Each norm hands its projection the input form that projection's method asks for (W8A8: 8-bit codes).
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds=self.self_attn.qkv_proj.method)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                feeds=self.mlp.gate_up_proj.method)
 
     def forward(
         self, x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -177,7 +179,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
         missing = []
-        for name in params:
+        for name, param in params.items():
+            if getattr(param, "optional", False):  # e.g. W8A8's pre_quant_scale: ones unless the checkpoint has it
+                continue
             merged = name.split(".")[-2] in ("qkv_proj", "gate_up_proj")
             num_shards = len(self._shard_rows(name.split(".")[-2])) if merged else 1
             keys = [f"{name}#{i}" for i in range(num_shards)] if merged else [name]
