@@ -23,8 +23,8 @@ from martlet.kernels import decode
 
 FORMATS = {"16-bit": None, "int8": "*i8", "fp8": "*fp8e4nv"}  # None: the query's own dtype
 ALIGNED = ["q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "lse_ptr", "stride_qt",
-           "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_v_slot", "stride_v_d", "stride_scale_block",
-           "stride_scale_head"]
+           "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_v_slot", "stride_v_d",
+           "stride_scale_block", "stride_scale_head"]
 
 
 def compile_decode(query_type: str, kv_type: str | None, group: int = 1, block_n: int = 32, num_warps: int = 2,
