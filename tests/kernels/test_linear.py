@@ -91,6 +91,7 @@ def test_silu_gate_up_linear_every_path(m):
     from martlet.layers.linear import SiluGateUpLinear
 
     layer = SiluGateUpLinear(256, 2 * 96).to("cuda", torch.float16)
+    layer.weight.data.copy_(random((2 * 96, 256), 1, torch.float16))  # created empty, as before loading
     x = random((m, 256), m, torch.float16)
     expected = silu_and_mul(F.linear(x.float(), layer.weight.float()))
     assert_close(layer(x), expected, torch.float16)
