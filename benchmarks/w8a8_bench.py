@@ -14,8 +14,9 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
 2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s default: the fp16 tile with twice the
    K, untimed) against the fp16 tile and its K doubled and quadrupled at 3 to 5 stages, at 1 and 16
    tokens, fp8.
-3. RMSNorm (residual fused) over 4096 and SiLU*mul over 2 x 11008 with the per-token quantization fused
-   (`rms_norm_quantized`, `silu_and_mul_quantized`) against the kernel followed by `quantize_rows`.
+3. RMSNorm (residual fused) over 4096 with the per-token quantization fused (`rms_norm_quantized`)
+   against the norm followed by `quantize_rows`. (SiLU*mul with the quantization fused was measured
+   too, slower: benchmarks/results/w8a8-H200-2026-12-02.md.)
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch.nn.functional as F
 from gemm_graph import graph_us  # this script's directory is on sys.path
 from gemm_sweep import layer_shapes
 
-from martlet.kernels.activation import silu_and_mul, silu_and_mul_quantized
 from martlet.kernels.linear import MAX_TOKENS, skinny_config, skinny_linear
 from martlet.kernels.norm import rms_norm, rms_norm_quantized
 from martlet.kernels.quant_linear import quant_linear
@@ -142,8 +142,6 @@ def fused_quantization(tokens: list[int], layers: int) -> list[dict]:
     cases = {  # name: (the input's width, unfused, fused); each takes (x, residual)
         "norm": (4096, lambda x, r: quantize_rows(rms_norm(x, weight, 1e-5, r), fmt),
                  lambda x, r: rms_norm_quantized(x, weight, 1e-5, fmt, r)),
-        "silu": (2 * 11008, lambda x, r: quantize_rows(silu_and_mul(x), fmt),
-                 lambda x, r: silu_and_mul_quantized(x, fmt)),
     }
     for m in tokens:
         for name, (width, unfused, fused) in cases.items():

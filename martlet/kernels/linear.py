@@ -25,6 +25,7 @@ import triton.language as tl
 
 from martlet.device import num_sms
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.kernels.quantize import widen
 
 CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # 8-bit weights, with a scale per output feature
 MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
@@ -88,10 +89,10 @@ def _skinny_linear_kernel(
                     other=0.0)
         w_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-        acc += _dot(x, w.to(x.dtype), FP32)  # 8-bit codes widen exactly
+        acc += _dot(x, widen(w, x.dtype), FP32)  # 8-bit codes widen exactly
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-            acc_up += _dot(x, w_up.to(x.dtype), FP32)
+            acc_up += _dot(x, widen(w_up, x.dtype), FP32)
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SILU_AND_MUL:

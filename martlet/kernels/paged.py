@@ -6,42 +6,14 @@ exponential is an `exp2` and the log-sum-exp the decode kernel hands its merge i
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from martlet.kernels.quantize import widen
 from martlet.layers.kv_cache import LayerKV
 
 LOG2E = 1.4426950408889634
-# The interpreter runs no PTX: there the 8-bit codes widen with a plain conversion.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@triton.jit
-def widen(codes, dtype: tl.constexpr):
-    """8-bit codes to `dtype` (fp16 or fp32), exactly. To fp16, e4m3 has a paired conversion (one
-    instruction per two codes); int8's would take one quarter-rate I2F per code, so instead each code
-    c is XORed to the byte c + 128 and placed under fp16 exponent bits 0x64 (the number 1024 + c +
-    128), two codes a register, and 1152 is subtracted: per two codes, a PRMT and a SUB, all full rate."""
-    if codes.dtype != tl.int8 or dtype != tl.float16 or _INTERPRETED:
-        wide = codes.to(dtype)
-    else:
-        wide = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 u, bias;
-            xor.b32 u, $2, 0x80808080;
-            mov.b32 bias, 0x64806480;
-            prmt.b32 $0, u, 0x64646464, 0x4140;
-            prmt.b32 $1, u, 0x64646464, 0x4342;
-            sub.f16x2 $0, $0, bias;
-            sub.f16x2 $1, $1, bias;
-            }""",
-            constraints="=r,=r,r", args=[codes], dtype=tl.float16, is_pure=True, pack=4)
-    return wide
-
-
 @triton.jit
 def load_kv_tile(
     k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
@@ -123,7 +95,7 @@ def online_softmax_step(
 @triton.jit
 def query_for(q, QUANT: tl.constexpr):
     """The query as the dot products take it: over an 8-bit cache a bf16 query turns fp16, so that
-    codes widen to fp16 (exactly) rather than bf16 (int8 codes past 128 are not bf16s)."""
+    int8 codes widen to fp16 with `widen`'s few instructions rather than a conversion each."""
     if QUANT and q.dtype == tl.bfloat16:
         q = q.to(tl.float16)
     return q

@@ -39,7 +39,7 @@ class LinearMethod(ABC):
 
     def input_format(self, num_tokens: int, device: torch.device) -> KVFormat | None:
         """The 8-bit format in which this method takes num_tokens input rows, quantized per token by
-        the kernel that produces them (an RMSNorm, SiLU*mul) and passed to `apply` as W8A8's
+        the kernel that produces them (an RMSNorm) and passed to `apply` as W8A8's
         `QuantizedRows`; None, the default: rows in the model's dtype."""
         return None
 

@@ -10,10 +10,11 @@ one multiply per output and keep outlier tokens and channels from flattening eve
 Checkpoints already in FP8 (`quantization_config` with quant_method "fp8", as vLLM writes them: e4m3
 `weight` and a per-tensor or per-channel `weight_scale`, dynamic activations) load as they are.
 
-Where activations are quantized: by the kernel that produces them, while they are in registers. The
-RMSNorm before the QKV and gate/up projections and the SiLU*mul before the down projection ask the
-method they feed (`input_format`) and hand it `QuantizedRows` instead of rows in the model's dtype;
-anything else (the tests, o_proj's attention output) is quantized by `quantize_rows` in `apply`.
+Where activations are quantized: by the RMSNorm (residual add fused) before the QKV and gate/up
+projections, while the rows are in its registers: it asks the method it feeds (`input_format`) and
+hands it `QuantizedRows` instead of rows in the model's dtype. Anything else is quantized by
+`quantize_rows` in `apply`: o_proj's attention output, and SiLU*mul's result before down_proj (a
+SiLU*mul kernel that quantized inside measured slower than the two kernels on an H200).
 
 Up to SKINNY_MAX_TOKENS on a GPU there is no activation quantization: the 8-bit weight streams once
 through `martlet.kernels.linear.skinny_linear` against activations in the model's dtype (W8A16), in
@@ -42,7 +43,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from martlet.layers.activation import silu_and_mul
 from martlet.layers.kv_cache import KV_FORMATS, KVFormat, dequantize, quantize
 from martlet.layers.quantization.base import LinearMethod, QuantizationConfig, checkpoint_parameter, register_bias
 
@@ -170,9 +170,9 @@ class W8A8Method(LinearMethod):
         return out.reshape(*x.shape[:-1], -1)
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor | QuantizedRows) -> torch.Tensor | QuantizedRows:
-        """The result feeds the MLP's down projection, a layer of this format: quantized for it here, by
-        the SiLU*mul kernel, where it wants codes; where it does not, the skinny kernel applies SiLU too
-        (up to its SILU_AND_MUL_MAX_TOKENS)."""
+        """The result feeds the MLP's down projection, a layer of this format: quantized for it here
+        where it wants codes; where it does not, the skinny kernel applies SiLU too (up to its
+        SILU_AND_MUL_MAX_TOKENS)."""
         num_tokens = x.codes.shape[0] if isinstance(x, QuantizedRows) else x.shape[0]
         fmt = self.input_format(num_tokens, layer.weight_codes.device)
         if fmt is None:
@@ -181,12 +181,7 @@ class W8A8Method(LinearMethod):
             if num_tokens <= SILU_AND_MUL_MAX_TOKENS:
                 return skinny_linear(x, layer.weight_codes, silu_and_mul=True, weight_scale=layer.weight_scale[0])
             return super().apply_silu_and_mul(layer, x)
-        gate_up = self.apply(layer, x)
-        if gate_up.is_cuda:
-            from martlet.kernels.activation import silu_and_mul_quantized
-
-            return QuantizedRows(*silu_and_mul_quantized(gate_up, fmt), gate_up.dtype)
-        return QuantizedRows(*quantize(silu_and_mul(gate_up), fmt, torch.float32), gate_up.dtype)
+        return quantize_activations(super().apply_silu_and_mul(layer, x), fmt)
 
     def _matmul(self, layer: nn.Module, x: QuantizedRows) -> torch.Tensor:
         if x.codes.is_cuda:
