@@ -11,9 +11,8 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
    (`quant_linear`, the same weight bytes) for comparison. Printed: us per matmul, GB/s of weight
    bytes, and which path is faster. The threshold is the largest token count up to which
    skinny wins on every projection. Each path is checked against the CPU-side reference first.
-2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s default: the fp16 tile with twice the
-   K, untimed) against the fp16 tile and its K doubled and quadrupled at 3 to 5 stages, at 1 and 16
-   tokens, fp8.
+2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s choice) against the fp16 tile and its
+   K doubled and quadrupled at 3 to 5 stages, at 1 and 16 tokens, fp8.
 3. RMSNorm (residual fused) over 4096 with the per-token quantization fused (`rms_norm_quantized`)
    against the norm followed by `quantize_rows`. (SiLU*mul with the quantization fused was measured
    too, slower: benchmarks/results/w8a8-H200-2026-12-02.md.)

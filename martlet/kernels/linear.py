@@ -48,19 +48,21 @@ def skinny_config(
     """The tile for an [N, K] weight: the best per Llama-2-7B projection, timed inside a CUDA graph
     at 16 and 32 tokens on an H200 (benchmarks/gemm_graph.py; benchmarks/results/skinny-linear-H200-2026-11-21.md).
     fp32 takes half the K tile, so a pipeline stage holds the same bytes and fits in shared memory.
-    8-bit weights take twice the K tile, so a stage streams as many weight bytes as the fp16 tile
-    (not yet timed: benchmarks/w8a8_bench.py times it against the fp16 tile and others).
+    8-bit weights (fp8 timed at 1 and 16 tokens, one run: benchmarks/results/w8a8-H200-2026-12-02.md)
+    keep o's, down's and gate_up's fp16 K tile, qkv doubles it, and all take one stage more than fp16
+    where it fits: 4-17% faster than the fp16 tile with K doubled.
     """
     columns_of_32 = triton.cdiv(n, 32)
+    eight_bit = weight_dtype in CODE_DTYPES
     if columns_of_32 <= 2 * num_sms(device):  # o, down (N 4096): one program per SM
         cfg = SkinnyConfig(32, 256, 2, 5)
     elif columns_of_32 <= 4 * num_sms(device):  # qkv (N 12288)
-        cfg = SkinnyConfig(32, 128, 2, 4)
+        cfg = SkinnyConfig(32, 256, 2, 5) if eight_bit else SkinnyConfig(32, 128, 2, 4)
     else:
-        cfg = SkinnyConfig(64, 128, 4, 3)  # gate_up (N 22016), LM head
+        cfg = SkinnyConfig(64, 128, 4, 4 if eight_bit else 3)  # gate_up (N 22016), LM head
     if dtype.itemsize > 2:
         cfg = replace(cfg, block_k=cfg.block_k // 2)
-    return replace(cfg, block_k=cfg.block_k * 2) if weight_dtype in CODE_DTYPES else cfg
+    return cfg
 
 
 @triton.jit
