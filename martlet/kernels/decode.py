@@ -53,14 +53,17 @@ class DecodeConfig:
 # Best geometric mean of 8 candidates on an H200 (benchmarks/results/kernels-H200-2026-11-21.md);
 # small tiles, deep pipeline: more programs resident per SM, more loads in flight.
 HALF_CONFIG = DecodeConfig(32, 2, 4)
+# Over an 8-bit cache, the best of 10 candidates on an H200 for both int8 and fp8 (geometric mean of
+# four shapes +16%, each large shape +3 to +10%; one run: benchmarks/results/kv-cache-H200-2026-12-02.md).
+EIGHT_BIT_CONFIG = DecodeConfig(128, 4, 3)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> DecodeConfig:
     if device.type != "cuda":
         return DecodeConfig(16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(32, 4, 2)
-    return HALF_CONFIG
+    return EIGHT_BIT_CONFIG if quantized else HALF_CONFIG
 
 
 def decode_num_splits(
@@ -173,7 +176,7 @@ def decode_attention(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    cfg = config or decode_config(head_dim, q.dtype, q.device)
+    cfg = config or decode_config(head_dim, q.dtype, q.device, kv.k_scale is not None)
     group = num_q_heads // num_kv_heads
     split = num_splits > 1
     if split:
