@@ -25,7 +25,7 @@ from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
-from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, NgramProposer, accepted_prefix
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, make_proposer
 from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
@@ -57,7 +57,9 @@ class LLMEngine:
             max_positions=config.max_model_len, load_format=config.load_format,
             quantization=config.quantization, quiet=quiet,
         )
-        self.runner = ModelRunner(config, model_config, model)
+        spec = config.speculative_config
+        self.proposer = None if spec is None else make_proposer(config, model_config, backend, quiet)
+        self.runner = ModelRunner(config, model_config, model, self.proposer and self.proposer.model)
         num_blocks = self.runner.num_kv_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
@@ -73,8 +75,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
-        spec = config.speculative_config
-        self.proposer = None if spec is None else NgramProposer(spec, config.max_model_len)
         # Over all requests (each request's own are in its metrics): verification steps, proposed tokens
         # and accepted ones.
         self.num_spec_steps = self.num_draft_tokens = self.num_accepted_tokens = 0
@@ -245,6 +245,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None
         if batch:
+            if self.proposer is not None:
+                self.proposer.draft(batch)
             if self.on_step is not None:
                 self.on_step(batch)
             launched = self.runner.execute(batch)
@@ -360,6 +362,7 @@ class LLMEngine:
         sequence's blocks beyond its computed tokens, to be overwritten by the next steps."""
         num_accepted = len(new_tokens) - 1
         seq.num_computed_tokens -= len(drafts) - num_accepted
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
         for counts in (seq.metrics, self):
             counts.num_spec_steps += 1
             counts.num_draft_tokens += len(drafts)

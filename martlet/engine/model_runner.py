@@ -30,10 +30,14 @@ CPU_KV_CACHE_BYTES = 4 << 30  # the default pool on a CPU when num_kv_blocks is 
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM,
+                 draft_model: LlamaForCausalLM | None = None) -> None:
+        """`draft_model` (speculative decoding) gets a KV pool of its own with as many blocks as the
+        model's, so that the model's block tables index both; the speculative proposer runs it."""
         self.config = config
         self.model_config = model_config
         self.model = model
+        self.draft_model = draft_model
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
@@ -58,11 +62,20 @@ class ModelRunner:
 
     # ---- the KV pool -------------------------------------------------------------------------
 
-    def kv_bytes_per_block(self) -> int:
-        """K and V of every layer for one block of tokens, in the cache's format (scales included)."""
-        m = self.model_config
+    @property
+    def models(self) -> list[LlamaForCausalLM]:
+        """The models that keep K/V in the pool's blocks: the model, then the draft model if any."""
+        return [self.model] if self.draft_model is None else [self.model, self.draft_model]
+
+    def kv_bytes_per_block(self, model: LlamaForCausalLM | None = None) -> int:
+        """K and V of every layer of `model` (default: the model) for one block of tokens, in the
+        cache's format (scales included)."""
+        m = (model or self.model).config
         return 2 * m.num_layers * m.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
                                                                 self.kv_format)
+
+    def _pool_bytes_per_block(self) -> int:
+        return sum(self.kv_bytes_per_block(model) for model in self.models)
 
     def _choose_num_blocks(self) -> int:
         if self.device.type == "cuda":
@@ -75,7 +88,7 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         wanted = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
-        return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.kv_bytes_per_block()))
+        return max(1, min(wanted, CPU_KV_CACHE_BYTES // self._pool_bytes_per_block()))
 
     def _run_largest_step(self) -> int:
         """Run the largest step the engine will run (one prefill of max_num_batched_tokens tokens) on a
@@ -94,7 +107,7 @@ class ModelRunner:
         """Blocks that fit in gpu_memory_utilization of the card after `peak` bytes."""
         total = torch.cuda.get_device_properties(self.device).total_memory
         free_for_kv = total * self.config.gpu_memory_utilization - peak
-        num_blocks = int(free_for_kv // self.kv_bytes_per_block())
+        num_blocks = int(free_for_kv // self._pool_bytes_per_block())
         if num_blocks < 1:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: weights and activations peak at "
@@ -104,13 +117,17 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.model_config
-        layers = self.model.attention_layers()
-        self.kv_cache = None  # free the old pool before making the new one
-        self.kv_cache, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
-                                                 self.config.dtype, self.kv_format, self.device)
+        self.kv_cache = self.kv_caches = None  # free the old pools before making the new ones
+        self.kv_caches = [self._allocate_pool(model, num_blocks) for model in self.models]
+        self.kv_cache = self.kv_caches[0]  # the model's
+
+    def _allocate_pool(self, model: LlamaForCausalLM, num_blocks: int) -> torch.Tensor:
+        m, layers = model.config, model.attention_layers()
+        pool, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
+                                        self.config.dtype, self.kv_format, self.device)
         for layer, kv in zip(layers, views):
             layer.kv = kv
+        return pool
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -163,39 +180,15 @@ class ModelRunner:
                 pending_at.append(len(input_ids) + own - 1)
                 pending_rows.append(seq.sample_row)
             input_ids += seq.token_ids[start : start + own] + seq.spec_token_ids
-        query_start_loc = [0, *itertools.accumulate(counts)]
-        seq_lens = [start + n for start, n in zip(starts, counts)]
-        logits_indices = [i for seq, n, end in zip(seqs, counts, query_start_loc[1:])
+        positions, meta = flat_batch(starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
+                                     self.block_size, self.device)
+        logits_indices = [i for seq, n, end in zip(seqs, counts, meta.query_start_loc_cpu[1:])
                           for i in range(end - num_sampled(seq, n), end)]
-        # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
-        tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int32)
-        for row, seq in zip(tables, seqs):
-            row[: len(seq.block_table)] = seq.block_table
-        # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
-        positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(len(input_ids))
-        slots = tables[np.repeat(np.arange(len(seqs)), counts), positions // bs].astype(np.int64) * bs + positions % bs
-        num_prefill_tokens = query_start_loc[batch.num_prefills]
-
-        def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return to_device(values, self.device, dtype)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
-            num_prefills=batch.num_prefills,
-            num_prefill_tokens=num_prefill_tokens,
-            num_decodes=len(seqs) - batch.num_prefills,
-            max_query_len=max(counts),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-        )
-        input_ids_t = tensor(input_ids, torch.int64)
+        input_ids_t = to_device(input_ids, self.device, torch.int64)
         if pending_at:
-            input_ids_t[tensor(pending_at, torch.int64)] = self.last_token_ids[tensor(pending_rows, torch.int64)]
-        return input_ids_t, tensor(positions, torch.int64), meta, logits_indices
+            rows = to_device(pending_rows, self.device, torch.int64)
+            input_ids_t[to_device(pending_at, self.device, torch.int64)] = self.last_token_ids[rows]
+        return input_ids_t, positions, meta, logits_indices
 
 
 @dataclass
@@ -245,3 +238,37 @@ def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
     if seq.num_computed_tokens + num_new_tokens != len(seq) + len(seq.spec_token_ids):
         return 0
     return 1 + len(seq.spec_token_ids)
+
+
+def flat_batch(starts: list[int], counts: list[int], block_tables: list[list[int]], num_prefills: int,
+               block_size: int, device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions and attention metadata of a flat batch: sequence i's `counts[i]` new tokens start at
+    position `starts[i]` (the first `num_prefills` sequences have more than one new token)."""
+    query_start_loc = [0, *itertools.accumulate(counts)]
+    seq_lens = [start + n for start, n in zip(starts, counts)]
+    # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
+    tables = np.zeros((len(starts), max(map(len, block_tables))), dtype=np.int32)
+    for row, table in zip(tables, block_tables):
+        row[: len(table)] = table
+    # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
+    positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(query_start_loc[-1])
+    bs = block_size
+    slots = tables[np.repeat(np.arange(len(starts)), counts), positions // bs].astype(np.int64) * bs + positions % bs
+
+    def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(values, device, dtype)
+
+    meta = AttentionMetadata(
+        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc=tensor(query_start_loc, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor(tables, torch.int32),
+        num_prefills=num_prefills,
+        num_prefill_tokens=query_start_loc[num_prefills],
+        num_decodes=len(starts) - num_prefills,
+        max_query_len=max(counts),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens,
+    )
+    return tensor(positions, torch.int64), meta

@@ -57,6 +57,7 @@ class Sequence:
         # Speculative decoding: tokens proposed to follow token_ids, verified by the next step. They
         # join token_ids only once accepted.
         self.spec_token_ids: list[int] = []
+        self.num_draft_computed_tokens = 0  # tokens whose K/V a draft model has in its pool (ditto)
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []

@@ -1,23 +1,31 @@
-"""Speculative decoding with prompt lookup: guess the next tokens from the sequence itself.
+"""Speculative decoding: guess the next tokens cheaply, verify them all in one step of the target.
 
-Text that repeats (quoting, editing, code) continues the way it did before: the tokens that
-followed an earlier occurrence of a sequence's last n tokens are a good guess for what follows
-now. The next step feeds the sequence's last token and the k guesses to the model at once (k + 1
+Prompt lookup (n-gram): text that repeats (quoting, editing, code) continues the way it did before:
+the tokens that followed an earlier occurrence of a sequence's last n tokens are a good guess for
+what follows now. A draft model: a smaller model with the same vocabulary guesses greedily.
+
+The next step feeds the sequence's last token and the k guesses to the model at once (k + 1
 query tokens, laid out like a prompt chunk), and the sampler checks each guess against the
 target's own choice at that position (`Sampler`, rejection sampling). The engine keeps the
 leading guesses that pass plus the target's token after them, so each verification step makes 1
 to k + 1 tokens, exactly the tokens (greedy) or the distribution (sampling) of decoding one at a
 time. The K/V written for rejected guesses stay in the sequence's blocks beyond its computed
-tokens, where the next steps overwrite them.
-"""
+tokens, where the next steps overwrite them."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from martlet.config import SpeculativeConfig
-from martlet.engine.sequence import Sequence
+from martlet.config import EngineConfig, ModelConfig, SpeculativeConfig
+from martlet.device import to_device
+from martlet.engine.model_runner import flat_batch
+from martlet.engine.scheduler import ScheduledBatch
+from martlet.engine.sequence import PLACEHOLDER, Sequence
+from martlet.layers.attention import AttentionBackend, AttentionMetadata
 from martlet.layers.sampler import has_penalty
+from martlet.models.llama import LlamaForCausalLM
+from martlet.models.loader import build_model, read_model_config
 
 # Above this many running sequences no step speculates: a batch that large already keeps the GPU's
 # arithmetic busy, and verifying guesses would cost more than it saves. A first guess, not yet
@@ -25,7 +33,16 @@ from martlet.layers.sampler import has_penalty
 MAX_SPECULATIVE_BATCH = 32
 
 
-class NgramProposer:
+class Proposer:
+    """What the proposers share: which sequences may speculate, and how many proposals fit.
+
+    The engine asks `propose` for each running sequence before scheduling, so that the scheduler
+    makes room for the proposals, then `draft` with the scheduled batch: a proposer that runs a
+    model proposes placeholders first and fills them in there, for the sequences that got room.
+    """
+
+    model: LlamaForCausalLM | None = None  # a model whose K/V the engine's KV pool holds too
+
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
@@ -35,10 +52,13 @@ class NgramProposer:
         if not self.may_speculate(seq):
             return []
         k = min(self.config.num_speculative_tokens, self._room(seq))
-        if k < 1:
-            return []
-        return find_continuation(np.asarray(seq.token_ids), k, self.config.prompt_lookup_min,
-                                 self.config.prompt_lookup_max)
+        return self._guess(seq, k) if k >= 1 else []
+
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        raise NotImplementedError
+
+    def draft(self, batch: ScheduledBatch) -> None:
+        """Fill in the scheduled sequences' placeholder proposals (none here)."""
 
     def _room(self, seq: Sequence) -> int:
         """Guesses that fit before max_tokens or the context runs out (the step adds one token of its own)."""
@@ -52,6 +72,107 @@ class NgramProposer:
         params = seq.params
         return (seq.num_uncomputed_tokens == 1 and seq.grammar is None and not has_penalty(seq)
                 and params.logprobs is None and seq.num_output_tokens >= params.min_tokens)
+
+
+class NgramProposer(Proposer):
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        return find_continuation(np.asarray(seq.token_ids), k, self.config.prompt_lookup_min,
+                                 self.config.prompt_lookup_max)
+
+
+class DraftModelProposer(Proposer):
+    """A smaller model with the target's vocabulary proposes its own greedy tokens: k of its decode
+    steps per verification step.
+
+    Its K/V sit in a pool of its own with the target's block count and size, so the sequence's block
+    table and cache slots serve both models: every position the draft writes is one the target
+    writes in the same step, so it is allocated, and freed, with the target's. The draft first
+    catches up on the tokens it has not seen (the prompt, the tokens of the last verification step),
+    at most max_num_batched_tokens a pass, and the last of them gives the first guess; each guess then
+    is the input of a decode step that gives the next. `seq.num_draft_computed_tokens` counts its
+    K/V, cut back with the target's when proposals are rejected or the sequence is preempted.
+
+    A greedy draft is a point mass, so the sampler's rejection rule (`Sampler._verify`) keeps the
+    target's distribution for sampled requests too.
+    """
+
+    def __init__(self, config: SpeculativeConfig, engine: EngineConfig, model: LlamaForCausalLM) -> None:
+        super().__init__(config, engine.max_model_len)
+        self.model = model
+        self.max_num_batched_tokens = engine.max_num_batched_tokens
+        self.block_size = engine.block_size
+        self.device = engine.device
+
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        return [PLACEHOLDER] * k
+
+    @torch.inference_mode()
+    def draft(self, batch: ScheduledBatch) -> None:
+        seqs = [seq for seq in batch.seqs if seq.spec_token_ids]
+        if not seqs:
+            return
+        counts = [len(seq.spec_token_ids) for seq in seqs]
+        guesses = torch.empty(len(seqs), max(counts), dtype=torch.int64, device=self.device)
+        self._catch_up(seqs, guesses)
+        for i in range(1, max(counts)):
+            rows = [j for j, n in enumerate(counts) if n > i]
+            active = [seqs[j] for j in rows]
+            rows_t = to_device(rows, self.device, torch.int64)
+            positions, meta = flat_batch([len(seq) + i - 1 for seq in active], [1] * len(active),
+                                         [seq.block_table for seq in active], 0, self.block_size, self.device)
+            guesses[rows_t, i] = self._greedy(guesses[rows_t, i - 1], positions, meta, list(range(len(active))))
+        for seq, n, row in zip(seqs, counts, guesses.tolist()):
+            seq.spec_token_ids = row[:n]
+            seq.num_draft_computed_tokens = len(seq) + n - 1
+
+    def _catch_up(self, seqs: list[Sequence], guesses: torch.Tensor) -> None:
+        """Run the draft over each sequence's tokens it has no K/V for; the last one's greedy token is
+        the sequence's first guess (column 0 of `guesses`)."""
+        starts = [seq.num_draft_computed_tokens for seq in seqs]
+        while True:
+            budget, chunk = self.max_num_batched_tokens, []  # (row, start, count)
+            for row, (seq, start) in enumerate(zip(seqs, starts)):
+                n = min(len(seq) - start, budget)
+                if n > 0:
+                    chunk.append((row, start, n))
+                    budget -= n
+            if not chunk:
+                return
+            chunk.sort(key=lambda c: c[2] == 1)  # several tokens first, as the attention metadata wants
+            input_ids = [t for row, start, n in chunk for t in seqs[row].token_ids[start : start + n]]
+            positions, meta = flat_batch([start for _, start, _ in chunk], [n for _, _, n in chunk],
+                                         [seqs[row].block_table for row, _, _ in chunk],
+                                         sum(n > 1 for _, _, n in chunk), self.block_size, self.device)
+            done = [(row, end - 1) for (row, start, n), end in zip(chunk, meta.query_start_loc_cpu[1:])
+                    if start + n == len(seqs[row])]
+            if done:
+                rows, last = zip(*done)
+                guesses[to_device(rows, self.device, torch.int64), 0] = self._greedy(
+                    to_device(input_ids, self.device, torch.int64), positions, meta, list(last))
+            else:
+                self.model(to_device(input_ids, self.device, torch.int64), positions, meta)
+            for row, start, n in chunk:
+                starts[row] = start + n
+
+    def _greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                rows: list[int]) -> torch.Tensor:
+        """The draft's greedy next token after each of the flat batch's `rows`."""
+        hidden = self.model(input_ids, positions, meta)[to_device(rows, self.device, torch.int64)]
+        return self.model.compute_logits(hidden).argmax(dim=-1)
+
+
+def make_proposer(engine: EngineConfig, target: ModelConfig, backend: AttentionBackend, quiet: bool) -> Proposer:
+    """The proposer `engine.speculative_config` asks for, with its model loaded if it has one."""
+    config = engine.speculative_config
+    if config.method == "ngram":
+        return NgramProposer(config, engine.max_model_len)
+    draft = read_model_config(config.model)
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(f"speculative_config: the draft model {config.model} has a vocabulary of "
+                         f"{draft.vocab_size} tokens, the target {target.vocab_size}: they must share one")
+    model = build_model(config.model, draft, backend, dtype=engine.dtype, device=engine.device,
+                        max_positions=engine.max_model_len, load_format=engine.load_format, quiet=quiet)
+    return DraftModelProposer(config, engine, model)
 
 
 def find_continuation(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
