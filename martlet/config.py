@@ -115,19 +115,20 @@ def _option(default, help: str, choices: tuple | None = None, short: str | None 
     return field(default=default, metadata={"help": help, "choices": choices, "short": short, "parse": parse})
 
 
-SPECULATIVE_METHODS = ("ngram", "draft_model")
+SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa", "eagle")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's `speculative_config`: prompt lookup ("ngram") or a draft model ("draft_model", the
-    method when only `model` is given).
+    """vLLM's `speculative_config`: prompt lookup ("ngram"), a draft model ("draft_model", the method
+    when only `model` is given), Medusa heads ("medusa") or an EAGLE-1 model ("eagle").
 
     Each decode step proposes up to `num_speculative_tokens` tokens. Prompt lookup proposes those
     that followed the latest earlier occurrence of the sequence's last n tokens, n from
     `prompt_lookup_max` down to `prompt_lookup_min` (missing one of the two, it takes the other's
-    value; both 5 if neither). A draft model (`model`: a Hugging Face directory or GGUF file with the
-    target's vocabulary) proposes its own greedy tokens.
+    value; both 5 if neither). The others read `model`: a draft model (a Hugging Face directory or
+    GGUF file with the target's vocabulary), or a checkpoint of heads for the target
+    (`martlet/models/speculators.py` says which formats).
     """
 
     num_speculative_tokens: int
@@ -200,7 +201,7 @@ class EngineArgs:
     speculative_config: dict | None = _option(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
               '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT_PATH, '
-              '"num_speculative_tokens": k}', parse=json.loads)
+              '"num_speculative_tokens": k} (a draft model; "method": "medusa" or "eagle" for heads)', parse=json.loads)
     quiet: bool = _option(False, "no progress bars or log lines")
 
     @classmethod

@@ -115,7 +115,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = pool
         # Largest rung first, so the smaller ones reuse its memory.
         cost = CaptureCost(device)
@@ -130,8 +130,10 @@ class DecodeGraphs:
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.num_prefills == 0 and padded_batch_size(self.ladder, meta.num_decodes) is not None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [num_decodes, vocab] of a decode-only step, by graph replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [num_decodes, hidden] and logits [num_decodes, vocab] of a decode-only step,
+        by graph replay."""
         bs = meta.num_decodes
         rung = padded_batch_size(self.ladder, bs)
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
@@ -142,11 +144,12 @@ class DecodeGraphs:
         self.seq_lens[bs:rung].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
-        graph, logits = self.graphs[self._key(rung, meta.max_seq_len)]
+        graph, (hidden, logits) = self.graphs[self._key(rung, meta.max_seq_len)]
         graph.replay()
-        return logits[:bs]
+        return hidden[:bs], logits[:bs]
 
-    def _capture(self, rung: int, max_seq_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, rung: int, max_seq_len: int
+                 ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:rung], query_start_loc=self.query_start_loc[: rung + 1],
             seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=0,
@@ -154,9 +157,14 @@ class DecodeGraphs:
             query_start_loc_cpu=[], seq_lens_cpu=[],
         )
         args = (self.input_ids[:rung], self.positions[:rung], meta)
-        graph, logits = capture(lambda: self.model.compute_logits(self.model(*args)), self.pool)
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self.model(*args)
+            return hidden, self.model.compute_logits(hidden)
+
+        graph, outputs = capture(step, self.pool)
         logger.debug("captured a decode graph for batch %d (longest context %d)", rung, max_seq_len)
-        return graph, logits
+        return graph, outputs
 
 
 # Mixed steps of more tokens run eagerly: their matmuls alone then keep the device busier than

@@ -58,8 +58,8 @@ class LLMEngine:
             quantization=config.quantization, quiet=quiet,
         )
         spec = config.speculative_config
-        self.proposer = None if spec is None else make_proposer(config, model_config, backend, quiet)
-        self.runner = ModelRunner(config, model_config, model, self.proposer and self.proposer.model)
+        self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
+        self.runner = ModelRunner(config, model_config, model, self.proposer)
         num_blocks = self.runner.num_kv_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
@@ -323,6 +323,7 @@ class LLMEngine:
             return []
         self.in_flight = None
         token_ids, logprobs = launched.results()
+        guesses = launched.guess_rows()
         now = time.perf_counter()
         got: dict[str, dict[Sequence, slice]] = {}  # request id -> its sequences that got tokens, and where
         rows = itertools.accumulate((len(d) + 1 for d in launched.drafts), initial=0)
@@ -335,6 +336,7 @@ class LLMEngine:
             # A verifying step is collected before the next one launches: its placeholder is the last
             # token, and the accepted run takes its place.
             seq.token_ids[slot : slot + 1] = new_tokens
+            seq.guessed_token_ids = [] if guesses is None else guesses[row + len(new_tokens) - 1]
             if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
                 seq.output_logprobs.append(logprobs[row])
                 seq.cumulative_logprob += logprobs[row][new_tokens[0]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,18 +27,23 @@ from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows, record_
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from martlet.engine.speculative import Proposer
+
 CPU_KV_CACHE_BYTES = 4 << 30  # the default pool on a CPU when num_kv_blocks is not given
 
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM,
-                 draft_model: LlamaForCausalLM | None = None) -> None:
-        """`draft_model` (speculative decoding) gets a KV pool of its own with as many blocks as the
-        model's, so that the model's block tables index both; the speculative proposer runs it."""
+                 proposer: Proposer | None = None) -> None:
+        """A speculative `proposer` may have a model of its own (a draft model, EAGLE's layer): its K/V
+        get a pool of their own with as many blocks as the model's, so the model's block tables index
+        both. It may keep a hidden state of the model per cache slot (`feature_size`), and guess from
+        the hidden states a step samples from (Medusa)."""
         self.config = config
         self.model_config = model_config
         self.model = model
-        self.draft_model = draft_model
+        self.proposer = proposer
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
@@ -64,8 +70,9 @@ class ModelRunner:
 
     @property
     def models(self) -> list[LlamaForCausalLM]:
-        """The models that keep K/V in the pool's blocks: the model, then the draft model if any."""
-        return [self.model] if self.draft_model is None else [self.model, self.draft_model]
+        """The models that keep K/V in the pool's blocks: the model, then the proposer's if any."""
+        draft = self.proposer and self.proposer.model
+        return [self.model] if draft is None else [self.model, draft]
 
     def kv_bytes_per_block(self, model: LlamaForCausalLM | None = None) -> int:
         """K and V of every layer of `model` (default: the model) for one block of tokens, in the
@@ -75,7 +82,11 @@ class ModelRunner:
                                                                 self.kv_format)
 
     def _pool_bytes_per_block(self) -> int:
-        return sum(self.kv_bytes_per_block(model) for model in self.models)
+        features = self.block_size * self._feature_size() * self.config.dtype.itemsize
+        return sum(self.kv_bytes_per_block(model) for model in self.models) + features
+
+    def _feature_size(self) -> int:
+        return 0 if self.proposer is None else self.proposer.feature_size
 
     def _choose_num_blocks(self) -> int:
         if self.device.type == "cuda":
@@ -120,6 +131,10 @@ class ModelRunner:
         self.kv_cache = self.kv_caches = None  # free the old pools before making the new ones
         self.kv_caches = [self._allocate_pool(model, num_blocks) for model in self.models]
         self.kv_cache = self.kv_caches[0]  # the model's
+        if self._feature_size():
+            self.proposer.features = None
+            self.proposer.features = torch.zeros(num_blocks * self.block_size, self._feature_size(),
+                                                 dtype=self.config.dtype, device=self.device)
 
     def _allocate_pool(self, model: LlamaForCausalLM, num_blocks: int) -> torch.Tensor:
         m, layers = model.config, model.attention_layers()
@@ -139,17 +154,20 @@ class ModelRunner:
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
         if self.decode_graphs is not None and sample and not prompt_logprobs and self.decode_graphs.can_run(meta):
-            logits = self.decode_graphs.run(input_ids, positions, meta)
+            hidden, logits = self.decode_graphs.run(input_ids, positions, meta)
+            self._keep_features(hidden, meta)
         else:
             if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
                 hidden = self.mixed_graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta)
+            self._keep_features(hidden, meta)
             if prompt_logprobs:
                 record_prompt_logprobs(hidden, batch.seqs, batch.num_new_tokens, self.model.compute_logits)
             if not sample or not logits_indices:
                 return None
-            logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])
+            hidden = hidden[to_device(logits_indices, self.device, torch.int64)]
+            logits = self.model.compute_logits(hidden)
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if num_sampled(s, n)]
         drafts = [list(seq.spec_token_ids) for seq in seqs]
         # One row per sampled position: a sequence's rows are consecutive, its drafts' first.
@@ -161,7 +179,13 @@ class ModelRunner:
         for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
             seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
-        return LaunchedStep.start(seqs, sampled, drafts)
+        guesses = None if self.proposer is None else self.proposer.guess_from_hidden(hidden)
+        return LaunchedStep.start(seqs, sampled, drafts, guesses)
+
+    def _keep_features(self, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The proposer's copy of every new token's hidden state, at its cache slot (EAGLE's input)."""
+        if self.proposer is not None and self.proposer.features is not None:
+            self.proposer.features[meta.slot_mapping] = hidden
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         seqs, counts = batch.seqs, batch.num_new_tokens
@@ -199,20 +223,24 @@ class LaunchedStep:
     drafts: list[list[int]]  # per sequence, the proposals it verifies: its rows are 1 + len(drafts)
     host: SamplerOutput  # host copies, filled by non-blocking copies from the device
     ready: torch.cuda.Event | None
+    # Per sampler row, the proposer's guesses of the tokens after the row's token (Medusa), host copy.
+    guesses: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, seqs: list[Sequence], sampled: SamplerOutput, drafts: list[list[int]] | None = None
-              ) -> LaunchedStep:
+    def start(cls, seqs: list[Sequence], sampled: SamplerOutput, drafts: list[list[int]] | None = None,
+              guesses: torch.Tensor | None = None) -> LaunchedStep:
         drafts = drafts or [[] for _ in seqs]
         if sampled.token_ids.device.type != "cuda":
-            return cls(seqs, drafts, sampled, None)
+            return cls(seqs, drafts, sampled, None, guesses)
         # Queued right behind the sampler, ahead of whatever step is launched next.
         host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
                                for t in (sampled.token_ids, sampled.top_ids, sampled.top_logprobs,
                                          sampled.sampled_logprobs)))
+        if guesses is not None:
+            guesses = guesses.to("cpu", non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(seqs, drafts, host, ready)
+        return cls(seqs, drafts, host, ready, guesses)
 
     @property
     def verifies(self) -> bool:
@@ -229,6 +257,10 @@ class LaunchedStep:
         rows = logprob_rows(self.host.top_ids.tolist(), self.host.top_logprobs.tolist(), tokens,
                             self.host.sampled_logprobs.tolist(), counts)
         return tokens, rows
+
+    def guess_rows(self) -> list[list[int]] | None:
+        """Per sampler row, the proposer's guesses, if it made any (after `results`, which waits)."""
+        return None if self.guesses is None else self.guesses.tolist()
 
 
 def num_sampled(seq: Sequence, num_new_tokens: int) -> int:

@@ -26,6 +26,7 @@ from martlet.layers.attention import AttentionBackend, AttentionMetadata
 from martlet.layers.sampler import has_penalty
 from martlet.models.llama import LlamaForCausalLM
 from martlet.models.loader import build_model, read_model_config
+from martlet.models.speculators import EagleModel, MedusaHeads, load_eagle, load_medusa_heads
 
 # Above this many running sequences no step speculates: a batch that large already keeps the GPU's
 # arithmetic busy, and verifying guesses would cost more than it saves. A first guess, not yet
@@ -39,9 +40,14 @@ class Proposer:
     The engine asks `propose` for each running sequence before scheduling, so that the scheduler
     makes room for the proposals, then `draft` with the scheduled batch: a proposer that runs a
     model proposes placeholders first and fills them in there, for the sequences that got room.
+    The model runner serves the proposer's other needs: a KV pool for its `model`, a pool of the
+    target's hidden state per cache slot (`features`, `feature_size` wide), and a call with the
+    hidden states the target samples from (`guess_from_hidden`).
     """
 
     model: LlamaForCausalLM | None = None  # a model whose K/V the engine's KV pool holds too
+    feature_size = 0
+    features: torch.Tensor | None = None  # [cache slots, feature_size], once the pool exists
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
@@ -59,6 +65,10 @@ class Proposer:
 
     def draft(self, batch: ScheduledBatch) -> None:
         """Fill in the scheduled sequences' placeholder proposals (none here)."""
+
+    def guess_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Guesses [rows, k] of the tokens after each sampled row's, from its hidden state (none here)."""
+        return None
 
     def _room(self, seq: Sequence) -> int:
         """Guesses that fit before max_tokens or the context runs out (the step adds one token of its own)."""
@@ -80,6 +90,22 @@ class NgramProposer(Proposer):
                                  self.config.prompt_lookup_max)
 
 
+class MedusaProposer(Proposer):
+    """Medusa heads guess from the hidden state the target sampled a sequence's last token from:
+    the model runner runs them on every sampled row, and the engine keeps the accepted row's guesses
+    (`seq.guessed_token_ids`). Top-1 per head, verified as a chain."""
+
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, heads: MedusaHeads) -> None:
+        super().__init__(config, max_model_len)
+        self.heads = heads
+
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        return seq.guessed_token_ids[:k]
+
+    def guess_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.heads(hidden)
+
+
 class DraftModelProposer(Proposer):
     """A smaller model with the target's vocabulary proposes its own greedy tokens: k of its decode
     steps per verification step.
@@ -95,6 +121,8 @@ class DraftModelProposer(Proposer):
     A greedy draft is a point mass, so the sampler's rejection rule (`Sampler._verify`) keeps the
     target's distribution for sampled requests too.
     """
+
+    shift = 0  # the draft's position t reads token t + shift
 
     def __init__(self, config: SpeculativeConfig, engine: EngineConfig, model: LlamaForCausalLM) -> None:
         super().__init__(config, engine.max_model_len)
@@ -113,64 +141,104 @@ class DraftModelProposer(Proposer):
             return
         counts = [len(seq.spec_token_ids) for seq in seqs]
         guesses = torch.empty(len(seqs), max(counts), dtype=torch.int64, device=self.device)
-        self._catch_up(seqs, guesses)
+        hidden = self._catch_up(seqs, guesses)
         for i in range(1, max(counts)):
             rows = [j for j, n in enumerate(counts) if n > i]
             active = [seqs[j] for j in rows]
             rows_t = to_device(rows, self.device, torch.int64)
-            positions, meta = flat_batch([len(seq) + i - 1 for seq in active], [1] * len(active),
+            positions, meta = flat_batch([len(seq) - 1 - self.shift + i for seq in active], [1] * len(active),
                                          [seq.block_table for seq in active], 0, self.block_size, self.device)
-            guesses[rows_t, i] = self._greedy(guesses[rows_t, i - 1], positions, meta, list(range(len(active))))
+            hidden[rows_t] = self._run(guesses[rows_t, i - 1], positions, meta, hidden[rows_t])
+            guesses[rows_t, i] = self.model.compute_logits(hidden[rows_t]).argmax(dim=-1)
         for seq, n, row in zip(seqs, counts, guesses.tolist()):
             seq.spec_token_ids = row[:n]
-            seq.num_draft_computed_tokens = len(seq) + n - 1
+            seq.num_draft_computed_tokens = self._num_computed_after(seq, n)
 
-    def _catch_up(self, seqs: list[Sequence], guesses: torch.Tensor) -> None:
-        """Run the draft over each sequence's tokens it has no K/V for; the last one's greedy token is
-        the sequence's first guess (column 0 of `guesses`)."""
+    def _catch_up(self, seqs: list[Sequence], guesses: torch.Tensor) -> torch.Tensor:
+        """Run the draft over each sequence's positions it has no K/V for; the last one's greedy token
+        is the sequence's first guess (column 0 of `guesses`). Returns the last one's hidden state."""
+        hidden = None
         starts = [seq.num_draft_computed_tokens for seq in seqs]
+        ends = [len(seq) - self.shift for seq in seqs]
         while True:
             budget, chunk = self.max_num_batched_tokens, []  # (row, start, count)
-            for row, (seq, start) in enumerate(zip(seqs, starts)):
-                n = min(len(seq) - start, budget)
+            for row, (start, end) in enumerate(zip(starts, ends)):
+                n = min(end - start, budget)
                 if n > 0:
                     chunk.append((row, start, n))
                     budget -= n
             if not chunk:
-                return
+                return hidden
             chunk.sort(key=lambda c: c[2] == 1)  # several tokens first, as the attention metadata wants
-            input_ids = [t for row, start, n in chunk for t in seqs[row].token_ids[start : start + n]]
+            input_ids = [t for row, start, n in chunk
+                         for t in seqs[row].token_ids[start + self.shift : start + self.shift + n]]
             positions, meta = flat_batch([start for _, start, _ in chunk], [n for _, _, n in chunk],
                                          [seqs[row].block_table for row, _, _ in chunk],
                                          sum(n > 1 for _, _, n in chunk), self.block_size, self.device)
+            out = self._run(to_device(input_ids, self.device, torch.int64), positions, meta,
+                            self._catch_up_features(meta))
             done = [(row, end - 1) for (row, start, n), end in zip(chunk, meta.query_start_loc_cpu[1:])
-                    if start + n == len(seqs[row])]
+                    if start + n == ends[row]]
             if done:
-                rows, last = zip(*done)
-                guesses[to_device(rows, self.device, torch.int64), 0] = self._greedy(
-                    to_device(input_ids, self.device, torch.int64), positions, meta, list(last))
-            else:
-                self.model(to_device(input_ids, self.device, torch.int64), positions, meta)
+                rows, last = (to_device(list(x), self.device, torch.int64) for x in zip(*done))
+                hidden = out.new_empty(len(seqs), out.shape[1]) if hidden is None else hidden
+                hidden[rows] = out[last]
+                guesses[rows, 0] = self.model.compute_logits(out[last]).argmax(dim=-1)
             for row, start, n in chunk:
                 starts[row] = start + n
 
-    def _greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                rows: list[int]) -> torch.Tensor:
-        """The draft's greedy next token after each of the flat batch's `rows`."""
-        hidden = self.model(input_ids, positions, meta)[to_device(rows, self.device, torch.int64)]
-        return self.model.compute_logits(hidden).argmax(dim=-1)
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             features: torch.Tensor | None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def _catch_up_features(self, meta: AttentionMetadata) -> torch.Tensor | None:
+        return None
+
+    def _num_computed_after(self, seq: Sequence, num_guesses: int) -> int:
+        return len(seq) + num_guesses - 1  # its own inputs were tokens: the accepted guesses' K/V stand
 
 
-def make_proposer(engine: EngineConfig, target: ModelConfig, backend: AttentionBackend, quiet: bool) -> Proposer:
+class EagleProposer(DraftModelProposer):
+    """EAGLE: a draft whose position t reads token t + 1 and the target's hidden state at t, kept per
+    cache slot by the model runner (`features`). Its guesses beyond the target's known hidden states
+    read its own output in their place, so their K/V are recomputed once the target's are known."""
+
+    shift = 1
+
+    def __init__(self, config: SpeculativeConfig, engine: EngineConfig, model: EagleModel) -> None:
+        super().__init__(config, engine, model)
+        self.feature_size = model.config.hidden_size
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+             features: torch.Tensor | None) -> torch.Tensor:
+        return self.model(input_ids, positions, meta, features)
+
+    def _catch_up_features(self, meta: AttentionMetadata) -> torch.Tensor:
+        return self.features[meta.slot_mapping]
+
+    def _num_computed_after(self, seq: Sequence, num_guesses: int) -> int:
+        return len(seq) - 1
+
+
+def make_proposer(engine: EngineConfig, target_config: ModelConfig, target: LlamaForCausalLM,
+                  backend: AttentionBackend, quiet: bool) -> Proposer:
     """The proposer `engine.speculative_config` asks for, with its model loaded if it has one."""
     config = engine.speculative_config
+    k, device = config.num_speculative_tokens, engine.device
     if config.method == "ngram":
         return NgramProposer(config, engine.max_model_len)
+    if config.method == "medusa":
+        return MedusaProposer(config, engine.max_model_len,
+                              load_medusa_heads(config.model, target_config, k, engine.dtype, device))
+    if config.method == "eagle":
+        model = load_eagle(config.model, target, backend, dtype=engine.dtype, device=device,
+                           max_positions=engine.max_model_len, load_format=engine.load_format)
+        return EagleProposer(config, engine, model)
     draft = read_model_config(config.model)
-    if draft.vocab_size != target.vocab_size:
+    if draft.vocab_size != target_config.vocab_size:
         raise ValueError(f"speculative_config: the draft model {config.model} has a vocabulary of "
-                         f"{draft.vocab_size} tokens, the target {target.vocab_size}: they must share one")
-    model = build_model(config.model, draft, backend, dtype=engine.dtype, device=engine.device,
+                         f"{draft.vocab_size} tokens, the target {target_config.vocab_size}: they must share one")
+    model = build_model(config.model, draft, backend, dtype=engine.dtype, device=device,
                         max_positions=engine.max_model_len, load_format=engine.load_format, quiet=quiet)
     return DraftModelProposer(config, engine, model)
 

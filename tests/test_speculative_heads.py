@@ -1,0 +1,166 @@
+"""Medusa heads and EAGLE, speculating for the tiny random model: lossless whatever they guess.
+
+Their checkpoints are written here in the formats Martlet reads (`martlet/models/speculators.py`).
+"Echo" weights guess the target's own next token again (a Medusa head with zero residual blocks and
+the target's LM head; an EAGLE layer that passes the target's hidden state through), which the
+tiny model's runs of one repeated token accept; random weights are mostly rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from martlet import LLM, SamplingParams
+from martlet.engine.sequence import PLACEHOLDER
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+RUN = [1465] * 40  # the tiny model answers with a run of one token
+
+
+def target_weights(model: Path) -> dict[str, torch.Tensor]:
+    return {name: t for file in model.glob("*.safetensors") for name, t in load_file(file).items()}
+
+
+def write_medusa(path: Path, model: Path, echo: bool, num_heads: int = 3, num_layers: int = 1,
+                 suffix: str = "safetensors") -> Path:
+    lm_head = target_weights(model)["lm_head.weight"]
+    vocab, hidden = lm_head.shape
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.1
+
+    weights = {}
+    for i in range(num_heads):
+        for j in range(num_layers):
+            weights[f"{i}.{j}.linear.weight"] = torch.zeros(hidden, hidden) if echo else rand(hidden, hidden)
+            weights[f"{i}.{j}.linear.bias"] = torch.zeros(hidden) if echo else rand(hidden)
+        weights[f"{i}.{num_layers}.weight"] = lm_head.clone() if echo else rand(vocab, hidden)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"medusa_num_heads": num_heads, "medusa_num_layers": num_layers}))
+    if suffix == "pt":
+        torch.save(weights, path / "medusa_lm_head.pt")
+    else:
+        save_file(weights, path / "medusa_lm_head.safetensors")
+    return path
+
+
+def write_eagle(path: Path, model: Path, echo: bool) -> Path:
+    """One decoder layer shaped like the target's, an fc with bias, and a copy of the embedding
+    (which Martlet ignores: the target's serves)."""
+    target = target_weights(model)
+    hidden = target["model.embed_tokens.weight"].shape[1]
+    gen = torch.Generator().manual_seed(1)
+    weights = {name.removeprefix("model."): torch.ones(t.shape) if "norm" in name else
+               torch.randn(t.shape, generator=gen) * 0.1
+               for name, t in target.items() if name.startswith("model.layers.0.") and "input_layernorm" not in name}
+    weights["fc.weight"] = torch.randn(hidden, 2 * hidden, generator=gen) * 0.1
+    weights["fc.bias"] = torch.zeros(hidden)
+    if echo:  # the target's hidden state straight through: attention and MLP add nothing
+        weights["fc.weight"] = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+        weights["layers.0.self_attn.o_proj.weight"] = torch.zeros(hidden, hidden)
+        weights["layers.0.mlp.down_proj.weight"].zero_()
+    weights["embed_tokens.weight"] = target["model.embed_tokens.weight"]
+    path.mkdir(parents=True)
+    config = json.loads((model / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1, "architectures": None}))
+    save_file(weights, path / "model.safetensors")
+    return path
+
+
+@pytest.fixture(scope="module")
+def heads(tiny_model, tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("heads")
+    return {
+        "medusa-echo": {"method": "medusa", "model": str(write_medusa(root / "me", tiny_model, echo=True))},
+        "medusa-random": {"method": "medusa", "model": str(write_medusa(root / "mr", tiny_model, echo=False,
+                                                                          num_layers=2, suffix="pt"))},
+        "eagle-echo": {"method": "eagle", "model": str(write_eagle(root / "ee", tiny_model, echo=True))},
+        "eagle-random": {"method": "eagle", "model": str(write_eagle(root / "er", tiny_model, echo=False))},
+    }
+
+
+@pytest.fixture(scope="module")
+def requests_and_plain(tiny_model):
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 49000) for _ in range(n)] for n in (5, 17, 33)] + [RUN]
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    plain = LLM(tiny_model, device="cpu", dtype="float32", quiet=True).generate(requests, GREEDY, use_tqdm=False)
+    return requests, [o.outputs[0].token_ids for o in plain]
+
+
+@pytest.mark.parametrize("name", ["medusa-echo", "medusa-random", "eagle-echo", "eagle-random"])
+def test_greedy_tokens_are_unchanged(name, heads, tiny_model, requests_and_plain, assert_idle):
+    requests, expected = requests_and_plain
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True,
+              speculative_config={**heads[name], "num_speculative_tokens": 3})
+    outs = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert all(o.metrics.num_draft_tokens > 0 for o in outs)
+    if name.endswith("echo"):  # the run accepts every guess
+        assert outs[-1].metrics.acceptance_rate == 1.0
+    assert_idle(llm)
+
+
+@pytest.mark.parametrize("name", ["medusa-echo", "eagle-random"])
+def test_greedy_tokens_are_unchanged_under_preemption(name, heads, tiny_model, requests_and_plain):
+    """4 blocks of 16 cannot hold the batch: sequences are preempted and recomputed."""
+    requests, expected = requests_and_plain
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, num_kv_blocks=4,
+              speculative_config={**heads[name], "num_speculative_tokens": 3})
+    outs = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_eagle_reads_the_targets_hidden_states_at_their_slots(heads, tiny_model):
+    """The features pool holds, at each computed position's cache slot, Hugging Face's last hidden
+    state (after the final norm) at that position."""
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, block_size=8,
+              speculative_config={**heads["eagle-random"], "num_speculative_tokens": 3})
+    engine = llm.engine
+    engine.add_request(list(range(100, 119)), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    seq = engine.scheduler.running[0]
+    known = seq.token_ids[: seq.num_computed_tokens]
+    known = known[: known.index(PLACEHOLDER)] if PLACEHOLDER in known else known  # the step in flight's input
+    assert len(known) > 19
+    positions = torch.arange(len(known))
+    slots = torch.tensor(seq.block_table)[positions // 8] * 8 + positions % 8
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf.model(torch.tensor([known])).last_hidden_state[0]
+    torch.testing.assert_close(engine.proposer.features[slots], expected, atol=1e-4, rtol=1e-4)
+    assert seq.metrics.num_spec_steps > 0
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def test_bad_head_checkpoints_say_what_is_read(heads, tiny_model, tmp_path):
+    def load(config: dict):
+        return LLM(tiny_model, device="cpu", quiet=True, speculative_config={**config, "num_speculative_tokens": 3})
+
+    with pytest.raises(ValueError, match="has only 3 Medusa heads"):
+        LLM(tiny_model, device="cpu", quiet=True,
+            speculative_config={**heads["medusa-echo"], "num_speculative_tokens": 4})
+    vllm = tmp_path / "vllm"
+    vllm.mkdir()
+    (vllm / "config.json").write_text(json.dumps({"architectures": ["MedusaModel"], "num_heads": 3}))
+    with pytest.raises(ValueError, match="vLLM's MedusaModel format is not read"):
+        load({"method": "medusa", "model": str(vllm)})
+    with pytest.raises(ValueError, match="not a Medusa checkpoint"):
+        load({"method": "medusa", "model": heads["eagle-echo"]["model"]})
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    config = json.loads((Path(heads["eagle-echo"]["model"]) / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    with pytest.raises(ValueError, match="hidden size 128"):
+        load({"method": "eagle", "model": str(wide)})
