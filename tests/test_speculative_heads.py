@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from martlet import LLM, SamplingParams
 from martlet.engine.sequence import PLACEHOLDER
+from martlet.testing import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 RUN = [1465] * 40  # the tiny model answers with a run of one token
@@ -85,6 +86,11 @@ def heads(tiny_model, tmp_path_factory) -> dict[str, dict]:
         "eagle-echo": {"method": "eagle", "model": str(write_eagle(root / "ee", tiny_model, echo=True))},
         "eagle-random": {"method": "eagle", "model": str(write_eagle(root / "er", tiny_model, echo=False))},
     }
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("draft") / "model", "llama", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +170,19 @@ def test_bad_head_checkpoints_say_what_is_read(heads, tiny_model, tmp_path):
     (wide / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
     with pytest.raises(ValueError, match="hidden size 128"):
         load({"method": "eagle", "model": str(wide)})
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_triton_kernels_give_the_same_tokens(heads, tiny_model, other_model_dir, requests_and_plain):
+    """On a GPU: decode graphs hand Medusa and EAGLE the hidden states too, verification steps run the
+    piecewise graphs, and a draft model's steps the Triton kernels."""
+    requests, _ = requests_and_plain
+
+    def run(config: dict | None) -> list[list[int]]:
+        llm = LLM(tiny_model, device="cuda", dtype="float32", max_num_seqs=8, quiet=True, speculative_config=config)
+        return [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)]
+
+    plain = run(None)
+    for config in (heads["medusa-echo"], heads["eagle-echo"], heads["eagle-random"], {"model": str(tiny_model)},
+                   {"model": str(other_model_dir)}):
+        assert run({**config, "num_speculative_tokens": 3}) == plain, config

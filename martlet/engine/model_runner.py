@@ -179,7 +179,7 @@ class ModelRunner:
         for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
             seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
-        guesses = None if self.proposer is None else self.proposer.guess_from_hidden(hidden)
+        guesses = None if self.proposer is None else self.proposer.guess_from_hidden(hidden, len(seqs))
         return LaunchedStep.start(seqs, sampled, drafts, guesses)
 
     def _keep_features(self, hidden: torch.Tensor, meta: AttentionMetadata) -> None:

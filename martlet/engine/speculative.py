@@ -66,8 +66,9 @@ class Proposer:
     def draft(self, batch: ScheduledBatch) -> None:
         """Fill in the scheduled sequences' placeholder proposals (none here)."""
 
-    def guess_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Guesses [rows, k] of the tokens after each sampled row's, from its hidden state (none here)."""
+    def guess_from_hidden(self, hidden: torch.Tensor, num_seqs: int) -> torch.Tensor | None:
+        """Guesses [rows, k] of the tokens after each sampled row's, from its hidden state, in a step
+        that samples for `num_seqs` sequences (none here)."""
         return None
 
     def _room(self, seq: Sequence) -> int:
@@ -102,8 +103,9 @@ class MedusaProposer(Proposer):
     def _guess(self, seq: Sequence, k: int) -> list[int]:
         return seq.guessed_token_ids[:k]
 
-    def guess_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.heads(hidden)
+    def guess_from_hidden(self, hidden: torch.Tensor, num_seqs: int) -> torch.Tensor | None:
+        # A batch too large to speculate next step does not pay for the heads.
+        return self.heads(hidden) if num_seqs <= MAX_SPECULATIVE_BATCH else None
 
 
 class DraftModelProposer(Proposer):

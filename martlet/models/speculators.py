@@ -57,7 +57,8 @@ def load_medusa_heads(path: str | Path, target: ModelConfig, num_heads: int, dty
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     weights_file = next((path / name for name in MEDUSA_WEIGHTS if (path / name).is_file()), None)
     if "medusa_num_heads" not in config or weights_file is None:
-        vllm = " (vLLM's MedusaModel format is not read)" if "MedusaModel" in (config.get("architectures") or []) else ""
+        vllm = "MedusaModel" in (config.get("architectures") or [])
+        vllm = " (vLLM's MedusaModel format is not read)" if vllm else ""
         raise ValueError(f"{path} is not a Medusa checkpoint in FasterDecoding/Medusa's format{vllm}: expected a "
                          f"config.json with medusa_num_heads and one of {', '.join(MEDUSA_WEIGHTS)}")
     if num_heads > config["medusa_num_heads"]:
