@@ -129,6 +129,10 @@ class SpeculativeConfig:
     value; both 5 if neither). The others read `model`: a draft model (a Hugging Face directory or
     GGUF file with the target's vocabulary), or a checkpoint of heads for the target
     (`martlet/models/speculators.py` says which formats).
+
+    Medusa verifies a chain of each head's top guess, or with `speculative_token_tree` (vLLM's
+    name; Medusa's "choices") a tree for greedy requests: each node a path of top-k ranks, (0, 1) the
+    second guess of head 1 after the first of head 0; at most 63 nodes, no deeper than k.
     """
 
     num_speculative_tokens: int
@@ -136,6 +140,7 @@ class SpeculativeConfig:
     model: str | None = None
     prompt_lookup_max: int = 0
     prompt_lookup_min: int = 0
+    speculative_token_tree: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> SpeculativeConfig:
@@ -149,10 +154,13 @@ class SpeculativeConfig:
         if method != "ngram":
             if not model:
                 raise ValueError(f"speculative_config: method {method!r} needs 'model', the path of its weights")
+            tree = config.pop("speculative_token_tree", None) if method == "medusa" else None
             if config:
+                tree_key = " (and speculative_token_tree)" if method == "medusa" else ""
                 raise ValueError(f"speculative_config: unknown keys {sorted(config)}; {method!r} takes model and "
-                                 "num_speculative_tokens")
-            return cls(num_speculative_tokens=k, method=method, model=str(model))
+                                 f"num_speculative_tokens{tree_key}")
+            return cls(num_speculative_tokens=k, method=method, model=str(model),
+                       speculative_token_tree=None if tree is None else _check_tree(tree, k))
         if model is not None:
             raise ValueError("speculative_config: 'ngram' takes no model")
         lookup_max, lookup_min = config.pop("prompt_lookup_max", None), config.pop("prompt_lookup_min", None)
@@ -166,6 +174,20 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config: prompt_lookup_min ({lookup_min}) must be <= "
                              f"prompt_lookup_max ({lookup_max})")
         return cls(num_speculative_tokens=k, prompt_lookup_max=lookup_max, prompt_lookup_min=lookup_min)
+
+
+def _check_tree(tree: list, depth: int) -> tuple[tuple[int, ...], ...]:
+    nodes = [tuple(node) for node in tree]
+    seen: set[tuple[int, ...]] = set()
+    for node in sorted(nodes, key=len):
+        if not node or len(node) > depth or not all(isinstance(r, int) and r >= 0 for r in node) or node in seen \
+                or (len(node) > 1 and node[:-1] not in seen):
+            raise ValueError(f"speculative_config: speculative_token_tree node {list(node)} is not a new path of "
+                             f"top-k ranks (integers >= 0) at most {depth} deep whose parent is a node")
+        seen.add(node)
+    if not 0 < len(nodes) < 64:
+        raise ValueError(f"speculative_config: speculative_token_tree has {len(nodes)} nodes; 1 to 63 fit")
+    return tuple(nodes)
 
 
 def _check_at_least_one(**values: object) -> None:

@@ -1,4 +1,5 @@
-"""Medusa heads and EAGLE, speculating for the tiny random model: lossless whatever they guess.
+"""Medusa heads and EAGLE, speculating for the tiny random model: lossless whatever they guess; trees
+of proposals (Medusa's, and an oracle's whose right path is or is not the first branch).
 
 Their checkpoints are written here in the formats Martlet reads (`martlet/models/speculators.py`).
 "Echo" weights guess the target's own next token again (a Medusa head with zero residual blocks and
@@ -18,7 +19,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from martlet import LLM, SamplingParams
+from martlet.config import SpeculativeConfig
 from martlet.engine.sequence import PLACEHOLDER
+from martlet.engine.speculative import Proposer, accepted_path, tree_rows
 from martlet.testing import make_tiny_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -174,8 +177,8 @@ def test_bad_head_checkpoints_say_what_is_read(heads, tiny_model, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_graphs_and_triton_kernels_give_the_same_tokens(heads, tiny_model, other_model_dir, requests_and_plain):
-    """On a GPU: decode graphs hand Medusa and EAGLE the hidden states too, verification steps run the
-    piecewise graphs, and a draft model's steps the Triton kernels."""
+    """On a GPU: decode graphs hand Medusa and EAGLE the hidden states too, verification steps (trees
+    too) run the piecewise graphs and the Triton kernels, and so do a draft model's steps."""
     requests, _ = requests_and_plain
 
     def run(config: dict | None) -> list[list[int]]:
@@ -183,6 +186,91 @@ def test_cuda_graphs_and_triton_kernels_give_the_same_tokens(heads, tiny_model, 
         return [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)]
 
     plain = run(None)
-    for config in (heads["medusa-echo"], heads["eagle-echo"], heads["eagle-random"], {"model": str(tiny_model)},
+    tree = {**heads["medusa-echo"], "speculative_token_tree": [[0], [1], [0, 0], [1, 0], [0, 1]]}
+    for config in (heads["medusa-echo"], tree, heads["eagle-echo"], heads["eagle-random"], {"model": str(tiny_model)},
                    {"model": str(other_model_dir)}):
         assert run({**config, "num_speculative_tokens": 3}) == plain, config
+
+
+# ---- trees of proposals (greedy) ---------------------------------------------------------------
+
+
+def test_tree_rows_place_each_node_at_its_depth():
+    # root (row 0) -> 1, 2; 1 -> 3; 3 -> 4
+    offsets, bits = tree_rows([0, 0, 1, 3], num_own=1)
+    assert offsets == [0, 0, 1, 1, 1]  # rows 0..4 at depths 0, 1, 1, 2, 3
+    assert bits == [0b1, 0b11, 0b101, 0b1011, 0b11011]
+    offsets, bits = tree_rows([0], num_own=3)  # two uncomputed tokens before the root
+    assert offsets == [0, 0, 0, 0] and bits == [0b1, 0b11, 0b111, 0b1111]
+
+
+def test_the_accepted_path_follows_the_targets_tokens():
+    drafts, parents = [5, 7, 6, 8], [0, 0, 1, 3]  # 5 and 7 after the root, 6 after 5, 8 after 6
+    assert accepted_path(drafts, parents, [5, 6, 0, 8, 9]) == ([5, 6, 8, 9], 4, 1)  # 5 in place at row 1, 6 at row 3
+    assert accepted_path(drafts, parents, [7, 0, 1, 0, 0]) == ([7, 1], 2, 0)
+    assert accepted_path(drafts, parents, [4, 0, 0, 0, 0]) == ([4], 0, 0)
+    assert accepted_path([5, 6, 7], [0, 1, 0], [5, 6, 3, 0]) == ([5, 6, 3], 2, 2)  # rows 1, 2 in place
+
+
+class OracleTreeProposer(Proposer):
+    """Knows each prompt's greedy continuation: proposes a tree where the right path is the first
+    branch (`first`), or the second, beside wrong siblings."""
+
+    def __init__(self, config, max_model_len: int, continuations: dict[tuple[int, ...], list[int]], first: bool):
+        super().__init__(config, max_model_len)
+        self.continuations, self.first = continuations, first
+
+    def _guess(self, seq, k: int) -> list[int]:
+        done = len(seq.output_token_ids)
+        right = self.continuations[tuple(seq.token_ids[: seq.num_prompt_tokens])][done : done + k]
+        wrong = [(t + 1) % 4096 for t in right]
+        tokens, parents, parent = [], [], 0
+        for good, bad in zip(right, wrong):
+            pair = [good, bad] if self.first else [bad, good]
+            tokens += pair
+            parents += [parent, parent]
+            parent = len(tokens) - (1 if self.first else 0)  # the row of the right one
+        seq.spec_parents = parents
+        return tokens
+
+
+@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_tree_with_the_right_path_is_accepted_and_changes_nothing(first, backend, tiny_model, requests_and_plain):
+    """The right path on the first branch is accepted in place; on the second, its tokens are computed
+    again next step. Tokens as without speculation, either way, on both attention backends."""
+    requests, expected = requests_and_plain
+    requests, expected = (requests, expected) if backend == "torch" else (requests[1:3], expected[1:3])
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, attention_backend=backend,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    continuations = {tuple(r["prompt_token_ids"]): e for r, e in zip(requests, expected)}
+    llm.engine.proposer = OracleTreeProposer(llm.engine.proposer.config, llm.engine.config.max_model_len,
+                                             continuations, first)
+    outs = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert all(o.metrics.num_accepted_tokens >= 3 for o in outs)  # a whole path at least once
+
+
+def test_medusa_trees_change_nothing(heads, tiny_model, requests_and_plain):
+    requests, expected = requests_and_plain
+    tree = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2, 1], [1, 0, 1]]
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True,
+              speculative_config={**heads["medusa-echo"], "num_speculative_tokens": 3, "speculative_token_tree": tree})
+    outs = llm.generate(requests, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert outs[-1].metrics.num_draft_tokens > 3 * outs[-1].metrics.num_spec_steps  # trees, not chains
+    assert outs[-1].metrics.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("tree, message", [
+    ([[0], [0, 1, 2, 0]], "at most 3 deep"),
+    ([[1, 0]], "whose parent is a node"),
+    ([[0], [0]], "a new path"),
+    ([[-1]], "integers >= 0"),
+])
+def test_a_bad_tree_says_why(tree, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig.from_dict({"method": "medusa", "model": "heads", "num_speculative_tokens": 3,
+                                     "speculative_token_tree": tree})
+    with pytest.raises(ValueError, match="unknown keys"):
+        SpeculativeConfig.from_dict({"model": "draft", "num_speculative_tokens": 3, "speculative_token_tree": [[0]]})

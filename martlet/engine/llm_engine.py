@@ -25,7 +25,7 @@ from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
-from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, make_proposer
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_path, accepted_prefix, make_proposer
 from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
@@ -330,13 +330,18 @@ class LLMEngine:
         for seq, slot, drafts, row in zip(launched.seqs, slots, launched.drafts, rows):
             if seq.is_finished:  # finished or aborted while the step ran: its tokens are dropped
                 continue
-            new_tokens = accepted_prefix(drafts, token_ids[row : row + len(drafts) + 1])
+            sampled, parents = token_ids[row : row + len(drafts) + 1], seq.spec_parents[: len(drafts)]
+            if parents:
+                new_tokens, last_row, num_in_place = accepted_path(drafts, parents, sampled)
+            else:
+                new_tokens = accepted_prefix(drafts, sampled)
+                last_row = num_in_place = len(new_tokens) - 1
             if drafts:
-                self._roll_back(seq, drafts, new_tokens)
+                self._roll_back(seq, drafts, new_tokens, num_in_place)
             # A verifying step is collected before the next one launches: its placeholder is the last
             # token, and the accepted run takes its place.
             seq.token_ids[slot : slot + 1] = new_tokens
-            seq.guessed_token_ids = [] if guesses is None else guesses[row + len(new_tokens) - 1]
+            seq.guessed_token_ids = [] if guesses is None else guesses[row + last_row]
             if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
                 seq.output_logprobs.append(logprobs[row])
                 seq.cumulative_logprob += logprobs[row][new_tokens[0]]
@@ -359,11 +364,12 @@ class LLMEngine:
                 self._forget(request_id)
         return outputs
 
-    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int]) -> None:
-        """Count only the accepted proposals as computed: the K/V of the rejected ones stay in the
-        sequence's blocks beyond its computed tokens, to be overwritten by the next steps."""
+    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int], num_in_place: int) -> None:
+        """Count only the accepted proposals at their own positions as computed (all accepted ones in a
+        chain; in a tree, those along its first branch, the others are computed again next step): the
+        K/V of the others stay in the sequence's blocks beyond its computed tokens, to be overwritten."""
         num_accepted = len(new_tokens) - 1
-        seq.num_computed_tokens -= len(drafts) - num_accepted
+        seq.num_computed_tokens -= len(drafts) - num_in_place
         seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
         for counts in (seq.metrics, self):
             counts.num_spec_steps += 1

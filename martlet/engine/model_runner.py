@@ -205,7 +205,7 @@ class ModelRunner:
                 pending_rows.append(seq.sample_row)
             input_ids += seq.token_ids[start : start + own] + seq.spec_token_ids
         positions, meta = flat_batch(starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
-                                     self.block_size, self.device)
+                                     self.block_size, self.device, *self._trees(seqs, counts))
         logits_indices = [i for seq, n, end in zip(seqs, counts, meta.query_start_loc_cpu[1:])
                           for i in range(end - num_sampled(seq, n), end)]
         input_ids_t = to_device(input_ids, self.device, torch.int64)
@@ -213,6 +213,22 @@ class ModelRunner:
             rows = to_device(pending_rows, self.device, torch.int64)
             input_ids_t[to_device(pending_at, self.device, torch.int64)] = self.last_token_ids[rows]
         return input_ids_t, positions, meta, logits_indices
+
+    @staticmethod
+    def _trees(seqs: list[Sequence], counts: list[int]) -> tuple[list[int] | None, list[int] | None]:
+        """Per token of a batch where some sequence verifies a tree of proposals: how far its position
+        is behind its place in the chunk, and its tree mask (`flat_batch`); (None, None) in any other."""
+        if not any(seq.spec_parents[: len(seq.spec_token_ids)] for seq in seqs):
+            return None, None
+        from martlet.engine.speculative import tree_rows  # imports this module
+
+        offsets, bits = [], []
+        for seq, n in zip(seqs, counts):
+            parents = seq.spec_parents[: len(seq.spec_token_ids)]
+            rows = tree_rows(parents, n - len(parents)) if parents else ([0] * n, [-1] * n)
+            offsets += rows[0]
+            bits += rows[1]
+        return offsets, bits
 
 
 @dataclass
@@ -273,9 +289,11 @@ def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
 
 
 def flat_batch(starts: list[int], counts: list[int], block_tables: list[list[int]], num_prefills: int,
-               block_size: int, device: torch.device) -> tuple[torch.Tensor, AttentionMetadata]:
+               block_size: int, device: torch.device, position_offsets: list[int] | None = None,
+               tree_mask: list[int] | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions and attention metadata of a flat batch: sequence i's `counts[i]` new tokens start at
-    position `starts[i]` (the first `num_prefills` sequences have more than one new token)."""
+    position `starts[i]` (the first `num_prefills` sequences have more than one new token). A tree of
+    proposals takes cache slots in order but positions by depth: `position_offsets` per token."""
     query_start_loc = [0, *itertools.accumulate(counts)]
     seq_lens = [start + n for start, n in zip(starts, counts)]
     # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
@@ -302,5 +320,8 @@ def flat_batch(starts: list[int], counts: list[int], block_tables: list[list[int
         max_seq_len=max(seq_lens),
         query_start_loc_cpu=query_start_loc,
         seq_lens_cpu=seq_lens,
+        tree_mask=None if tree_mask is None else tensor(tree_mask, torch.int64),
     )
+    if position_offsets is not None:
+        positions = positions - np.asarray(position_offsets)
     return tensor(positions, torch.int64), meta

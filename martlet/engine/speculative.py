@@ -54,7 +54,9 @@ class Proposer:
         self.max_model_len = max_model_len
 
     def propose(self, seq: Sequence) -> list[int]:
-        """Up to k tokens to verify after `seq`'s last one; none if it may not speculate now."""
+        """Up to k tokens to verify after `seq`'s last one; none if it may not speculate now. A chain,
+        unless the proposer sets `seq.spec_parents` (a tree)."""
+        seq.spec_parents = []
         if not self.may_speculate(seq):
             return []
         k = min(self.config.num_speculative_tokens, self._room(seq))
@@ -94,18 +96,31 @@ class NgramProposer(Proposer):
 class MedusaProposer(Proposer):
     """Medusa heads guess from the hidden state the target sampled a sequence's last token from:
     the model runner runs them on every sampled row, and the engine keeps the accepted row's guesses
-    (`seq.guessed_token_ids`). Top-1 per head, verified as a chain."""
+    (`seq.guessed_token_ids`: each head's top guesses). A chain of each head's top guess, or for a
+    greedy request the configured tree of top-k paths (its first branch first, so that a run
+    accepted along it is where its positions are, and need not be computed again)."""
 
     def __init__(self, config: SpeculativeConfig, max_model_len: int, heads: MedusaHeads) -> None:
         super().__init__(config, max_model_len)
         self.heads = heads
+        tree = config.speculative_token_tree
+        self.tree = None if tree is None else sorted(tree, key=lambda node: (any(node), len(node), node))
+        self.top_k = 1 if tree is None else 1 + max(max(node) for node in tree)
 
     def _guess(self, seq: Sequence, k: int) -> list[int]:
-        return seq.guessed_token_ids[:k]
+        guesses = seq.guessed_token_ids
+        if not guesses:
+            return []
+        if self.tree is None or not seq.params.greedy:
+            return [guesses[head * self.top_k] for head in range(k)]
+        nodes = [node for node in self.tree if len(node) <= k]
+        row_of = {node: row for row, node in enumerate(nodes, start=1)}
+        seq.spec_parents = [row_of.get(node[:-1], 0) for node in nodes]
+        return [guesses[(len(node) - 1) * self.top_k + node[-1]] for node in nodes]
 
     def guess_from_hidden(self, hidden: torch.Tensor, num_seqs: int) -> torch.Tensor | None:
         # A batch too large to speculate next step does not pay for the heads.
-        return self.heads(hidden) if num_seqs <= MAX_SPECULATIVE_BATCH else None
+        return self.heads(hidden, self.top_k).flatten(1) if num_seqs <= MAX_SPECULATIVE_BATCH else None
 
 
 class DraftModelProposer(Proposer):
@@ -267,6 +282,35 @@ def find_continuation(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> lis
     followed_by_k = ends[ends < len(tokens) - k]
     end = followed_by_k[-1] if followed_by_k.size else ends[0]
     return tokens[end + 1 : end + 1 + k].tolist()
+
+
+def tree_rows(parents: list[int], num_own: int) -> tuple[list[int], list[int]]:
+    """A verification chunk of the sequence's `num_own` uncomputed tokens, the last of them the tree's
+    root, then proposals whose parents are `parents` (rows counted from the root): per row, how far
+    its position is behind its row (a node sits at its depth) and its tree mask (`AttentionMetadata`)."""
+    root = num_own - 1
+    offsets, bits, depths = [0] * num_own, [(1 << (i + 1)) - 1 for i in range(num_own)], [0]
+    for node, parent in enumerate(parents, start=1):
+        depths.append(depths[parent] + 1)
+        offsets.append(node - depths[node])
+        bits.append(bits[root + parent] | 1 << (root + node))
+    return offsets, [b - (1 << 64) if b >> 63 else b for b in bits]  # as int64
+
+
+def accepted_path(drafts: list[int], parents: list[int], sampled: list[int]) -> tuple[list[int], int, int]:
+    """A tree verification step's tokens, the row the last one was sampled at, and how many of the
+    accepted proposals sit at their own position (rows 1, 2, ... in order). `sampled[r]` is the
+    target's token after row r (row 0 the root, row i the proposal `drafts[i - 1]`): from the root,
+    each child whose proposal is that token is taken, until none is."""
+    row, tokens, in_place = 0, [], 0
+    while True:
+        tokens.append(sampled[row])
+        child = next((i for i, (d, p) in enumerate(zip(drafts, parents), start=1)
+                      if p == row and d == tokens[-1]), None)
+        if child is None:
+            return tokens, row, in_place
+        in_place += child == len(tokens) == in_place + 1
+        row = child
 
 
 def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:

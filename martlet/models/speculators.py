@@ -38,14 +38,15 @@ class MedusaHeads(nn.Module):
                                     for _ in range(num_heads))
         self.lm_heads = nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Each head's greedy token [rows, num_heads] after the hidden states [rows, hidden]."""
+    def forward(self, hidden: torch.Tensor, top_k: int = 1) -> torch.Tensor:
+        """Each head's `top_k` likeliest tokens [rows, num_heads, top_k] after the hidden states [rows, hidden]."""
         tokens = []
         for blocks, lm_head in zip(self.blocks, self.lm_heads):
             x = hidden
             for block in blocks:
                 x = x + nn.functional.silu(block(x))
-            tokens.append(lm_head(x).argmax(dim=-1))
+            logits = lm_head(x)
+            tokens.append(logits.argmax(dim=-1, keepdim=True) if top_k == 1 else logits.topk(top_k).indices)
         return torch.stack(tokens, dim=1)
 
 
