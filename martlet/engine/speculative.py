@@ -2,7 +2,9 @@
 
 Prompt lookup (n-gram): text that repeats (quoting, editing, code) continues the way it did before:
 the tokens that followed an earlier occurrence of a sequence's last n tokens are a good guess for
-what follows now. A draft model: a smaller model with the same vocabulary guesses greedily.
+what follows now. A draft model: a smaller model with the same vocabulary guesses greedily. Medusa
+heads guess from the target's last hidden state; EAGLE runs a decoder layer over the target's
+hidden states (`martlet/models/speculators.py`).
 
 The next step feeds the sequence's last token and the k guesses to the model at once (k + 1
 query tokens, laid out like a prompt chunk), and the sampler checks each guess against the
@@ -10,7 +12,8 @@ target's own choice at that position (`Sampler`, rejection sampling). The engine
 leading guesses that pass plus the target's token after them, so each verification step makes 1
 to k + 1 tokens, exactly the tokens (greedy) or the distribution (sampling) of decoding one at a
 time. The K/V written for rejected guesses stay in the sequence's blocks beyond its computed
-tokens, where the next steps overwrite them."""
+tokens, where the next steps overwrite them. Medusa may verify a tree of guesses instead of a chain
+for a greedy request (`tree_rows`, `accepted_path`)."""
 
 from __future__ import annotations
 
