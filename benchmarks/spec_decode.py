@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 
 from martlet import LLM, SamplingParams
+from martlet.config import SpeculativeConfig
 from martlet.engine.sequence import Sequence
+from martlet.engine.speculative import Proposer
 
 KS = range(7)
 BATCHES = (1, 8)
@@ -44,14 +46,15 @@ STEPS = 64
 ACCEPTANCE_RATES = (0.5, 0.7, 0.9)
 
 
-class RandomProposer:
-    """k random tokens for every decoding sequence (the engine's proposer seam)."""
+class RandomProposer(Proposer):
+    """k random tokens for every decoding sequence."""
 
-    def __init__(self, k: int, vocab_size: int) -> None:
-        self.k, self.vocab_size = k, vocab_size
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, vocab_size: int) -> None:
+        super().__init__(config, max_model_len)
+        self.vocab_size = vocab_size
 
-    def propose(self, seq: Sequence) -> list[int]:
-        return [random.randrange(self.vocab_size) for _ in range(self.k)] if seq.num_uncomputed_tokens == 1 else []
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        return [random.randrange(self.vocab_size) for _ in range(k)]
 
 
 def expected_tokens(k: int, acceptance: float) -> float:
@@ -67,7 +70,8 @@ def verify_cost(args: argparse.Namespace) -> dict:
     for batch in BATCHES:
         for k in KS:
             # k = 0 is the plain engine: no proposer, so the host stays a step ahead as it does without speculation.
-            engine.proposer = RandomProposer(k, vocab) if k else None
+            config = dataclasses.replace(engine.config.speculative_config, num_speculative_tokens=max(k, 1))
+            engine.proposer = RandomProposer(config, engine.config.max_model_len, vocab) if k else None
             ms, _ = time_steps(engine, batch)
             rows.append({"batch": batch, "k": k, "ms_per_step": ms})
     for row in rows:
