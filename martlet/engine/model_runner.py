@@ -65,6 +65,8 @@ class ModelRunner:
             max_mixed_tokens = min(config.max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
             self.mixed_graphs = MixedStepGraphs(model, max_mixed_tokens, self.device)
             self.mixed_graphs.capture(pool)
+            if proposer is not None:
+                proposer.capture_graphs()
 
     # ---- the KV pool -------------------------------------------------------------------------
 

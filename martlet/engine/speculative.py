@@ -22,6 +22,7 @@ import torch
 
 from martlet.config import EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.device import to_device
+from martlet.engine.cuda_graphs import DecodeGraphs
 from martlet.engine.model_runner import flat_batch
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
@@ -70,6 +71,9 @@ class Proposer:
 
     def draft(self, batch: ScheduledBatch) -> None:
         """Fill in the scheduled sequences' placeholder proposals (none here)."""
+
+    def capture_graphs(self) -> None:
+        """CUDA graphs of the proposer's own steps, once the KV pool exists (none here)."""
 
     def guess_from_hidden(self, hidden: torch.Tensor, num_seqs: int) -> torch.Tensor | None:
         """Guesses [rows, k] of the tokens after each sampled row's, from its hidden state, in a step
@@ -150,6 +154,13 @@ class DraftModelProposer(Proposer):
         self.max_num_batched_tokens = engine.max_num_batched_tokens
         self.block_size = engine.block_size
         self.device = engine.device
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def capture_graphs(self) -> None:
+        """The draft's decode steps (all but its first per verification step) as CUDA graphs, in a pool
+        of their own: a small model's step is mostly kernel launches."""
+        self.decode_graphs = DecodeGraphs(self.model, MAX_SPECULATIVE_BATCH, self.max_model_len, self.block_size,
+                                          self.device, torch.cuda.graph_pool_handle())
 
     def _guess(self, seq: Sequence, k: int) -> list[int]:
         return [PLACEHOLDER] * k
@@ -168,8 +179,13 @@ class DraftModelProposer(Proposer):
             rows_t = to_device(rows, self.device, torch.int64)
             positions, meta = flat_batch([len(seq) - 1 - self.shift + i for seq in active], [1] * len(active),
                                          [seq.block_table for seq in active], 0, self.block_size, self.device)
-            hidden[rows_t] = self._run(guesses[rows_t, i - 1], positions, meta, hidden[rows_t])
-            guesses[rows_t, i] = self.model.compute_logits(hidden[rows_t]).argmax(dim=-1)
+            if self.decode_graphs is not None and self.decode_graphs.can_run(meta):
+                out, logits = self.decode_graphs.run(guesses[rows_t, i - 1], positions, meta)
+            else:
+                out = self._run(guesses[rows_t, i - 1], positions, meta, hidden[rows_t])
+                logits = self.model.compute_logits(out)
+            hidden[rows_t] = out
+            guesses[rows_t, i] = logits.argmax(dim=-1)
         for seq, n, row in zip(seqs, counts, guesses.tolist()):
             seq.spec_token_ids = row[:n]
             seq.num_draft_computed_tokens = self._num_computed_after(seq, n)
@@ -228,6 +244,9 @@ class EagleProposer(DraftModelProposer):
     def __init__(self, config: SpeculativeConfig, engine: EngineConfig, model: EagleModel) -> None:
         super().__init__(config, engine, model)
         self.feature_size = model.config.hidden_size
+
+    def capture_graphs(self) -> None:
+        pass  # its steps read features too, which DecodeGraphs do not hold
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
              features: torch.Tensor | None) -> torch.Tensor:
