@@ -19,6 +19,7 @@ import transformers
 from martlet import LLM, SamplingParams
 from martlet.cli import build_parser, main
 from martlet.config import EngineArgs, SpeculativeConfig
+from martlet.engine.cuda_graphs import VerifyGraphs
 from martlet.engine.sequence import Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, find_continuation
 from martlet.layers.sampler import Sampler
@@ -431,21 +432,33 @@ def test_the_server_streams_the_same_text_and_counts_acceptance(tiny_model, plai
         assert server.stop() == 0
 
 
-def test_the_triton_backend_verifies_alike(tiny_model, hf_reference):
+def test_the_triton_backend_verifies_alike(tiny_model, hf_reference, monkeypatch):
     """The Triton kernels (Triton's interpreter on a CPU): verification chunks attend to their cached
     context, and rejected proposals' K/V, written to the cache, are overwritten (block 8, so runs
     cross blocks); a draft model's steps run the same kernels. Against the same backend without
-    speculation, so that a GPU compares like with like."""
+    speculation, so that a GPU compares like with like. With n-gram, verification steps go through
+    VerifyGraphs' padded static batch (3 sequences in a rung of 4; eager steps on a CPU, where
+    nothing captures them; a GPU captures its own)."""
     prompts, _ = hf_reference
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    requests = [{"prompt_token_ids": p} for p in prompts[1:3]]
+    requests = [{"prompt_token_ids": p} for p in prompts[1:4]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    outs = [LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
-                speculative_config=config).generate(requests, params, use_tqdm=False)
-            for config in (None, NGRAM, draft_config(tiny_model))]
+    outs, graph_steps = [], []
+    for config in (None, NGRAM, draft_config(tiny_model)):
+        llm = LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
+                  speculative_config=config)
+        runner = llm.engine.runner
+        if config is NGRAM and runner.verify_graphs is None:
+            runner.verify_graphs = VerifyGraphs(runner.model, 4, NGRAM["num_speculative_tokens"] + 1,
+                                                llm.engine.config.max_model_len, 8, runner.device)
+        if runner.verify_graphs is not None:
+            run = runner.verify_graphs.run
+            monkeypatch.setattr(runner.verify_graphs, "run", lambda *args, run=run: graph_steps.append(1) or run(*args))
+        outs.append(llm.generate(requests, params, use_tqdm=False))
     for spec in outs[1:]:
         assert token_ids(spec) == token_ids(outs[0])
         assert acceptance(spec) > 0
+    assert graph_steps
 
 
 def test_an_abort_while_proposals_are_verified_frees_everything(spec_llm, accepted_run, assert_idle):

@@ -18,7 +18,7 @@ import torch
 
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
-from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs
+from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs, VerifyGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
@@ -51,6 +51,7 @@ class ModelRunner:
         # None while profiling; made once the KV pool exists.
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
@@ -66,6 +67,12 @@ class ModelRunner:
             self.mixed_graphs = MixedStepGraphs(model, max_mixed_tokens, self.device)
             self.mixed_graphs.capture(pool)
             if proposer is not None:
+                from martlet.engine.speculative import MAX_SPECULATIVE_BATCH  # imports this module
+
+                max_query_len = config.speculative_config.num_speculative_tokens + 1
+                self.verify_graphs = VerifyGraphs(model, min(config.max_num_seqs, MAX_SPECULATIVE_BATCH), max_query_len,
+                                                  config.max_model_len, config.block_size, self.device)
+                self.verify_graphs.capture(pool)
                 proposer.capture_graphs()
 
     # ---- the KV pool -------------------------------------------------------------------------
@@ -159,7 +166,9 @@ class ModelRunner:
             hidden, logits = self.decode_graphs.run(input_ids, positions, meta)
             self._keep_features(hidden, meta)
         else:
-            if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
+            if self.verify_graphs is not None and self.verify_graphs.can_run(meta, meta.tree_mask is not None):
+                hidden = self.verify_graphs.run(input_ids, positions, meta)
+            elif self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
                 hidden = self.mixed_graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta)
