@@ -1,7 +1,10 @@
-"""Speculative decoding on a GPU: what a verification step costs, and what n-gram speculation gains.
+"""Speculative decoding on a GPU: what a verification step costs, and what n-gram and a draft model gain.
 
     PYTHONPATH=$PWD python3 benchmarks/spec_decode.py verify-cost [--config-dir DIR] [--json FILE]
     PYTHONPATH=$PWD python3 benchmarks/spec_decode.py ngram [--model GGUF] [--json FILE]
+    PYTHONPATH=$PWD python3 benchmarks/spec_decode.py draft [--config-dir DIR] [--draft-layers N] [--json FILE]
+
+(benchmarks/gpu_spec_decode.sh runs all three and the ShareGPT-like workload with speculation on and off.)
 
 `verify-cost` (issue 22's first GPU check): dummy weights, batch 1 and 8, every sequence verifying k
 proposals per step for k = 0..6 (k = 0 is a plain decode step); the proposals are random tokens,
@@ -12,20 +15,30 @@ with probability a makes (1 - a^(k+1)) / (1 - a) tokens on average.
 `ngram` (the second): the real default model at batch 1 on copy-heavy prompts (repeat, or edit, a
 passage of this README), greedy, with and without n-gram speculation: output tok/s, the speedup,
 and the acceptance. Issue 22 asks for 1.8x or more.
+
+`draft`: the dummy target drafted for by a dummy model of the target's shape cut to --draft-layers
+layers (its config is written to a temporary directory), batch 1 and 8, greedy, k = 0..6: ms per
+step, output tokens per step, the acceptance (dummy weights guess whatever they guess), ms per output
+token against plain decoding, and the speedup a given acceptance rate would bring at the step's
+measured cost (the draft's k decode steps run eagerly, without CUDA graphs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from martlet import LLM, SamplingParams
+from martlet.config import SpeculativeConfig
 from martlet.engine.sequence import Sequence
+from martlet.engine.speculative import Proposer
 
 KS = range(7)
 BATCHES = (1, 8)
@@ -33,14 +46,15 @@ STEPS = 64
 ACCEPTANCE_RATES = (0.5, 0.7, 0.9)
 
 
-class RandomProposer:
-    """k random tokens for every decoding sequence (the engine's proposer seam)."""
+class RandomProposer(Proposer):
+    """k random tokens for every decoding sequence."""
 
-    def __init__(self, k: int, vocab_size: int) -> None:
-        self.k, self.vocab_size = k, vocab_size
+    def __init__(self, config: SpeculativeConfig, max_model_len: int, vocab_size: int) -> None:
+        super().__init__(config, max_model_len)
+        self.vocab_size = vocab_size
 
-    def propose(self, seq: Sequence) -> list[int]:
-        return [random.randrange(self.vocab_size) for _ in range(self.k)] if seq.num_uncomputed_tokens == 1 else []
+    def _guess(self, seq: Sequence, k: int) -> list[int]:
+        return [random.randrange(self.vocab_size) for _ in range(k)]
 
 
 def expected_tokens(k: int, acceptance: float) -> float:
@@ -56,21 +70,9 @@ def verify_cost(args: argparse.Namespace) -> dict:
     for batch in BATCHES:
         for k in KS:
             # k = 0 is the plain engine: no proposer, so the host stays a step ahead as it does without speculation.
-            engine.proposer = RandomProposer(k, vocab) if k else None
-            prompts = [{"prompt_token_ids": [random.randrange(vocab) for _ in range(128)]} for _ in range(batch)]
-            params = SamplingParams(temperature=0, max_tokens=STEPS + 16, ignore_eos=True, detokenize=False)
-            for prompt in prompts:
-                engine.add_request(prompt["prompt_token_ids"], params)
-            for _ in range(8):  # the prefill and a few steps of warm-up
-                engine.step()
-            _sync(engine)
-            start = time.perf_counter()
-            for _ in range(STEPS):
-                engine.step()
-            _sync(engine)
-            ms = 1e3 * (time.perf_counter() - start) / STEPS
-            while engine.has_unfinished_requests():
-                engine.step()
+            config = dataclasses.replace(engine.config.speculative_config, num_speculative_tokens=max(k, 1))
+            engine.proposer = RandomProposer(config, engine.config.max_model_len, vocab) if k else None
+            ms, _ = time_steps(engine, batch)
             rows.append({"batch": batch, "k": k, "ms_per_step": ms})
     for row in rows:
         base = next(r["ms_per_step"] for r in rows if r["batch"] == row["batch"] and r["k"] == 0)
@@ -79,6 +81,61 @@ def verify_cost(args: argparse.Namespace) -> dict:
         print(f"b{row['batch']} k={row['k']}: {row['ms_per_step']:.2f} ms/step ({row['ms_per_step'] / base:.2f}x a "
               f"decode step); speedup {gains}", flush=True)
     return {"config_dir": args.config_dir, "steps": STEPS, "rows": rows}
+
+
+def time_steps(engine, batch: int) -> tuple[float, float]:
+    """ms per step and output tokens per step over STEPS decode steps of `batch` random 128-token prompts
+    (aborted after: a step that accepts every proposal makes k + 1 tokens)."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=(max(KS) + 1) * (STEPS + 8), ignore_eos=True, detokenize=False)
+    request_ids = [engine.add_request([random.randrange(vocab) for _ in range(128)], params) for _ in range(batch)]
+    for _ in range(8):  # the prefill and a few steps of warm-up
+        engine.step()
+    _sync(engine)
+    tokens = sum(len(seq) for seq in engine.scheduler.running)
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        engine.step()
+    _sync(engine)
+    ms = 1e3 * (time.perf_counter() - start) / STEPS
+    tokens = sum(len(seq) for seq in engine.scheduler.running) - tokens
+    for request_id in request_ids:
+        engine.abort_request(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return ms, tokens / STEPS
+
+
+def draft(args: argparse.Namespace) -> dict:
+    config = json.loads((Path(args.config_dir) / "config.json").read_text())
+    with tempfile.TemporaryDirectory() as draft_dir:
+        (Path(draft_dir) / "config.json").write_text(json.dumps({**config, "num_hidden_layers": args.draft_layers}))
+        llm = LLM(args.config_dir, load_format="dummy", dtype=args.dtype, quiet=True, max_model_len=2048,
+                  speculative_config={"model": draft_dir, "num_speculative_tokens": max(KS)})
+    engine = llm.engine
+    proposer, rows = engine.proposer, []
+    for batch in BATCHES:
+        for k in KS:
+            # k = 0: no proposals, so the host stays a step ahead as it does without speculation.
+            proposer.config = dataclasses.replace(proposer.config, num_speculative_tokens=max(k, 1))
+            engine.proposer = proposer if k else None
+            drafts, accepted = engine.num_draft_tokens, engine.num_accepted_tokens
+            ms, tokens = time_steps(engine, batch)
+            drafts, accepted = engine.num_draft_tokens - drafts, engine.num_accepted_tokens - accepted
+            rows.append({"batch": batch, "k": k, "ms_per_step": ms, "tokens_per_step": tokens,
+                         "acceptance_rate": accepted / drafts if drafts else None})
+    for row in rows:
+        base = next(r for r in rows if r["batch"] == row["batch"] and r["k"] == 0)
+        ms_per_token = row["ms_per_step"] * row["batch"] / row["tokens_per_step"]
+        base_ms_per_token = base["ms_per_step"] * base["batch"] / base["tokens_per_step"]
+        row["speedup"] = base_ms_per_token / ms_per_token
+        row["speedup_at"] = {a: expected_tokens(row["k"], a) * base["ms_per_step"] / row["ms_per_step"]
+                             for a in ACCEPTANCE_RATES}
+        gains = ", ".join(f"a={a}: {s:.2f}x" for a, s in row["speedup_at"].items())
+        accepted = "" if row["acceptance_rate"] is None else f", {row['acceptance_rate']:.1%} accepted"
+        print(f"b{row['batch']} k={row['k']}: {row['ms_per_step']:.2f} ms/step, {row['tokens_per_step']:.2f} "
+              f"tokens/step{accepted}, {row['speedup']:.2f}x plain tok/s; at this step cost {gains}", flush=True)
+    return {"config_dir": args.config_dir, "draft_layers": args.draft_layers, "steps": STEPS, "rows": rows}
 
 
 def copy_heavy_prompts(llm: LLM) -> list[str]:
@@ -138,10 +195,14 @@ def main() -> None:
     gain.add_argument("--k", type=int, default=4)
     gain.add_argument("--max-tokens", type=int, default=256)
     gain.add_argument("--num-prompts", type=int, default=8)
-    for parser in (cost, gain):
+    drafted = sub.add_parser("draft")
+    drafted.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
+    drafted.add_argument("--draft-layers", type=int, default=2)
+    drafted.add_argument("--dtype", default="float16")
+    for parser in (cost, gain, drafted):
         parser.add_argument("--json")
     args = ap.parse_args()
-    result = verify_cost(args) if args.command == "verify-cost" else ngram(args)
+    result = {"verify-cost": verify_cost, "ngram": ngram, "draft": draft}[args.command](args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -115,48 +115,85 @@ def _option(default, help: str, choices: tuple | None = None, short: str | None 
     return field(default=default, metadata={"help": help, "choices": choices, "short": short, "parse": parse})
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model", "medusa", "eagle")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's `speculative_config`; only prompt lookup ("ngram") is implemented so far.
+    """vLLM's `speculative_config`: prompt lookup ("ngram"), a draft model ("draft_model", the method
+    when only `model` is given), Medusa heads ("medusa") or an EAGLE-1 model ("eagle").
 
-    Each decode step proposes up to `num_speculative_tokens` tokens: those that followed the
-    latest earlier occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down to
-    `prompt_lookup_min`. Missing one of the two, it takes the other's value (both 5 if neither).
+    Each decode step proposes up to `num_speculative_tokens` tokens. Prompt lookup proposes those
+    that followed the latest earlier occurrence of the sequence's last n tokens, n from
+    `prompt_lookup_max` down to `prompt_lookup_min` (missing one of the two, it takes the other's
+    value; both 5 if neither). The others read `model`: a draft model (a Hugging Face directory or
+    GGUF file with the target's vocabulary), or a checkpoint of heads for the target
+    (`martlet/models/speculators.py` says which formats).
+
+    Medusa verifies a chain of each head's top guess, or with `speculative_token_tree` (vLLM's
+    name; Medusa's "choices") a tree for greedy requests: each node a path of top-k ranks, (0, 1) the
+    second guess of head 1 after the first of head 0; at most 63 nodes, no deeper than k.
     """
 
     num_speculative_tokens: int
-    prompt_lookup_max: int
-    prompt_lookup_min: int
     method: str = "ngram"
+    model: str | None = None
+    prompt_lookup_max: int = 0
+    prompt_lookup_min: int = 0
+    speculative_token_tree: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def from_dict(cls, config: dict) -> SpeculativeConfig:
         config = dict(config)
-        if "model" in config or config.get("method") in ("medusa", "eagle", "eagle3", "draft_model"):
-            raise ValueError("speculative_config: draft models and Medusa/EAGLE heads are not implemented yet; "
-                             "use {'method': 'ngram', 'num_speculative_tokens': k}")
-        method = config.pop("method", "ngram")
+        model = config.pop("model", None)
+        method = config.pop("method", "ngram" if model is None else "draft_model")
         if method not in SPECULATIVE_METHODS:
             raise ValueError(f"speculative_config: method must be one of {SPECULATIVE_METHODS}, got {method!r}")
         k = config.pop("num_speculative_tokens", None)
+        _check_at_least_one(num_speculative_tokens=k)
+        if method != "ngram":
+            if not model:
+                raise ValueError(f"speculative_config: method {method!r} needs 'model', the path of its weights")
+            tree = config.pop("speculative_token_tree", None) if method == "medusa" else None
+            if config:
+                tree_key = " (and speculative_token_tree)" if method == "medusa" else ""
+                raise ValueError(f"speculative_config: unknown keys {sorted(config)}; {method!r} takes model and "
+                                 f"num_speculative_tokens{tree_key}")
+            return cls(num_speculative_tokens=k, method=method, model=str(model),
+                       speculative_token_tree=None if tree is None else _check_tree(tree, k))
+        if model is not None:
+            raise ValueError("speculative_config: 'ngram' takes no model")
         lookup_max, lookup_min = config.pop("prompt_lookup_max", None), config.pop("prompt_lookup_min", None)
         if config:
             raise ValueError(f"speculative_config: unknown keys {sorted(config)}; 'ngram' takes "
                              "num_speculative_tokens, prompt_lookup_max and prompt_lookup_min")
         lookup_max = lookup_max or lookup_min or 5
         lookup_min = lookup_min or lookup_max
-        for name, value in (("num_speculative_tokens", k), ("prompt_lookup_max", lookup_max),
-                            ("prompt_lookup_min", lookup_min)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
+        _check_at_least_one(prompt_lookup_max=lookup_max, prompt_lookup_min=lookup_min)
         if lookup_min > lookup_max:
             raise ValueError(f"speculative_config: prompt_lookup_min ({lookup_min}) must be <= "
                              f"prompt_lookup_max ({lookup_max})")
-        return cls(num_speculative_tokens=k, prompt_lookup_max=lookup_max, prompt_lookup_min=lookup_min,
-                   method=method)
+        return cls(num_speculative_tokens=k, prompt_lookup_max=lookup_max, prompt_lookup_min=lookup_min)
+
+
+def _check_tree(tree: list, depth: int) -> tuple[tuple[int, ...], ...]:
+    nodes = [tuple(node) for node in tree]
+    seen: set[tuple[int, ...]] = set()
+    for node in sorted(nodes, key=len):
+        if not node or len(node) > depth or not all(isinstance(r, int) and r >= 0 for r in node) or node in seen \
+                or (len(node) > 1 and node[:-1] not in seen):
+            raise ValueError(f"speculative_config: speculative_token_tree node {list(node)} is not a new path of "
+                             f"top-k ranks (integers >= 0) at most {depth} deep whose parent is a node")
+        seen.add(node)
+    if not 0 < len(nodes) < 64:
+        raise ValueError(f"speculative_config: speculative_token_tree has {len(nodes)} nodes; 1 to 63 fit")
+    return tuple(nodes)
+
+
+def _check_at_least_one(**values: object) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"speculative_config: {name} must be an integer >= 1, got {value!r}")
 
 
 @dataclass
@@ -185,7 +222,8 @@ class EngineArgs:
                                        tuple(q for q in QUANTIZATIONS if q), short="-q")
     speculative_config: dict | None = _option(
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
-              '"prompt_lookup_max": n, "prompt_lookup_min": m}', parse=json.loads)
+              '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT_PATH, '
+              '"num_speculative_tokens": k} (a draft model; "method": "medusa" or "eagle" for heads)', parse=json.loads)
     quiet: bool = _option(False, "no progress bars or log lines")
 
     @classmethod

@@ -1,8 +1,9 @@
-"""Speculative decoding with prompt lookup (n-gram) is lossless: greedy tokens are the ones decoding
-one at a time gives (and Hugging Face's), and sampled tokens follow the same distribution.
+"""Speculative decoding with prompt lookup (n-gram) or a draft model is lossless: greedy tokens are the
+ones decoding one at a time gives (and Hugging Face's), and sampled tokens follow the same distribution.
 
 The tiny random model repeats itself within a few tokens, so proposals from its own output get
-accepted; each test asserts that some were.
+accepted; each test asserts that some were. A draft model that is the target itself proposes what
+the target will pick (every guess accepted); another random model mostly does not.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import transformers
 from martlet import LLM, SamplingParams
 from martlet.cli import build_parser, main
 from martlet.config import EngineArgs, SpeculativeConfig
+from martlet.engine.cuda_graphs import VerifyGraphs
 from martlet.engine.sequence import Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, find_continuation
 from martlet.layers.sampler import Sampler
+from martlet.testing import make_tiny_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 TEMPERATURE = 0.03
@@ -35,6 +38,10 @@ def repeating_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
         phrase = [rng.randrange(3, vocab) for _ in range(period)]
         prompts.append((phrase * length)[:length])
     return prompts
+
+
+def draft_config(path, k: int = 3) -> dict:
+    return {"model": str(path), "num_speculative_tokens": k}
 
 
 def token_ids(outputs) -> list[list[int]]:
@@ -56,6 +63,17 @@ def spec_llm(tiny_model):
 
 
 @pytest.fixture(scope="module")
+def draft_llm(tiny_model):
+    """The target drafting for itself."""
+    return LLM(tiny_model, device="cpu", dtype="float32", quiet=True, speculative_config=draft_config(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("draft") / "model", "llama", seed=1)
+
+
+@pytest.fixture(scope="module")
 def hf_reference(tiny_model):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     prompts = repeating_prompts(hf.config.vocab_size)
@@ -70,8 +88,10 @@ def hf_reference(tiny_model):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"method": "medusa", "model": "heads", "num_speculative_tokens": 2}, "not implemented yet"),
-    ({"model": "draft", "num_speculative_tokens": 2}, "not implemented yet"),
+    ({"method": "medusa", "num_speculative_tokens": 2}, "needs .model."),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "needs 'model'"),
+    ({"model": "draft", "num_speculative_tokens": 2, "prompt_lookup_max": 3}, "unknown keys"),
+    ({"model": "draft"}, "num_speculative_tokens must be an integer >= 1"),
     ({"method": "lookahead", "num_speculative_tokens": 2}, "method must be one of"),
     ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
     ({"method": "ngram"}, "num_speculative_tokens must be an integer >= 1"),
@@ -96,8 +116,14 @@ def test_the_flag_takes_json():
 
 
 def test_a_bad_config_fails_at_load(tiny_model):
-    with pytest.raises(ValueError, match="not implemented yet"):
-        LLM(tiny_model, device="cpu", speculative_config={"model": "draft", "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="method must be one of"):
+        LLM(tiny_model, device="cpu", speculative_config={"method": "lookahead", "num_speculative_tokens": 2})
+
+
+def test_a_draft_model_needs_the_same_vocabulary(tiny_model, tmp_path):
+    draft = make_tiny_model(tmp_path / "draft", "llama", with_tokenizer=False)  # 4096 tokens
+    with pytest.raises(ValueError, match="vocabulary of 4096 tokens"):
+        LLM(tiny_model, device="cpu", quiet=True, speculative_config=draft_config(draft))
 
 
 # ---- the pieces ------------------------------------------------------------------------------
@@ -159,7 +185,9 @@ def test_rejection_sampling_keeps_the_target_distribution(top_k):
 # ---- greedy: token-identical -----------------------------------------------------------------
 
 
-def test_greedy_matches_hf_and_accepts_proposals(spec_llm, hf_reference, assert_idle):
+@pytest.mark.parametrize("llm_name", ["spec_llm", "draft_llm"])
+def test_greedy_matches_hf_and_accepts_proposals(llm_name, request, hf_reference, assert_idle):
+    spec_llm = request.getfixturevalue(llm_name)
     prompts, expected = hf_reference
     outs = spec_llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert token_ids(outs) == expected
@@ -169,20 +197,43 @@ def test_greedy_matches_hf_and_accepts_proposals(spec_llm, hf_reference, assert_
     assert_idle(spec_llm)
 
 
-def test_greedy_matches_hf_under_preemption(tiny_model, hf_reference):
-    """6 blocks (96 tokens) cannot hold the batch: sequences are preempted and recomputed."""
+def test_a_draft_that_is_the_target_has_every_guess_accepted(draft_llm, hf_reference):
     prompts, expected = hf_reference
-    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, num_kv_blocks=6, speculative_config=NGRAM)
+    outs = draft_llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert token_ids(outs) == expected
+    assert all(o.metrics.num_draft_tokens > 0 and o.metrics.acceptance_rate == 1.0 for o in outs)
+
+
+def test_a_different_draft_is_mostly_rejected_and_changes_nothing(tiny_model, other_model, hf_reference):
+    """A budget of 40 tokens a step: the draft catches up on the longer prompts in two passes."""
+    prompts, expected = hf_reference
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, max_num_batched_tokens=40,
+              speculative_config=draft_config(other_model))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    assert token_ids(outs) == expected
+    drafts = sum(o.metrics.num_draft_tokens for o in outs)
+    assert drafts > 0 and acceptance(outs) < drafts / 4
+
+
+@pytest.mark.parametrize("config", ["ngram", "self", "other"])
+def test_greedy_matches_hf_under_preemption(config, tiny_model, other_model, hf_reference):
+    """6 blocks (96 tokens) cannot hold the batch: sequences are preempted and recomputed (a draft
+    model's K/V with them)."""
+    prompts, expected = hf_reference
+    spec = {"ngram": NGRAM, "self": draft_config(tiny_model), "other": draft_config(other_model)}[config]
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, num_kv_blocks=6, speculative_config=spec)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert token_ids(outs) == expected
-    assert acceptance(outs) > 0
+    assert acceptance(outs) > 0 or config == "other"
     assert llm.engine.block_manager.num_free_blocks == 6
 
 
-def test_speculating_and_plain_requests_share_a_batch(spec_llm, plain_llm, hf_reference, assert_idle):
+@pytest.mark.parametrize("llm_name", ["spec_llm", "draft_llm"])
+def test_speculating_and_plain_requests_share_a_batch(llm_name, request, plain_llm, hf_reference, assert_idle):
     """Penalties and logprobs need one row per step, so those requests decode one token at a time
     in the same batches as the speculating ones (and two choices of one prompt, forked, speculate)."""
+    spec_llm = request.getfixturevalue(llm_name)
     prompts, _ = hf_reference
     params = [GREEDY, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, presence_penalty=0.5),
               SamplingParams(n=2, temperature=0, max_tokens=24, ignore_eos=True),
@@ -286,10 +337,12 @@ def test_streaming_gets_several_tokens_a_step(spec_llm, accepted_run):
 # ---- sampling: the same distribution ---------------------------------------------------------
 
 
-def test_sampled_tokens_follow_the_same_distribution(spec_llm, plain_llm, accepted_run):
+@pytest.mark.parametrize("llm_name", ["spec_llm", "draft_llm"])
+def test_sampled_tokens_follow_the_same_distribution(llm_name, request, plain_llm, accepted_run):
     """Seeded requests from a point where greedy decoding accepts a run: at a low temperature the
     model mostly agrees with the proposals, sometimes not. Whether the second and third tokens (the
     verified ones) are the greedy ones must be distributed alike with and without speculation."""
+    spec_llm = request.getfixturevalue(llm_name)
     prompt, _ = accepted_run
     request = {"prompt_token_ids": prompt}
     greedy = plain_llm.generate(request, SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)[0]
@@ -379,18 +432,33 @@ def test_the_server_streams_the_same_text_and_counts_acceptance(tiny_model, plai
         assert server.stop() == 0
 
 
-def test_the_triton_backend_verifies_alike(tiny_model, hf_reference):
+def test_the_triton_backend_verifies_alike(tiny_model, hf_reference, monkeypatch):
     """The Triton kernels (Triton's interpreter on a CPU): verification chunks attend to their cached
     context, and rejected proposals' K/V, written to the cache, are overwritten (block 8, so runs
-    cross blocks). Against the same backend without speculation, so that a GPU compares like with like."""
+    cross blocks); a draft model's steps run the same kernels. Against the same backend without
+    speculation, so that a GPU compares like with like. With n-gram, verification steps go through
+    VerifyGraphs' padded static batch (3 sequences in a rung of 4; eager steps on a CPU, where
+    nothing captures them; a GPU captures its own)."""
     prompts, _ = hf_reference
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    requests = [{"prompt_token_ids": p} for p in prompts[1:3]]
+    requests = [{"prompt_token_ids": p} for p in prompts[1:4]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    outs = [LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
-                speculative_config=config).generate(requests, params, use_tqdm=False) for config in (None, NGRAM)]
-    assert token_ids(outs[1]) == token_ids(outs[0])
-    assert acceptance(outs[1]) > 0
+    outs, graph_steps = [], []
+    for config in (None, NGRAM, draft_config(tiny_model)):
+        llm = LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
+                  speculative_config=config)
+        runner = llm.engine.runner
+        if config is NGRAM and runner.verify_graphs is None:
+            runner.verify_graphs = VerifyGraphs(runner.model, 4, NGRAM["num_speculative_tokens"] + 1,
+                                                llm.engine.config.max_model_len, 8, runner.device)
+        if runner.verify_graphs is not None:
+            run = runner.verify_graphs.run
+            monkeypatch.setattr(runner.verify_graphs, "run", lambda *args, run=run: graph_steps.append(1) or run(*args))
+        outs.append(llm.generate(requests, params, use_tqdm=False))
+    for spec in outs[1:]:
+        assert token_ids(spec) == token_ids(outs[0])
+        assert acceptance(spec) > 0
+    assert graph_steps
 
 
 def test_an_abort_while_proposals_are_verified_frees_everything(spec_llm, accepted_run, assert_idle):

@@ -109,7 +109,7 @@ class BlockManager:
                 self.free_ids[block_id] = None
         seq.block_table.clear()
         seq.num_hashed_blocks = 0
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_draft_computed_tokens = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -115,7 +115,7 @@ class DecodeGraphs:
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = pool
         # Largest rung first, so the smaller ones reuse its memory.
         cost = CaptureCost(device)
@@ -130,8 +130,10 @@ class DecodeGraphs:
     def can_run(self, meta: AttentionMetadata) -> bool:
         return meta.num_prefills == 0 and padded_batch_size(self.ladder, meta.num_decodes) is not None
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [num_decodes, vocab] of a decode-only step, by graph replay."""
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states [num_decodes, hidden] and logits [num_decodes, vocab] of a decode-only step,
+        by graph replay."""
         bs = meta.num_decodes
         rung = padded_batch_size(self.ladder, bs)
         self.input_ids[:bs].copy_(input_ids, non_blocking=True)
@@ -142,11 +144,12 @@ class DecodeGraphs:
         self.seq_lens[bs:rung].fill_(0)
         width = meta.block_tables.shape[1]
         self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
-        graph, logits = self.graphs[self._key(rung, meta.max_seq_len)]
+        graph, (hidden, logits) = self.graphs[self._key(rung, meta.max_seq_len)]
         graph.replay()
-        return logits[:bs]
+        return hidden[:bs], logits[:bs]
 
-    def _capture(self, rung: int, max_seq_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, rung: int, max_seq_len: int
+                 ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:rung], query_start_loc=self.query_start_loc[: rung + 1],
             seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=0,
@@ -154,9 +157,83 @@ class DecodeGraphs:
             query_start_loc_cpu=[], seq_lens_cpu=[],
         )
         args = (self.input_ids[:rung], self.positions[:rung], meta)
-        graph, logits = capture(lambda: self.model.compute_logits(self.model(*args)), self.pool)
+
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            hidden = self.model(*args)
+            return hidden, self.model.compute_logits(hidden)
+
+        graph, outputs = capture(step, self.pool)
         logger.debug("captured a decode graph for batch %d (longest context %d)", rung, max_seq_len)
-        return graph, logits
+        return graph, outputs
+
+
+class VerifyGraphs:
+    """Whole steps of short chunks (speculative verification: k + 1 tokens per sequence), one graph per
+    (sequence rung, longest chunk q): every sequence goes through the prefill attention kernel, whose
+    grid (heads, query blocks of q, sequences) is then fixed. A step with fewer sequences or tokens
+    is padded: sequences with no tokens (their programs return at once), tokens that write nowhere.
+    The graph gives the hidden states; the runner takes the logits of the rows it samples.
+
+    `steps` starts out as the plain functions, which run eagerly (and are tested so on a CPU), until
+    `capture` replaces them by their graphs' replays. No tree masks."""
+
+    def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_query_len: int, max_model_len: int,
+                 block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.ladder = size_ladder(max_batch_size)
+        self.max_query_len = max_query_len
+        n, max_tokens = self.ladder[-1], self.ladder[-1] * max_query_len
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, -(-max_model_len // block_size), dtype=torch.int32, device=device)
+        self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {
+            (rung, q): self._step(rung, q) for rung in self.ladder for q in range(2, max_query_len + 1)}
+
+    def _step(self, rung: int, q: int) -> Callable[[], torch.Tensor]:
+        tokens = rung * q
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[: rung + 1],
+            seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=rung,
+            num_prefill_tokens=tokens, num_decodes=0, max_query_len=q, max_seq_len=0,
+            query_start_loc_cpu=[], seq_lens_cpu=[],
+        )
+        return functools.partial(self.model, self.input_ids[:tokens], self.positions[:tokens], meta)
+
+    def capture(self, pool: tuple[int, int]) -> None:
+        """Capture every step, largest first so the smaller ones reuse its memory."""
+        cost = CaptureCost(self.input_ids.device)
+        for key in sorted(self.steps, reverse=True):
+            graph, hidden = capture(self.steps[key], pool)
+            self.steps[key] = functools.partial(_replay, graph, hidden)
+        logger.info("captured %d verification CUDA graphs in %s: up to %d sequences of up to %d tokens",
+                    len(self.steps), cost, self.ladder[-1], self.max_query_len)
+
+    def can_run(self, meta: AttentionMetadata, tree: bool) -> bool:
+        return (not tree and 1 < meta.max_query_len <= self.max_query_len
+                and padded_batch_size(self.ladder, len(meta.seq_lens_cpu)) is not None)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden], as `model(input_ids, positions, meta)`."""
+        num_tokens, num_seqs = input_ids.shape[0], len(meta.seq_lens_cpu)
+        rung = padded_batch_size(self.ladder, num_seqs)
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.positions[:num_tokens].copy_(positions)
+        self.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
+        self.slot_mapping[num_tokens : rung * meta.max_query_len].fill_(-1)
+        self.query_start_loc[: num_seqs + 1].copy_(meta.query_start_loc)
+        self.query_start_loc[num_seqs + 1 : rung + 1].fill_(num_tokens)  # padding sequences have no tokens
+        self.seq_lens[:num_seqs].copy_(meta.seq_lens)
+        self.seq_lens[num_seqs:rung].fill_(0)
+        self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        return self.steps[rung, meta.max_query_len]()[:num_tokens]
+
+
+def _replay(graph: torch.cuda.CUDAGraph, out: torch.Tensor) -> torch.Tensor:
+    graph.replay()
+    return out
 
 
 # Mixed steps of more tokens run eagerly: their matmuls alone then keep the device busier than

@@ -25,7 +25,7 @@ from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
-from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, NgramProposer, accepted_prefix
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_path, accepted_prefix, make_proposer
 from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
@@ -57,7 +57,9 @@ class LLMEngine:
             max_positions=config.max_model_len, load_format=config.load_format,
             quantization=config.quantization, quiet=quiet,
         )
-        self.runner = ModelRunner(config, model_config, model)
+        spec = config.speculative_config
+        self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
+        self.runner = ModelRunner(config, model_config, model, self.proposer)
         num_blocks = self.runner.num_kv_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
@@ -73,8 +75,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
         self.eos_token_ids = _eos_token_ids(config.model, model_config, tokenizer)
-        spec = config.speculative_config
-        self.proposer = None if spec is None else NgramProposer(spec, config.max_model_len)
         # Over all requests (each request's own are in its metrics): verification steps, proposed tokens
         # and accepted ones.
         self.num_spec_steps = self.num_draft_tokens = self.num_accepted_tokens = 0
@@ -245,6 +245,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None
         if batch:
+            if self.proposer is not None:
+                self.proposer.draft(batch)
             if self.on_step is not None:
                 self.on_step(batch)
             launched = self.runner.execute(batch)
@@ -321,18 +323,25 @@ class LLMEngine:
             return []
         self.in_flight = None
         token_ids, logprobs = launched.results()
+        guesses = launched.guess_rows()
         now = time.perf_counter()
         got: dict[str, dict[Sequence, slice]] = {}  # request id -> its sequences that got tokens, and where
         rows = itertools.accumulate((len(d) + 1 for d in launched.drafts), initial=0)
         for seq, slot, drafts, row in zip(launched.seqs, slots, launched.drafts, rows):
             if seq.is_finished:  # finished or aborted while the step ran: its tokens are dropped
                 continue
-            new_tokens = accepted_prefix(drafts, token_ids[row : row + len(drafts) + 1])
+            sampled, parents = token_ids[row : row + len(drafts) + 1], seq.spec_parents[: len(drafts)]
+            if parents:
+                new_tokens, last_row, num_in_place = accepted_path(drafts, parents, sampled)
+            else:
+                new_tokens = accepted_prefix(drafts, sampled)
+                last_row = num_in_place = len(new_tokens) - 1
             if drafts:
-                self._roll_back(seq, drafts, new_tokens)
+                self._roll_back(seq, drafts, new_tokens, num_in_place)
             # A verifying step is collected before the next one launches: its placeholder is the last
             # token, and the accepted run takes its place.
             seq.token_ids[slot : slot + 1] = new_tokens
+            seq.guessed_token_ids = [] if guesses is None else guesses[row + last_row]
             if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
                 seq.output_logprobs.append(logprobs[row])
                 seq.cumulative_logprob += logprobs[row][new_tokens[0]]
@@ -355,11 +364,13 @@ class LLMEngine:
                 self._forget(request_id)
         return outputs
 
-    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int]) -> None:
-        """Count only the accepted proposals as computed: the K/V of the rejected ones stay in the
-        sequence's blocks beyond its computed tokens, to be overwritten by the next steps."""
+    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int], num_in_place: int) -> None:
+        """Count only the accepted proposals at their own positions as computed (all accepted ones in a
+        chain; in a tree, those along its first branch, the others are computed again next step): the
+        K/V of the others stay in the sequence's blocks beyond its computed tokens, to be overwritten."""
         num_accepted = len(new_tokens) - 1
-        seq.num_computed_tokens -= len(drafts) - num_accepted
+        seq.num_computed_tokens -= len(drafts) - num_in_place
+        seq.num_draft_computed_tokens = min(seq.num_draft_computed_tokens, seq.num_computed_tokens)
         for counts in (seq.metrics, self):
             counts.num_spec_steps += 1
             counts.num_draft_tokens += len(drafts)

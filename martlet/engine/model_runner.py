@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
-from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs
+from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs, VerifyGraphs
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionMetadata
@@ -26,14 +27,23 @@ from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows, record_
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from martlet.engine.speculative import Proposer
+
 CPU_KV_CACHE_BYTES = 4 << 30  # the default pool on a CPU when num_kv_blocks is not given
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model: LlamaForCausalLM,
+                 proposer: Proposer | None = None) -> None:
+        """A speculative `proposer` may have a model of its own (a draft model, EAGLE's layer): its K/V
+        get a pool of their own with as many blocks as the model's, so the model's block tables index
+        both. It may keep a hidden state of the model per cache slot (`feature_size`), and guess from
+        the hidden states a step samples from (Medusa)."""
         self.config = config
         self.model_config = model_config
         self.model = model
+        self.proposer = proposer
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
@@ -41,6 +51,7 @@ class ModelRunner:
         # None while profiling; made once the KV pool exists.
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedStepGraphs | None = None
+        self.verify_graphs: VerifyGraphs | None = None
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
@@ -55,14 +66,36 @@ class ModelRunner:
             max_mixed_tokens = min(config.max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
             self.mixed_graphs = MixedStepGraphs(model, max_mixed_tokens, self.device)
             self.mixed_graphs.capture(pool)
+            if proposer is not None:
+                from martlet.engine.speculative import MAX_SPECULATIVE_BATCH  # imports this module
+
+                max_query_len = config.speculative_config.num_speculative_tokens + 1
+                self.verify_graphs = VerifyGraphs(model, min(config.max_num_seqs, MAX_SPECULATIVE_BATCH), max_query_len,
+                                                  config.max_model_len, config.block_size, self.device)
+                self.verify_graphs.capture(pool)
+                proposer.capture_graphs()
 
     # ---- the KV pool -------------------------------------------------------------------------
 
-    def kv_bytes_per_block(self) -> int:
-        """K and V of every layer for one block of tokens, in the cache's format (scales included)."""
-        m = self.model_config
+    @property
+    def models(self) -> list[LlamaForCausalLM]:
+        """The models that keep K/V in the pool's blocks: the model, then the proposer's if any."""
+        draft = self.proposer and self.proposer.model
+        return [self.model] if draft is None else [self.model, draft]
+
+    def kv_bytes_per_block(self, model: LlamaForCausalLM | None = None) -> int:
+        """K and V of every layer of `model` (default: the model) for one block of tokens, in the
+        cache's format (scales included)."""
+        m = (model or self.model).config
         return 2 * m.num_layers * m.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
                                                                 self.kv_format)
+
+    def _pool_bytes_per_block(self) -> int:
+        features = self.block_size * self._feature_size() * self.config.dtype.itemsize
+        return sum(self.kv_bytes_per_block(model) for model in self.models) + features
+
+    def _feature_size(self) -> int:
+        return 0 if self.proposer is None else self.proposer.feature_size
 
     def _choose_num_blocks(self) -> int:
         if self.device.type == "cuda":
@@ -75,7 +108,7 @@ class ModelRunner:
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         wanted = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
-        return max(1, min(wanted, CPU_KV_CACHE_BYTES // self.kv_bytes_per_block()))
+        return max(1, min(wanted, CPU_KV_CACHE_BYTES // self._pool_bytes_per_block()))
 
     def _run_largest_step(self) -> int:
         """Run the largest step the engine will run (one prefill of max_num_batched_tokens tokens) on a
@@ -94,7 +127,7 @@ class ModelRunner:
         """Blocks that fit in gpu_memory_utilization of the card after `peak` bytes."""
         total = torch.cuda.get_device_properties(self.device).total_memory
         free_for_kv = total * self.config.gpu_memory_utilization - peak
-        num_blocks = int(free_for_kv // self.kv_bytes_per_block())
+        num_blocks = int(free_for_kv // self._pool_bytes_per_block())
         if num_blocks < 1:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: weights and activations peak at "
@@ -104,13 +137,21 @@ class ModelRunner:
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        m = self.model_config
-        layers = self.model.attention_layers()
-        self.kv_cache = None  # free the old pool before making the new one
-        self.kv_cache, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
-                                                 self.config.dtype, self.kv_format, self.device)
+        self.kv_cache = self.kv_caches = None  # free the old pools before making the new ones
+        self.kv_caches = [self._allocate_pool(model, num_blocks) for model in self.models]
+        self.kv_cache = self.kv_caches[0]  # the model's
+        if self._feature_size():
+            self.proposer.features = None
+            self.proposer.features = torch.zeros(num_blocks * self.block_size, self._feature_size(),
+                                                 dtype=self.config.dtype, device=self.device)
+
+    def _allocate_pool(self, model: LlamaForCausalLM, num_blocks: int) -> torch.Tensor:
+        m, layers = model.config, model.attention_layers()
+        pool, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
+                                        self.config.dtype, self.kv_format, self.device)
         for layer, kv in zip(layers, views):
             layer.kv = kv
+        return pool
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -122,17 +163,22 @@ class ModelRunner:
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
         if self.decode_graphs is not None and sample and not prompt_logprobs and self.decode_graphs.can_run(meta):
-            logits = self.decode_graphs.run(input_ids, positions, meta)
+            hidden, logits = self.decode_graphs.run(input_ids, positions, meta)
+            self._keep_features(hidden, meta)
         else:
-            if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
+            if self.verify_graphs is not None and self.verify_graphs.can_run(meta, meta.tree_mask is not None):
+                hidden = self.verify_graphs.run(input_ids, positions, meta)
+            elif self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
                 hidden = self.mixed_graphs.run(input_ids, positions, meta)
             else:
                 hidden = self.model(input_ids, positions, meta)
+            self._keep_features(hidden, meta)
             if prompt_logprobs:
                 record_prompt_logprobs(hidden, batch.seqs, batch.num_new_tokens, self.model.compute_logits)
             if not sample or not logits_indices:
                 return None
-            logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])
+            hidden = hidden[to_device(logits_indices, self.device, torch.int64)]
+            logits = self.model.compute_logits(hidden)
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if num_sampled(s, n)]
         drafts = [list(seq.spec_token_ids) for seq in seqs]
         # One row per sampled position: a sequence's rows are consecutive, its drafts' first.
@@ -144,7 +190,13 @@ class ModelRunner:
         for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
             seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
-        return LaunchedStep.start(seqs, sampled, drafts)
+        guesses = None if self.proposer is None else self.proposer.guess_from_hidden(hidden, len(seqs))
+        return LaunchedStep.start(seqs, sampled, drafts, guesses)
+
+    def _keep_features(self, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
+        """The proposer's copy of every new token's hidden state, at its cache slot (EAGLE's input)."""
+        if self.proposer is not None and self.proposer.features is not None:
+            self.proposer.features[meta.slot_mapping] = hidden
 
     def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         seqs, counts = batch.seqs, batch.num_new_tokens
@@ -163,39 +215,31 @@ class ModelRunner:
                 pending_at.append(len(input_ids) + own - 1)
                 pending_rows.append(seq.sample_row)
             input_ids += seq.token_ids[start : start + own] + seq.spec_token_ids
-        query_start_loc = [0, *itertools.accumulate(counts)]
-        seq_lens = [start + n for start, n in zip(starts, counts)]
-        logits_indices = [i for seq, n, end in zip(seqs, counts, query_start_loc[1:])
+        positions, meta = flat_batch(starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
+                                     self.block_size, self.device, *self._trees(seqs, counts))
+        logits_indices = [i for seq, n, end in zip(seqs, counts, meta.query_start_loc_cpu[1:])
                           for i in range(end - num_sampled(seq, n), end)]
-        # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
-        tables = np.zeros((len(seqs), max(len(seq.block_table) for seq in seqs)), dtype=np.int32)
-        for row, seq in zip(tables, seqs):
-            row[: len(seq.block_table)] = seq.block_table
-        # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
-        positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(len(input_ids))
-        slots = tables[np.repeat(np.arange(len(seqs)), counts), positions // bs].astype(np.int64) * bs + positions % bs
-        num_prefill_tokens = query_start_loc[batch.num_prefills]
-
-        def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return to_device(values, self.device, dtype)
-
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
-            num_prefills=batch.num_prefills,
-            num_prefill_tokens=num_prefill_tokens,
-            num_decodes=len(seqs) - batch.num_prefills,
-            max_query_len=max(counts),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-        )
-        input_ids_t = tensor(input_ids, torch.int64)
+        input_ids_t = to_device(input_ids, self.device, torch.int64)
         if pending_at:
-            input_ids_t[tensor(pending_at, torch.int64)] = self.last_token_ids[tensor(pending_rows, torch.int64)]
-        return input_ids_t, tensor(positions, torch.int64), meta, logits_indices
+            rows = to_device(pending_rows, self.device, torch.int64)
+            input_ids_t[to_device(pending_at, self.device, torch.int64)] = self.last_token_ids[rows]
+        return input_ids_t, positions, meta, logits_indices
+
+    @staticmethod
+    def _trees(seqs: list[Sequence], counts: list[int]) -> tuple[list[int] | None, list[int] | None]:
+        """Per token of a batch where some sequence verifies a tree of proposals: how far its position
+        is behind its place in the chunk, and its tree mask (`flat_batch`); (None, None) in any other."""
+        if not any(seq.spec_parents[: len(seq.spec_token_ids)] for seq in seqs):
+            return None, None
+        from martlet.engine.speculative import tree_rows  # imports this module
+
+        offsets, bits = [], []
+        for seq, n in zip(seqs, counts):
+            parents = seq.spec_parents[: len(seq.spec_token_ids)]
+            rows = tree_rows(parents, n - len(parents)) if parents else ([0] * n, [-1] * n)
+            offsets += rows[0]
+            bits += rows[1]
+        return offsets, bits
 
 
 @dataclass
@@ -206,20 +250,24 @@ class LaunchedStep:
     drafts: list[list[int]]  # per sequence, the proposals it verifies: its rows are 1 + len(drafts)
     host: SamplerOutput  # host copies, filled by non-blocking copies from the device
     ready: torch.cuda.Event | None
+    # Per sampler row, the proposer's guesses of the tokens after the row's token (Medusa), host copy.
+    guesses: torch.Tensor | None = None
 
     @classmethod
-    def start(cls, seqs: list[Sequence], sampled: SamplerOutput, drafts: list[list[int]] | None = None
-              ) -> LaunchedStep:
+    def start(cls, seqs: list[Sequence], sampled: SamplerOutput, drafts: list[list[int]] | None = None,
+              guesses: torch.Tensor | None = None) -> LaunchedStep:
         drafts = drafts or [[] for _ in seqs]
         if sampled.token_ids.device.type != "cuda":
-            return cls(seqs, drafts, sampled, None)
+            return cls(seqs, drafts, sampled, None, guesses)
         # Queued right behind the sampler, ahead of whatever step is launched next.
         host = SamplerOutput(*(t.to("cpu", non_blocking=True) if t is not None else None
                                for t in (sampled.token_ids, sampled.top_ids, sampled.top_logprobs,
                                          sampled.sampled_logprobs)))
+        if guesses is not None:
+            guesses = guesses.to("cpu", non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return cls(seqs, drafts, host, ready)
+        return cls(seqs, drafts, host, ready, guesses)
 
     @property
     def verifies(self) -> bool:
@@ -237,6 +285,10 @@ class LaunchedStep:
                             self.host.sampled_logprobs.tolist(), counts)
         return tokens, rows
 
+    def guess_rows(self) -> list[list[int]] | None:
+        """Per sampler row, the proposer's guesses, if it made any (after `results`, which waits)."""
+        return None if self.guesses is None else self.guesses.tolist()
+
 
 def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
     """Tokens this step samples for the sequence: none for a prompt chunk that leaves more of the
@@ -245,3 +297,42 @@ def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
     if seq.num_computed_tokens + num_new_tokens != len(seq) + len(seq.spec_token_ids):
         return 0
     return 1 + len(seq.spec_token_ids)
+
+
+def flat_batch(starts: list[int], counts: list[int], block_tables: list[list[int]], num_prefills: int,
+               block_size: int, device: torch.device, position_offsets: list[int] | None = None,
+               tree_mask: list[int] | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
+    """Positions and attention metadata of a flat batch: sequence i's `counts[i]` new tokens start at
+    position `starts[i]` (the first `num_prefills` sequences have more than one new token). A tree of
+    proposals takes cache slots in order but positions by depth: `position_offsets` per token."""
+    query_start_loc = [0, *itertools.accumulate(counts)]
+    seq_lens = [start + n for start, n in zip(starts, counts)]
+    # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
+    tables = np.zeros((len(starts), max(map(len, block_tables))), dtype=np.int32)
+    for row, table in zip(tables, block_tables):
+        row[: len(table)] = table
+    # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
+    positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(query_start_loc[-1])
+    bs = block_size
+    slots = tables[np.repeat(np.arange(len(starts)), counts), positions // bs].astype(np.int64) * bs + positions % bs
+
+    def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(values, device, dtype)
+
+    meta = AttentionMetadata(
+        slot_mapping=tensor(slots, torch.int64),
+        query_start_loc=tensor(query_start_loc, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        block_tables=tensor(tables, torch.int32),
+        num_prefills=num_prefills,
+        num_prefill_tokens=query_start_loc[num_prefills],
+        num_decodes=len(starts) - num_prefills,
+        max_query_len=max(counts),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=query_start_loc,
+        seq_lens_cpu=seq_lens,
+        tree_mask=None if tree_mask is None else tensor(tree_mask, torch.int64),
+    )
+    if position_offsets is not None:
+        positions = positions - np.asarray(position_offsets)
+    return tensor(positions, torch.int64), meta

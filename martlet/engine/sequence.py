@@ -57,6 +57,12 @@ class Sequence:
         # Speculative decoding: tokens proposed to follow token_ids, verified by the next step. They
         # join token_ids only once accepted.
         self.spec_token_ids: list[int] = []
+        # A tree of proposals: the parent of each of spec_token_ids, as a row of [last token, *spec_token_ids]
+        # (the first len(spec_token_ids) count); empty for a chain.
+        self.spec_parents: list[int] = []
+        self.num_draft_computed_tokens = 0  # tokens whose K/V a draft model has in its pool (ditto)
+        # What the proposer guessed, when the last token was sampled, the tokens after it are (Medusa).
+        self.guessed_token_ids: list[int] = []
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []

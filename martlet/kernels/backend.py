@@ -42,6 +42,7 @@ class TritonAttentionBackend(AttentionBackend):
                 q[:num_prefill_tokens], layer.kv, meta.query_start_loc[: num_prefills + 1],
                 meta.seq_lens[:num_prefills], meta.block_tables[:num_prefills], meta.max_query_len, layer.scale,
                 out=out[:num_prefill_tokens],
+                tree_mask=None if meta.tree_mask is None else meta.tree_mask[:num_prefill_tokens],
             )
         if num_decodes:
             decodes = slice(num_prefill_tokens, num_prefill_tokens + num_decodes)

@@ -10,6 +10,13 @@ earlier chunks.
 One program takes BLOCK_M queries of one head of one sequence. Keys before its first query's
 position are visible to all its rows and go through a loop with no mask; only the diagonal band,
 at most BLOCK_M + BLOCK_N keys wide, pays for one.
+
+A tree of guesses (speculative decoding) is verified as one chunk: `tree_mask`, one int64 per new
+token, has bit i set where the token sees the sequence's new token i (its ancestors and itself),
+on top of the causal rule. Nodes come in topological order (a parent before its children), the
+root, node 0, is every node's ancestor, and a tree has at most 64 nodes; -1 (every bit) is plain
+causal attention, as for the batch's other sequences. With a mask the band starts at the first
+new token.
 """
 
 from __future__ import annotations
@@ -57,11 +64,11 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
 @triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-    block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head, stride_slot,
-    stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, stride_bt,
+    block_tables_ptr, tree_mask_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head,
+    stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr,
+    QUANT: tl.constexpr, TREE: tl.constexpr,
 ):
     head = tl.program_id(0)
     # Causal work grows with the query block's index: launch the heaviest blocks first so the
@@ -90,7 +97,11 @@ def _prefill_kernel(
 
     q_pos = ctx_len - q_len + offs_m
     first_pos = ctx_len - q_len + m_block * BLOCK_M
-    band_start = first_pos // BLOCK_N * BLOCK_N
+    if TREE:  # earlier new tokens are not all visible: the band starts at the first one
+        band_start = (ctx_len - q_len) // BLOCK_N * BLOCK_N
+        tree_bits = tl.load(tree_mask_ptr + q_start + offs_m, mask=offs_m < q_len, other=-1)
+    else:
+        band_start = first_pos // BLOCK_N * BLOCK_N
     for start in range(0, band_start, BLOCK_N):
         k, v, k_scale, v_scale = load_kv_tile(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, start + offs_n, None, kv_head,
@@ -109,6 +120,11 @@ def _prefill_kernel(
             stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
             BLOCK_SIZE, True, QUANT)
         causal = (keys[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        if TREE:
+            node = keys - (ctx_len - q_len)  # the key's index among the new tokens
+            bit = tl.minimum(tl.maximum(node, 0), 63).to(tl.int64)
+            in_tree = ((tree_bits[:, None] >> bit[None, :]) & 1) != 0
+            causal = causal & (in_tree | ((node < 0) | (node >= 64))[None, :])
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, causal, True, QUANT,
                                             PRECISION)
 
@@ -120,11 +136,13 @@ def _prefill_kernel(
 def prefill_attention(
     q: torch.Tensor, kv: LayerKV, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
     max_query_len: int, scale: float, out: torch.Tensor | None = None, config: PrefillConfig | None = None,
+    tree_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the packed queries q [T, Hq, D] over their sequences' paged context.
 
     One sequence per entry of `seq_lens` (and row of `block_tables`); `query_start_loc` [B + 1]
     holds their cu_seqlens into q. `max_query_len` (a host int, at least the longest) sizes the grid.
+    `tree_mask` [T] int64: which new tokens each one sees (see the module's docstring).
     """
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = kv.k.shape[1], kv.k.shape[2]
@@ -139,11 +157,12 @@ def prefill_attention(
     k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
     _prefill_kernel[grid](
         q, kv.k, kv.v, k_scale, v_scale, out, query_start_loc, seq_lens, block_tables,
+        query_start_loc if tree_mask is None else tree_mask,  # read only with TREE
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *cache_strides(kv), stride_scale_block, stride_scale_head, block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        PRECISION=dot_precision(q.dtype), QUANT=kv.k_scale is not None,
+        PRECISION=dot_precision(q.dtype), QUANT=kv.k_scale is not None, TREE=tree_mask is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

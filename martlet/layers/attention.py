@@ -43,6 +43,9 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # [T] int64, or None for causal attention: bit i of a new token's entry says it sees its sequence's
+    # new token i (a tree of speculative guesses; see martlet/kernels/prefill.py). Prefill tokens only.
+    tree_mask: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -155,6 +158,10 @@ def paged_attention_reference(q: torch.Tensor, kv: LayerKV, meta: AttentionMetad
         # Query j sits at position ctx_len - q_len + j and sees keys up to and including it.
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
         too_far = torch.arange(ctx_len, device=q.device)[None, :] > q_pos[:, None]
+        if meta.tree_mask is not None:  # and of the new keys, only those its bits name
+            node = torch.arange(ctx_len, device=q.device) - (ctx_len - q_len)
+            bits = meta.tree_mask[start:end, None] >> node.clamp(0, 63)[None, :] & 1
+            too_far |= (bits == 0) & (node >= 0) & (node < 64)
         scores = q[start:end].transpose(0, 1).float() @ keys.transpose(1, 2) * scale
         probs = torch.softmax(scores.masked_fill(too_far, float("-inf")), dim=-1)
         out[start:end] = (probs @ values).transpose(0, 1).to(q.dtype)
