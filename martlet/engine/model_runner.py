@@ -37,6 +37,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
+        self.num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's: its pool holds only those
         self.sampler = Sampler(config.device, config.seed)
         # None while profiling; made once the KV pool exists.
         self.decode_graphs: DecodeGraphs | None = None
@@ -61,7 +62,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """K and V of every layer for one block of tokens, in the cache's format (scales included)."""
         m = self.model_config
-        return 2 * m.num_layers * m.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
+        return 2 * m.num_layers * self.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
                                                                 self.kv_format)
 
     def _choose_num_blocks(self) -> int:
@@ -107,8 +108,8 @@ class ModelRunner:
         m = self.model_config
         layers = self.model.attention_layers()
         self.kv_cache = None  # free the old pool before making the new one
-        self.kv_cache, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
-                                                 self.config.dtype, self.kv_format, self.device)
+        self.kv_cache, views = allocate_kv_cache(len(layers), num_blocks, self.num_kv_heads, self.block_size,
+                                                 m.head_dim, self.config.dtype, self.kv_format, self.device)
         for layer, kv in zip(layers, views):
             layer.kv = kv
 
