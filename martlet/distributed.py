@@ -29,6 +29,9 @@ logger = logging.getLogger("martlet")
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 IDLE_TIMEOUT = timedelta(days=365)  # workers wait on the driver's next step for as long as it idles
 
+# all_gather_into_tensor's newer name (torch 2.10+), where the old one warns that it is deprecated.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _device_group: dist.ProcessGroup | None = None
 _control_group: dist.ProcessGroup | None = None
 
@@ -69,15 +72,21 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x side by side along the last dimension (each rank's x has the same shape)."""
-    out = x.new_empty(tp_size(), *x.shape)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=_device_group)
-    return out.movedim(0, -2).flatten(-2)
+    out = x.new_empty(tp_size() * x.shape[0], *x.shape[1:])  # the ranks' x one after another
+    _all_gather_single(out, x.contiguous(), group=_device_group)
+    return out.view(tp_size(), *x.shape).movedim(0, -2).flatten(-2)
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:
     """The driver's x on every rank, in place."""
     dist.broadcast(x, src=0, group=_device_group)
     return x
+
+
+def min_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_control_group)
+    return int(t)
 
 
 def send_message(message: object) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from martlet import distributed
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
 from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs
@@ -37,6 +38,7 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
+        self.tp_size = distributed.tp_size()
         self.num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's: its pool holds only those
         self.sampler = Sampler(config.device, config.seed)
         # None while profiling; made once the KV pool exists.
@@ -44,6 +46,8 @@ class ModelRunner:
         self.mixed_graphs: MixedStepGraphs | None = None
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
+        if self.tp_size > 1:  # one block table serves every rank's pool: the smallest decides
+            self.num_kv_blocks = distributed.min_over_ranks(self.num_kv_blocks)
         self._allocate_kv_cache(self.num_kv_blocks)
         # Graphs need kernels that take everything from device tensors: the Triton backend's.
         use_graphs = (
@@ -87,7 +91,8 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         probe = Sequence("profile", [0] * n, SamplingParams(), eos_token_ids=[])
         probe.block_table = [0] * -(-n // self.block_size)
-        self.execute(ScheduledBatch([probe], [n], num_prefills=1), sample=False)
+        # Every rank runs it in its own start-up: no message to the workers.
+        self._launch(self._plan(ScheduledBatch([probe], [n], num_prefills=1), sample=False), None)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
@@ -118,22 +123,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> LaunchedStep | None:
         """Launch one step and return without waiting for the device. The sampled tokens, for the
-        sequences that complete their prompt or decode (`num_sampled`), follow in the result."""
-        input_ids, positions, meta, logits_indices = self._prepare(batch)
-        # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
-        prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
-        if self.decode_graphs is not None and sample and not prompt_logprobs and self.decode_graphs.can_run(meta):
-            logits = self.decode_graphs.run(input_ids, positions, meta)
-        else:
-            if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
-                hidden = self.mixed_graphs.run(input_ids, positions, meta)
-            else:
-                hidden = self.model(input_ids, positions, meta)
-            if prompt_logprobs:
-                record_prompt_logprobs(hidden, batch.seqs, batch.num_new_tokens, self.model.compute_logits)
-            if not sample or not logits_indices:
-                return None
-            logits = self.model.compute_logits(hidden[to_device(logits_indices, self.device, torch.int64)])
+        sequences that complete their prompt or decode (`num_sampled`), follow in the result.
+
+        With tensor parallelism the workers get the step first (one message, see `serve_steps`) and
+        run the same collectives alongside; the sampled tokens go to them as well, for the next
+        step's inputs."""
+        step = self._plan(batch, sample)
+        if self.tp_size > 1:
+            distributed.send_message(step)
+        logits = self._launch(step, batch.seqs)
+        if logits is None:
+            return None
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if num_sampled(s, n)]
         drafts = [list(seq.spec_token_ids) for seq in seqs]
         # One row per sampled position: a sequence's rows are consecutive, its drafts' first.
@@ -142,12 +142,57 @@ class ModelRunner:
         if any(drafts):
             row_drafts = to_device([t for d in drafts for t in [*d, -1]], self.device, torch.int64)
         sampled = self.sampler(logits, row_seqs, row_drafts)
+        if self.tp_size > 1:
+            distributed.broadcast(sampled.token_ids)
         for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
             seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
         return LaunchedStep.start(seqs, sampled, drafts)
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """A worker's loop: run the driver's steps until it sends None."""
+        while (step := distributed.receive_message()) is not None:
+            if self._launch(step, None) is not None:
+                tokens = torch.empty(len(step.logits_indices), dtype=torch.int64, device=self.device)
+                self.last_token_ids = distributed.broadcast(tokens)
+
+    def _launch(self, step: StepInput, seqs: list[Sequence] | None) -> torch.Tensor | None:
+        """Run the model on a step: the logits of its sampled positions, or None if it samples
+        nothing. The driver passes the step's sequences (prompt logprobs go into them); a worker
+        passes None and takes part in the same collectives."""
+        input_ids, positions, meta = self._tensors(step)
+        if self.decode_graphs is not None and step.sample and not step.prompt_logprobs \
+                and self.decode_graphs.can_run(meta):
+            return self.decode_graphs.run(input_ids, positions, meta)
+        if self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
+            hidden = self.mixed_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        if step.prompt_logprobs:
+            self._prompt_logprobs(hidden, seqs, step.num_new_tokens)
+        if not step.sample or not step.logits_indices:
+            return None
+        return self.model.compute_logits(hidden[to_device(step.logits_indices, self.device, torch.int64)])
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence] | None, counts: list[int]) -> None:
+        """Score prompt tokens, a slice of rows at a time; with tensor parallelism the driver names
+        each slice to the workers, whose LM head shares take part in it."""
+        def logits_of(start: int, stop: int) -> torch.Tensor:
+            if self.tp_size > 1:
+                distributed.send_message((start, stop))
+            return self.model.compute_logits(hidden[start:stop])
+
+        if seqs is not None:
+            record_prompt_logprobs(seqs, counts, logits_of)
+            if self.tp_size > 1:
+                distributed.send_message(None)
+            return
+        while (rows := distributed.receive_message()) is not None:
+            self.model.compute_logits(hidden[rows[0] : rows[1]])
+
+    def _plan(self, batch: ScheduledBatch, sample: bool = True) -> StepInput:
+        """The step as plain host data: the batch's inputs, cache slots and sampled positions."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         starts = [seq.num_computed_tokens for seq in seqs]
         input_ids: list[int] = []
@@ -175,28 +220,53 @@ class ModelRunner:
         # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
         positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(len(input_ids))
         slots = tables[np.repeat(np.arange(len(seqs)), counts), positions // bs].astype(np.int64) * bs + positions % bs
-        num_prefill_tokens = query_start_loc[batch.num_prefills]
+        # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
+        prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in seqs)
+        return StepInput(input_ids, positions, slots, tables, query_start_loc, seq_lens, list(counts),
+                         batch.num_prefills, pending_at, pending_rows, logits_indices, sample, prompt_logprobs)
 
+    def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, self.device, dtype)
 
         meta = AttentionMetadata(
-            slot_mapping=tensor(slots, torch.int64),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(tables, torch.int32),
-            num_prefills=batch.num_prefills,
-            num_prefill_tokens=num_prefill_tokens,
-            num_decodes=len(seqs) - batch.num_prefills,
-            max_query_len=max(counts),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            slot_mapping=tensor(step.slots, torch.int64),
+            query_start_loc=tensor(step.query_start_loc, torch.int32),
+            seq_lens=tensor(step.seq_lens, torch.int32),
+            block_tables=tensor(step.block_tables, torch.int32),
+            num_prefills=step.num_prefills,
+            num_prefill_tokens=step.query_start_loc[step.num_prefills],
+            num_decodes=len(step.seq_lens) - step.num_prefills,
+            max_query_len=max(step.num_new_tokens),
+            max_seq_len=max(step.seq_lens),
+            query_start_loc_cpu=step.query_start_loc,
+            seq_lens_cpu=step.seq_lens,
         )
-        input_ids_t = tensor(input_ids, torch.int64)
-        if pending_at:
-            input_ids_t[tensor(pending_at, torch.int64)] = self.last_token_ids[tensor(pending_rows, torch.int64)]
-        return input_ids_t, tensor(positions, torch.int64), meta, logits_indices
+        input_ids = tensor(step.input_ids, torch.int64)
+        if step.pending_at:
+            pending_rows = tensor(step.pending_rows, torch.int64)
+            input_ids[tensor(step.pending_at, torch.int64)] = self.last_token_ids[pending_rows]
+        return input_ids, tensor(step.positions, torch.int64), meta
+
+
+@dataclass
+class StepInput:
+    """One step as plain host data: what the driver sends each tensor-parallel worker (pickled, a
+    few kilobytes: lists, ints and numpy arrays, no tensors)."""
+
+    input_ids: list[int]
+    positions: np.ndarray
+    slots: np.ndarray  # each new token's cache slot
+    block_tables: np.ndarray
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    num_new_tokens: list[int]
+    num_prefills: int
+    pending_at: list[int]  # inputs that are the previous step's sampled tokens ...
+    pending_rows: list[int]  # ... and their rows in its output
+    logits_indices: list[int]  # the positions that are sampled
+    sample: bool
+    prompt_logprobs: bool
 
 
 @dataclass

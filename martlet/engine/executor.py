@@ -1,0 +1,156 @@
+"""Tensor-parallel workers: one process per rank beyond the driver, as vLLM's multiprocessing executor.
+
+The engine's process is rank 0, the driver: it schedules, runs its own share of the model, and
+samples. It spawns the other ranks of its node; each builds its share of the model and its own KV
+pool (its KV heads only), then runs the steps the driver sends it (`ModelRunner.serve_steps`).
+The scheduler and block manager exist on the driver only: the pools of all ranks have the same
+number of blocks, so one block table serves them all.
+
+All ranks meet through torch.distributed's TCP rendezvous at master_addr:master_port. On several
+machines (`--nnodes N`), node 0 runs the engine and the first tensor_parallel_size / N ranks;
+node k (`--node-rank k`) runs only its ranks (`run_node`), and stops when the driver does.
+
+A worker that dies is seen at once through its process sentinel: the engine fails with an error
+that names the rank, rather than wait on a collective that can no longer complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from dataclasses import replace
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+
+import torch
+
+from martlet import distributed
+from martlet.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger("martlet")
+
+WORKER_EXIT_TIMEOUT = 30.0  # seconds workers get to leave their loop before they are killed
+# On CUDA a collective with a dead peer never returns; after this long the engine's process exits.
+NCCL_HANG_GRACE = 10.0
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel rank stopped: the engine cannot run another step."""
+
+
+class Workers:
+    """The driver's side: this node's other ranks, started, watched and stopped."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        if config.master_port is None:  # one node: any free port on the loopback
+            config = replace(config, master_addr="127.0.0.1", master_port=_free_port())
+        self.failure: str | None = None
+        self.stopping = False
+        self.processes = spawn_ranks(config, model_config, first_rank=1)
+        self.ranks = {p.sentinel: rank for rank, p in enumerate(self.processes, start=1)}
+        threading.Thread(target=self._watch, name="martlet-tp-monitor", daemon=True).start()
+        distributed.init(0, config.tensor_parallel_size, _init_method(config), rank_device(config, 0))
+
+    def _watch(self) -> None:
+        ended = wait(list(self.ranks))
+        if self.stopping:
+            return
+        process = self.processes[self.ranks[ended[0]] - 1]
+        process.join(1)  # reaped, for its exit code
+        self.failure = (f"tensor-parallel worker rank {self.ranks[ended[0]]} (pid {process.pid}) died "
+                        f"with exit code {process.exitcode}")
+        logger.error("%s: the engine cannot go on", self.failure)
+        for p in self.processes:  # the others would wait on it forever
+            p.kill()
+        if torch.cuda.is_available():
+            # NCCL collectives with a dead peer never return, and nothing unblocks them: end the process.
+            time.sleep(NCCL_HANG_GRACE)
+            logger.critical("%s; exiting", self.failure)
+            os._exit(1)
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Raise WorkerDiedError if a rank has died (say, while this thread waited on it in `error`)."""
+        if error is not None and self.failure is None:
+            time.sleep(0.5)  # the collective may fail a moment before the sentinel fires
+        if self.failure is not None:
+            raise WorkerDiedError(self.failure) from error
+
+    def shutdown(self) -> None:
+        """Tell the workers to stop, wait for them, and leave the process group."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.failure is None:
+            try:
+                distributed.send_message(None)
+            except RuntimeError:  # one is gone already: it is killed below anyway
+                pass
+        for p in self.processes:
+            p.join(WORKER_EXIT_TIMEOUT)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        distributed.shutdown()
+
+
+def spawn_ranks(config: EngineConfig, model_config: ModelConfig, first_rank: int) -> list[BaseProcess]:
+    """Start this node's ranks from `first_rank` on, each in a spawned process (CUDA cannot fork)."""
+    per_node = config.tensor_parallel_size // config.nnodes
+    node_ranks = range(config.node_rank * per_node, (config.node_rank + 1) * per_node)
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for rank in node_ranks:
+        if rank >= first_rank:
+            process = context.Process(target=run_worker, args=(config, model_config, rank, logging.getLogger().level),
+                                      name=f"martlet-tp-rank-{rank}", daemon=True)
+            process.start()
+            processes.append(process)
+    return processes
+
+
+def run_worker(config: EngineConfig, model_config: ModelConfig, rank: int, log_level: int) -> None:
+    """A worker's main: join the group, build this rank's share of the model and its KV pool, serve steps."""
+    from martlet.engine.model_runner import ModelRunner
+    from martlet.layers.backends import get_attention_backend
+    from martlet.models.loader import build_model
+
+    logging.basicConfig(level=log_level, format=f"rank {rank}: %(message)s")
+    device = rank_device(config, rank)
+    config = replace(config, device=device)
+    distributed.init(rank, config.tensor_parallel_size, _init_method(config), device)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, model_config, get_attention_backend(config.attention_backend),
+                        dtype=config.dtype, device=device, max_positions=config.max_model_len,
+                        load_format=config.load_format, quantization=config.quantization, quiet=True)
+    ModelRunner(config, model_config, model).serve_steps()
+    distributed.shutdown()
+
+
+def run_node(config: EngineConfig, model_config: ModelConfig) -> int:
+    """Node k > 0 of a multi-node engine: run this node's ranks until the driver stops them; the exit
+    status is the first nonzero one of theirs."""
+    processes = spawn_ranks(config, model_config, first_rank=0)
+    for p in processes:
+        p.join()
+    return next((p.exitcode for p in processes if p.exitcode), 0)
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """The device of `rank`: on CUDA its GPU on its node."""
+    if config.device.type != "cuda":
+        return config.device
+    return torch.device("cuda", rank % (config.tensor_parallel_size // config.nnodes))
+
+
+def _init_method(config: EngineConfig) -> str:
+    return f"tcp://{config.master_addr}:{config.master_port}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
