@@ -113,12 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_node_if_not_first(args: argparse.Namespace) -> int | None:
+    """On node k > 0 of a multi-node engine (`--node-rank k`), run only this node's tensor-parallel
+    ranks, whatever the command, and return their exit status; None on node 0."""
+    if getattr(args, "node_rank", 0) == 0:
+        return None
+    from martlet.engine.executor import run_node
+    from martlet.engine.llm_engine import resolve_config
+
+    return run_node(*resolve_config(EngineArgs.from_cli_args(args)))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        code = args.func(args)
+        code = run_node_if_not_first(args)
+        code = args.func(args) if code is None else code
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"martlet: error: {e}")
     sys.exit(code if isinstance(code, int) else 0)

@@ -16,6 +16,7 @@ that names the rank, rather than wait on a collective that can no longer complet
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing
 import os
@@ -53,6 +54,7 @@ class Workers:
         self.processes = spawn_ranks(config, model_config, first_rank=1)
         self.ranks = {p.sentinel: rank for rank, p in enumerate(self.processes, start=1)}
         threading.Thread(target=self._watch, name="martlet-tp-monitor", daemon=True).start()
+        atexit.register(self.shutdown)  # a script that ends without shutting down lets its workers go cleanly
         distributed.init(0, config.tensor_parallel_size, _init_method(config), rank_device(config, 0))
 
     def _watch(self) -> None:
@@ -84,6 +86,7 @@ class Workers:
         if self.stopping:
             return
         self.stopping = True
+        atexit.unregister(self.shutdown)
         if self.failure is None:
             try:
                 distributed.send_message(None)

@@ -110,6 +110,7 @@ def run_engine_core(model: str, engine_kwargs: dict, commands: Connection, outpu
         with contextlib.suppress(OSError):  # the server may be gone already
             outputs.send(CoreFailed(_describe(exc)))
         sys.exit(1)
+    engine.shutdown()
 
 
 def _describe(exc: Exception) -> str:

@@ -1,0 +1,136 @@
+"""Tensor parallelism on the CPU: real worker processes over gloo, tiny random models in fp32.
+
+Greedy tokens must be Hugging Face's at TP=2 and TP=4, with KV heads split and replicated, under
+preemption; a quantized-at-load format shards too; a killed worker is an error within seconds; the
+server runs with -tp 2; two "nodes" (processes) meet over the loopback. Every engine start spawns
+processes, so each test starts few engines and generates few tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from martlet import LLM, SamplingParams
+from martlet.engine.executor import WorkerDiedError
+from martlet.testing import make_tiny_model
+
+PROMPT_LENGTHS = [1, 7, 15, 15, 31, 64]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+# Spawned workers inherit this: one thread each, on a machine of few cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """4 heads, 2 KV heads; its prompts and HF's greedy tokens for them."""
+    path = make_tiny_model(tmp_path_factory.mktemp("llama") / "model", "llama", with_tokenizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 4096) for _ in range(n)] for n in PROMPT_LENGTHS]
+    with torch.no_grad():
+        expected = [hf.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    return path, prompts, expected
+
+
+def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams = GREEDY):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_tp2_matches_hf_under_preemption(llama):
+    """7 blocks of 16 cannot hold the batch: sequences are preempted and recomputed on both ranks."""
+    path, prompts, expected = llama
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=2, num_kv_blocks=7, quiet=True)
+    try:
+        assert llm.engine.runner.kv_cache.shape[3] == 1  # this rank's pool: 1 of the 2 KV heads
+        outputs = generate(llm, prompts)
+        assert sum(o.metrics.num_preemptions for o in outputs) > 0
+        assert tokens(outputs) == expected
+    finally:
+        llm.engine.shutdown()
+    assert all(p.exitcode == 0 for p in llm.engine.workers.processes)
+
+
+def test_tp4_replicates_kv_heads_and_matches_hf(llama):
+    """4 ranks over 2 KV heads: each KV head on two ranks; chunked prompts and prompt logprobs too."""
+    path, prompts, expected = llama
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=4, max_num_batched_tokens=32,
+              quiet=True)
+    try:
+        assert llm.engine.runner.kv_cache.shape[3] == 1
+        assert tokens(generate(llm, prompts)) == expected
+        scored = generate(llm, prompts[3:4], SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
+    finally:
+        llm.engine.shutdown()
+    single = LLM(str(path), device="cpu", dtype="float32", quiet=True)
+    reference = generate(single, prompts[3:4], SamplingParams(max_tokens=1, prompt_logprobs=0))[0].prompt_logprobs
+    assert len(scored) == len(reference) == PROMPT_LENGTHS[3]
+    for ours, theirs in zip(scored[1:], reference[1:]):
+        assert ours.keys() == theirs.keys()
+        np.testing.assert_allclose(list(ours.values()), list(theirs.values()), atol=1e-4)
+
+
+def test_int8_quantized_after_slicing(llama):
+    """Each rank quantizes its own share at load (per output channel): the same tokens as one process."""
+    path, prompts, _ = llama
+    single = tokens(generate(LLM(str(path), device="cpu", dtype="float32", quantization="int8", quiet=True), prompts))
+    llm = LLM(str(path), device="cpu", dtype="float32", quantization="int8", tensor_parallel_size=2, quiet=True)
+    try:
+        assert tokens(generate(llm, prompts)) == single
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_killed_worker_is_an_error_not_a_hang(llama):
+    path, _, _ = llama
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=2, quiet=True)
+    worker = llm.engine.workers.processes[0]
+    threading.Timer(0.5, os.kill, (worker.pid, signal.SIGKILL)).start()
+    start = time.monotonic()
+    with pytest.raises(WorkerDiedError, match=f"rank 1 \\(pid {worker.pid}\\) died with exit code -9"):
+        generate(llm, [[5, 6]], SamplingParams(max_tokens=100_000, ignore_eos=True))
+    assert time.monotonic() - start < 10
+    with pytest.raises(WorkerDiedError):  # and it stays failed
+        generate(llm, [[5, 6]])
+    llm.engine.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_over_loopback(tiny_model, tmp_path):
+    """`--nnodes 2`: node 0 runs the engine and rank 0, node 1 (another process) rank 1."""
+    port = _free_port()
+    command = [sys.executable, "-m", "martlet.cli", "generate", "--model", str(tiny_model), "--prompt", "Hello",
+               "--max-tokens", "6", "--device", "cpu", "-tp", "2", "--nnodes", "2", "--master-port", str(port),
+               "--quiet"]
+    node1 = subprocess.Popen([*command, "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    node0 = subprocess.run([*command, "--node-rank", "0"], capture_output=True, text=True, timeout=240)
+    assert node0.returncode == 0, node0.stderr[-3000:]
+    assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-3000:]
+    single = LLM(str(tiny_model), device="cpu", quiet=True)
+    expected = single.generate("Hello", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+    assert node0.stdout == expected + "\n"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
