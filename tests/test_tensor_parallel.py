@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import openai
 import pytest
 import torch
 import transformers
@@ -134,3 +135,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_serve_tp2_answers_openai_client_then_503_when_a_worker_dies(tiny_model, tmp_path):
+    from test_server import API_KEY, Server, greedy
+
+    server = Server(tiny_model, tmp_path / "server.log", "--api-key", API_KEY, "-tp", "2")
+    try:
+        single = LLM(str(tiny_model), device="cpu", max_model_len=512, quiet=True)
+        expected = single.generate("The capital of France is", greedy(6), use_tqdm=False)[0].outputs[0].text
+        reply = server.client().completions.create(model="tiny", prompt="The capital of France is", max_tokens=6,
+                                                   temperature=0)
+        assert reply.choices[0].text == expected
+        (worker,) = [pid for child in _children(server.proc.pid) for pid in _children(child)]  # the core's child
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(openai.InternalServerError) as error:
+            server.client().completions.create(model="tiny", prompt="Hi", max_tokens=4)
+        assert error.value.status_code == 503 and "rank 1" in str(error.value)
+        assert server.proc.wait(timeout=30) == 1
+    finally:
+        server.stop()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
