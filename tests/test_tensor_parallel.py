@@ -160,3 +160,20 @@ def test_serve_tp2_answers_openai_client_then_503_when_a_worker_dies(tiny_model,
 
 def _children(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_on_gpus_with_cuda_graphs_matches_hf(llama, tp):
+    """NCCL, with the all-reduces and the LM head's all-gather inside the decode and mixed-step graphs."""
+    if torch.cuda.device_count() < tp:
+        pytest.skip(f"needs {tp} GPUs")
+    path, prompts, expected = llama
+    llm = LLM(str(path), dtype="float32", tensor_parallel_size=tp, num_kv_blocks=256, quiet=True)
+    try:
+        assert llm.engine.runner.decode_graphs is not None and llm.engine.runner.mixed_graphs is not None
+        assert tokens(generate(llm, prompts)) == expected
+        assert tokens(generate(llm, prompts[::-1])) == expected[::-1]  # graphs replayed again
+    finally:
+        llm.engine.shutdown()
