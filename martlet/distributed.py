@@ -8,8 +8,8 @@ samples). Two groups join the same ranks:
   and the sampled tokens' broadcast. It has a timeout: a rank that stops taking part makes the
   others fail, not wait forever.
 - the control group (gloo, always on the CPU) carries the driver's one message per step. Workers
-  wait on it for as long as the engine is idle, so it has no meaningful timeout; a dead driver
-  closes its sockets, which ends their wait.
+  wait on it for as long as the engine is idle, so theirs has no meaningful timeout (a dead driver
+  closes its sockets, which ends their wait); the driver's send has the device group's timeout.
 
 With one rank nothing here is set up and the model takes exactly its single-process path.
 """
@@ -36,17 +36,17 @@ _device_group: dist.ProcessGroup | None = None
 _control_group: dist.ProcessGroup | None = None
 
 
-def init(rank: int, world_size: int, init_method: str, device: torch.device,
-         timeout: timedelta = COLLECTIVE_TIMEOUT) -> None:
+def init(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
     """Join the group of `world_size` ranks that meet at `init_method` ("tcp://host:port" or "env://")."""
     global _device_group, _control_group
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout,
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT, device_id=device if device.type == "cuda" else None)
     _device_group = dist.group.WORLD
-    _control_group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    # Gloo's timeout is each rank's own: the driver's sends time out, the workers' receives do not.
+    _control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT if rank == 0 else IDLE_TIMEOUT)
 
 
 def shutdown() -> None:
@@ -81,6 +81,11 @@ def broadcast(x: torch.Tensor) -> torch.Tensor:
     """The driver's x on every rank, in place."""
     dist.broadcast(x, src=0, group=_device_group)
     return x
+
+
+def wait_for_all_ranks() -> None:
+    """A barrier without the device group's timeout: for waits of unknown length (loading weights)."""
+    dist.monitored_barrier(group=_control_group, timeout=IDLE_TIMEOUT, wait_all_ranks=True)
 
 
 def min_over_ranks(value: int) -> int:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import pytest
 import torch
 import transformers
 
-from martlet import LLM, SamplingParams
+from martlet import LLM, SamplingParams, distributed
 from martlet.engine.executor import WorkerDiedError
 from martlet.testing import make_tiny_model
 
@@ -111,6 +112,24 @@ def test_killed_worker_is_an_error_not_a_hang(llama):
     with pytest.raises(WorkerDiedError):  # and it stays failed
         generate(llm, [[5, 6]])
     llm.engine.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_hung_worker_times_out(llama, monkeypatch):
+    """A rank that stops answering (SIGSTOP) fails the driver's next collective at the group's timeout."""
+    monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", timedelta(seconds=3))
+    path, _, _ = llama
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=2, quiet=True)
+    worker = llm.engine.workers.processes[0]
+    os.kill(worker.pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+            generate(llm, [[5, 6]])
+        assert time.monotonic() - start < 20
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        llm.engine.shutdown()
 
 
 @pytest.mark.timeout(300)

@@ -26,6 +26,7 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from typing import NoReturn
 
 import torch
 
@@ -35,8 +36,9 @@ from martlet.config import EngineConfig, ModelConfig
 logger = logging.getLogger("martlet")
 
 WORKER_EXIT_TIMEOUT = 30.0  # seconds workers get to leave their loop before they are killed
-# On CUDA a collective with a dead peer never returns; after this long the engine's process exits.
-NCCL_HANG_GRACE = 10.0
+# Seconds after a worker died by which the engine must have failed, if it was waiting on the ranks;
+# otherwise it is stuck (see `_watch`) and its process exits.
+HANG_GRACE = 10.0
 
 
 class WorkerDiedError(RuntimeError):
@@ -50,6 +52,8 @@ class Workers:
         if config.master_port is None:  # one node: any free port on the loopback
             config = replace(config, master_addr="127.0.0.1", master_port=_free_port())
         self.failure: str | None = None
+        self.reported = False  # the failure has been raised to the engine's caller
+        self.busy = True  # the engine waits on the ranks: starting up (until it says otherwise), or in a step
         self.stopping = False
         self.processes = spawn_ranks(config, model_config, first_rank=1)
         self.ranks = {p.sentinel: rank for rank, p in enumerate(self.processes, start=1)}
@@ -68,18 +72,29 @@ class Workers:
         logger.error("%s: the engine cannot go on", self.failure)
         for p in self.processes:  # the others would wait on it forever
             p.kill()
-        if torch.cuda.is_available():
-            # NCCL collectives with a dead peer never return, and nothing unblocks them: end the process.
-            time.sleep(NCCL_HANG_GRACE)
-            logger.critical("%s; exiting", self.failure)
+        # Over gloo a collective with a dead peer fails at once and the engine raises. An NCCL
+        # collective (or the rendezvous, at start-up) may wait until its timeout, minutes away, and
+        # nothing unblocks it: an engine still stuck after a grace period ends its process.
+        time.sleep(HANG_GRACE)
+        if self.busy and not self.reported and not self.stopping:
+            logger.critical("%s while the engine waited on it: exiting", self.failure)
             os._exit(1)
 
-    def check(self, error: BaseException | None = None) -> None:
-        """Raise WorkerDiedError if a rank has died (say, while this thread waited on it in `error`)."""
-        if error is not None and self.failure is None:
-            time.sleep(0.5)  # the collective may fail a moment before the sentinel fires
+    def check(self) -> None:
+        """Raise WorkerDiedError if a rank has died."""
+        if self.failure is not None:
+            self.reported = True
+            raise WorkerDiedError(self.failure)
+
+    def fail(self, error: RuntimeError) -> NoReturn:
+        """Raise for a collective that failed: WorkerDiedError if a rank died (its sentinel may fire a
+        moment after the collective fails), else the collective's error: a rank hung past the timeout."""
+        self.reported = True
+        if self.failure is None:
+            time.sleep(0.5)
         if self.failure is not None:
             raise WorkerDiedError(self.failure) from error
+        raise RuntimeError(f"a tensor-parallel step failed (is a rank hung or unreachable?): {error}") from error
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them, and leave the process group."""

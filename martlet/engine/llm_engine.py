@@ -98,6 +98,8 @@ class LLMEngine:
         self._output_kind: OutputKind = "cumulative"  # of the step() under way
         self._early_outputs: list[RequestOutput] = []  # collected in the middle of a step (see _grammar_bitmask)
         self._ids = itertools.count()
+        if self.workers is not None:
+            self.workers.busy = False  # started: waits on the ranks only within a step now
 
     @classmethod
     def from_args(cls, model: str, **kwargs) -> LLMEngine:
@@ -206,6 +208,8 @@ class LLMEngine:
         "final", the whole output of every request that finished.
         """
         self._output_kind = output_kind
+        if self.workers is not None:
+            self.workers.busy = True
         outputs = self._admit_compiled()
         if self.in_flight is not None and (self.in_flight.verifies or self._speculates()
                                            or any(has_penalty(s) for s in self.scheduler.running)):
@@ -232,6 +236,8 @@ class LLMEngine:
             for seq in launched.seqs:
                 if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
                     seq.append_token(PLACEHOLDER)
+        if self.workers is not None:
+            self.workers.busy = False
         return outputs
 
     def _execute(self, batch: ScheduledBatch) -> LaunchedStep | None:
@@ -241,8 +247,7 @@ class LLMEngine:
         try:
             return self.runner.execute(batch)
         except RuntimeError as exc:  # a collective failed: a rank died, or hung past the group's timeout
-            self.workers.check(exc)
-            raise RuntimeError(f"a tensor-parallel step failed (is a rank hung or unreachable?): {exc}") from exc
+            self.workers.fail(exc)
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (they also end with this process)."""

@@ -39,6 +39,8 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
         self.tp_size = distributed.tp_size()
+        if self.tp_size > 1:  # every rank has its weights before the first step with a timeout
+            distributed.wait_for_all_ranks()
         self.num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's: its pool holds only those
         self.sampler = Sampler(config.device, config.seed)
         # None while profiling; made once the KV pool exists.
