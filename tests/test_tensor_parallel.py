@@ -99,6 +99,38 @@ def test_int8_quantized_after_slicing(llama):
         llm.engine.shutdown()
 
 
+def test_fp8_checkpoint_shards_with_its_scales(llama, tmp_path):
+    """One e4m3 scale per tensor: each rank's rows of Q, K, V keep their tensor's scale, o and down
+    their whole scales. Each rank quantizes its share of the activations, so the logprobs are close,
+    not equal, to one process's."""
+    from safetensors.torch import load_file
+    from test_w8a8 import _fp8_checkpoint
+
+    path, prompts, _ = llama
+    _fp8_checkpoint(path, tmp_path / "fp8", per_tensor=True)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def prompt_logprobs(**kwargs) -> list[float]:
+        llm = LLM(str(tmp_path / "fp8"), device="cpu", dtype="float32", quiet=True, **kwargs)
+        try:
+            out = generate(llm, prompts[-1:], params)[0]
+            if kwargs:  # the driver's share, exactly: rows of q (heads 0-1) and k, v (KV head 0); o's inputs 0-31
+                attention = llm.engine.runner.model.layers[1].self_attn
+                file = {name.removeprefix("model.layers.1.self_attn."): t for name, t in
+                        load_file(tmp_path / "fp8" / "model.safetensors").items() if ".layers.1.self_attn." in name}
+                codes = [file["q_proj.weight"][:32], file["k_proj.weight"][:16], file["v_proj.weight"][:16]]
+                assert torch.equal(attention.qkv_proj.weight_codes.float(), torch.cat(codes).float())
+                scales = [file[f"{p}_proj.weight_scale"].expand(n) for p, n in (("q", 32), ("k", 16), ("v", 16))]
+                assert torch.equal(attention.qkv_proj.weight_scale[0], torch.cat(scales))
+                assert torch.equal(attention.o_proj.weight_codes.float(), file["o_proj.weight"][:, :32].float())
+                assert torch.equal(attention.o_proj.weight_scale[0], file["o_proj.weight_scale"].expand(64))
+        finally:
+            llm.engine.shutdown()
+        return [value for row in out.prompt_logprobs[1:] for value in row.values()]
+
+    np.testing.assert_allclose(prompt_logprobs(tensor_parallel_size=2), prompt_logprobs(), atol=0.05)
+
+
 @pytest.mark.timeout(120)
 def test_killed_worker_is_an_error_not_a_hang(llama):
     path, _, _ = llama

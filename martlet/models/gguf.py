@@ -360,6 +360,11 @@ class GGUFPackedMethod(PackedLinearMethod):
         layer.scales = checkpoint_parameter((out_features, groups))
         layer.register_parameter("offsets", checkpoint_parameter((out_features, groups)) if fmt.asymmetric else None)
         register_bias(layer, out_features, bias)
+        # Inputs per element, for a row-parallel rank's columns (see martlet.layers.linear.load_weight).
+        layer.qweight.input_pack = fmt.pack
+        for param in (layer.scales, layer.offsets):
+            if param is not None:
+                param.input_pack = fmt.group_size
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         offsets = None if layer.offsets is None else layer.offsets.data
