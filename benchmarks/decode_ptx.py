@@ -23,8 +23,8 @@ from martlet.kernels import decode
 
 FORMATS = {"16-bit": None, "int8": "*i8", "fp8": "*fp8e4nv"}  # None: the query's own dtype
 ALIGNED = ["q_ptr", "k_cache_ptr", "v_cache_ptr", "k_scale_ptr", "v_scale_ptr", "out_ptr", "lse_ptr", "stride_qt",
-           "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_scale_block",
-           "stride_scale_head"]
+           "stride_qh", "stride_os", "stride_block", "stride_head", "stride_slot", "stride_v_slot", "stride_v_d",
+           "stride_scale_block", "stride_scale_head"]
 
 
 def compile_decode(query_type: str, kv_type: str | None, group: int = 1, block_n: int = 32, num_warps: int = 2,
@@ -38,8 +38,12 @@ def compile_decode(query_type: str, kv_type: str | None, group: int = 1, block_n
     types = {"q_ptr": query_type, "k_cache_ptr": kv_type, "v_cache_ptr": kv_type, "out_ptr": "*fp32",
              "lse_ptr": "*fp32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "qk_scale": "fp32",
              "k_scale_ptr": "*fp16" if quant else kv_type, "v_scale_ptr": "*fp16" if quant else kv_type}
+    # V's slots are contiguous in an 8-bit cache (channel-major tiles), its channels in a 16-bit one;
+    # Triton specializes a stride of 1 to a constant, as it does at run time.
+    const.update({"stride_v_slot": 1} if quant else {"stride_v_d": 1})
     signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if quant or "scale" not in n}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED
+             if (quant or "scale" not in n) and n not in const}
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})

@@ -52,12 +52,17 @@ def load(**engine_args) -> LLM:
 def next_token_predictions(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     """The model's top-1 next token after every prefix of token_ids: one prefill, all positions (its
     attention reads every key back from the KV cache, in the cache's format)."""
+    return next_token_logits(llm, token_ids).argmax(-1)
+
+
+def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
+    """The logits [len(token_ids), vocab] of `next_token_predictions`."""
     runner = llm.engine.runner
     seq = Sequence("agreement", token_ids, SamplingParams(), eos_token_ids=[])
     seq.block_table = list(range(-(-len(token_ids) // runner.block_size)))
     input_ids, positions, meta = runner._tensors(runner._plan(ScheduledBatch([seq], [len(token_ids)], num_prefills=1)))
     hidden = runner.model(input_ids, positions, meta)
-    return runner.model.compute_logits(hidden).argmax(-1)
+    return runner.model.compute_logits(hidden)
 
 
 def greedy_answers(llm: LLM) -> list[str]:

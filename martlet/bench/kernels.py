@@ -227,10 +227,13 @@ def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, progra
             for ctx in contexts:
                 splits = decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)
                 (row,) = decode_case(batch, ctx, pool, configs=[cfg], splits=[splits])
-                row["vs_copy"] = row["GB/s"] / copy_gbs
                 rows.append(row)
-                log(f"  {row['kv_cache_dtype']:4s} B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: "
-                    f"{row['ms'] * 1e3:8.1f} us {row['GB/s']:7.0f} GB/s ({row['vs_copy']:.0%} of copy)")
+                where = f"  {row['kv_cache_dtype']:4s} B={batch:3d} ctx={ctx:6d} splits={row['num_splits']:2d}: "
+                if "error" in row:  # e.g. a kernel that does not compile: say so, keep timing the rest
+                    log(where + row["error"])
+                    continue
+                row["vs_copy"] = row["GB/s"] / copy_gbs
+                log(where + f"{row['ms'] * 1e3:8.1f} us {row['GB/s']:7.0f} GB/s ({row['vs_copy']:.0%} of copy)")
         del pool
     return rows
 
@@ -361,10 +364,12 @@ def diagnose(prefill_cfg, decode_cfg, programs_per_sm: int) -> dict:
 
 
 def markdown_rows(header: str, rows: list[dict], row: Callable[[dict], str]) -> list[str]:
-    """A blank line, `header` and its rule, then row(r) per entry; nothing when there are no rows."""
+    """A blank line, `header` and its rule, then row(r) per entry (an entry that failed: its error);
+    nothing when there are no rows."""
     if not rows:
         return []
-    return ["", header, "|" + "---|" * (header.count("|") - 1), *map(row, rows)]
+    return ["", header, "|" + "---|" * (header.count("|") - 1),
+            *(f"| {r['error']} |" if "error" in r else row(r) for r in rows)]
 
 
 def table(results: dict) -> str:

@@ -4,9 +4,11 @@
     rotary_kv.py   rotary embedding on q and k, and the store of k and v into the paged cache: one kernel
     prefill.py     causal flash attention over a packed batch, every key read through the block table
     decode.py      flash decoding: split-K over the paged context, then a log-sum-exp merge
-    norm.py        RMSNorm, with the residual add fused in; per-head (Qwen3 QK) norm through the same kernel
-    activation.py  SiLU(gate) * up over the merged [gate | up] projection
-    linear.py      the few-token matmul: decode at small batch, one pass over the weight
+    norm.py        RMSNorm, with the residual add fused in; per-head (Qwen3 QK) norm through the same kernel;
+                   optionally quantizing its rows per token for W8A8
+    activation.py  SiLU(gate) * up over the merged [gate | up] projection, optionally quantized per token
+    linear.py      the few-token matmul: decode at small batch, one pass over the weight (fp16/bf16 or
+                   8-bit codes with a scale per output feature)
     backend.py     TritonAttentionBackend: the attention kernels behind the backend seam
     pdl.py         programmatic dependent launch: a decode-path kernel is placed while the one before ends
 
@@ -18,7 +20,7 @@ The KV cache layout, `[num_blocks, num_kv_heads, block_size, head_dim]` for K an
   16-byte vector loads. Token-major pages (`[num_blocks, block_size, num_kv_heads, head_dim]`) would
   interleave the heads and stride every row by `num_kv_heads * head_dim`: the same bytes in 16
   separate 256-byte runs instead of one 4 KiB run, and no single 2-D box a bulk tensor copy could fetch.
-- K and V share the layout and strides, so one offset computation serves both loads.
+- K and V share the layout and strides in the model's dtype (an 8-bit V differs: below).
 - Both matmuls want the K/V tile as `[keys, head_dim]` rows: `tl.dot(q, tl.trans(k))` transposes in
   shared memory for free, so K needs none of the split `[.., head_dim / x, block_size, x]` layout old
   CUDA paged-attention kernels used.
@@ -40,6 +42,11 @@ tokens in the same memory), addressed with the codes' strides and a scale view's
   range serves each row (a per-tensor scale, vLLM's default, wastes it on quiet heads).
 - Scales are computed from the row alone, so a recomputed (preempted) or prefix-cached row has exactly
   the codes it had.
+- V's codes are stored channel-major within the tile (`[head_dim, block_size]`, seen through a
+  transposed view): the P.V product reduces over keys, and an 8-bit tile with keys contiguous loads
+  into the tensor cores' operand layout with `ldmatrix`, where a key-major one took one shared-memory
+  load per byte (ldmatrix.trans moves 16-bit elements only). K stays key-major, as Q.K^T reduces
+  over channels. The write of a new token's V row is then a strided scatter, small next to the reads.
 - `rotary_kv.py` quantizes the rotated k and v while they are in registers (absmax per head row, one
   store of codes and one of scales); `paged.load_kv_tile` reads codes and scales of a tile and
   `paged.online_softmax_step` applies them.

@@ -23,7 +23,16 @@ import triton
 import triton.language as tl
 
 from martlet.device import num_sms
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, scale_args
+from martlet.kernels.paged import (
+    LOG2E,
+    cache_strides,
+    check_cache,
+    dot_precision,
+    load_kv_tile,
+    online_softmax_step,
+    query_for,
+    scale_args,
+)
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.layers.kv_cache import LayerKV
 
@@ -44,14 +53,17 @@ class DecodeConfig:
 # Best geometric mean of 8 candidates on an H200 (benchmarks/results/kernels-H200-2026-11-21.md);
 # small tiles, deep pipeline: more programs resident per SM, more loads in flight.
 HALF_CONFIG = DecodeConfig(32, 2, 4)
+# Over an 8-bit cache, the best of 10 candidates on an H200 for both int8 and fp8 (geometric mean of
+# four shapes +16%, each large shape +3 to +10%; one run: benchmarks/results/kv-cache-H200-2026-12-02.md).
+EIGHT_BIT_CONFIG = DecodeConfig(128, 4, 3)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> DecodeConfig:
     if device.type != "cuda":
         return DecodeConfig(16, 1, 1)
     if dtype == torch.float32 or head_dim > 128:
         return DecodeConfig(32, 4, 2)
-    return HALF_CONFIG
+    return EIGHT_BIT_CONFIG if quantized else HALF_CONFIG
 
 
 def decode_num_splits(
@@ -78,7 +90,8 @@ def decode_num_splits(
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, lse_ptr, seq_lens_ptr, block_tables_ptr,
     qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-    stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head, stride_bt,
+    stride_block, stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head,
+    stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     SPLIT: tl.constexpr, QUANT: tl.constexpr, PDL: tl.constexpr,
@@ -101,6 +114,7 @@ def _decode_kernel(
     heads = kv_head * GROUP + offs_g
     q_mask = (offs_g < GROUP)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+    q = query_for(q, QUANT)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -109,7 +123,8 @@ def _decode_kernel(
         n_mask = keys < end
         k, v, k_scale, v_scale = load_kv_tile(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
-            stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE, True, QUANT)
+            stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
+            BLOCK_SIZE, True, QUANT)
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, n_mask[None, :], True,
                                             QUANT, PRECISION)
 
@@ -161,7 +176,7 @@ def decode_attention(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    cfg = config or decode_config(head_dim, q.dtype, q.device)
+    cfg = config or decode_config(head_dim, q.dtype, q.device, kv.k_scale is not None)
     group = num_q_heads // num_kv_heads
     split = num_splits > 1
     if split:
@@ -176,7 +191,7 @@ def decode_attention(
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, kv.k, kv.v, k_scale, v_scale, target, lse, seq_lens, block_tables, scale * LOG2E,
         q.stride(0), q.stride(1), target.stride(0), target.stride(1), stride_os, *lse_strides,
-        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head, block_tables.stride(0),
+        *cache_strides(kv), stride_scale_block, stride_scale_head, block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         # tl.dot needs at least 16 rows: small groups are padded with masked heads.
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n, BLOCK_D=block_d,

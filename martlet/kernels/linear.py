@@ -8,7 +8,11 @@ a pipelined loop, so one launch reads W once, with many programs' loads in fligh
 The tile depends on the weight's width (`skinny_config`): a narrow weight has about one program
 per SM, each streaming long rows through a deep pipeline; a wide one has several per SM.
 
-Reference: `torch.nn.functional.linear`.
+The weight may also be 8-bit codes (int8 or fp8 e4m3, W8A8's layout) with one fp32 scale per output
+feature: the codes are widened to x's dtype in registers and the scales applied to the accumulators,
+so a few tokens read one byte a weight and need no activation quantization (W8A16).
+
+Reference: `torch.nn.functional.linear` (by codes * scales[:, None] for 8-bit codes).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import triton.language as tl
 
 from martlet.device import num_sms
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.kernels.quantize import widen
 
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)  # 8-bit weights, with a scale per output feature
 MAX_TOKENS = 32  # rows padded to a tile of 16 or 32; more go to cuBLAS (this kernel is tuned up to 32)
 # The SiLU-gated variant pays off with the 16-row tile only: b1 decode +1.5%, b32 -2.7% (H200,
 # benchmarks/results/skinny-linear-H200-2026-11-21.md).
@@ -36,19 +42,27 @@ class SkinnyConfig:
     num_stages: int = 5
 
 
-def skinny_config(n: int, dtype: torch.dtype, device: torch.device) -> SkinnyConfig:
+def skinny_config(
+    n: int, dtype: torch.dtype, device: torch.device, weight_dtype: torch.dtype | None = None
+) -> SkinnyConfig:
     """The tile for an [N, K] weight: the best per Llama-2-7B projection, timed inside a CUDA graph
     at 16 and 32 tokens on an H200 (benchmarks/gemm_graph.py; benchmarks/results/skinny-linear-H200-2026-11-21.md).
     fp32 takes half the K tile, so a pipeline stage holds the same bytes and fits in shared memory.
+    8-bit weights (fp8 timed at 1 and 16 tokens, one run: benchmarks/results/w8a8-H200-2026-12-02.md)
+    keep o's, down's and gate_up's fp16 K tile, qkv doubles it, and all take one stage more than fp16
+    where it fits: 4-17% faster than the fp16 tile with K doubled.
     """
     columns_of_32 = triton.cdiv(n, 32)
+    eight_bit = weight_dtype in CODE_DTYPES
     if columns_of_32 <= 2 * num_sms(device):  # o, down (N 4096): one program per SM
         cfg = SkinnyConfig(32, 256, 2, 5)
     elif columns_of_32 <= 4 * num_sms(device):  # qkv (N 12288)
-        cfg = SkinnyConfig(32, 128, 2, 4)
+        cfg = SkinnyConfig(32, 256, 2, 5) if eight_bit else SkinnyConfig(32, 128, 2, 4)
     else:
-        cfg = SkinnyConfig(64, 128, 4, 3)  # gate_up (N 22016), LM head
-    return replace(cfg, block_k=cfg.block_k // 2) if dtype.itemsize > 2 else cfg
+        cfg = SkinnyConfig(64, 128, 4, 4 if eight_bit else 3)  # gate_up (N 22016), LM head
+    if dtype.itemsize > 2:
+        cfg = replace(cfg, block_k=cfg.block_k // 2)
+    return cfg
 
 
 @triton.jit
@@ -60,8 +74,8 @@ def _dot(x, w, FP32: tl.constexpr):
 
 @triton.jit
 def _skinny_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -77,10 +91,14 @@ def _skinny_linear_kernel(
                     other=0.0)
         w_mask = mask_n[:, None] & mask_k[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-        acc += _dot(x, w, FP32)
+        acc += _dot(x, widen(w, x.dtype), FP32)  # 8-bit codes widen exactly
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-            acc_up += _dot(x, w_up, FP32)
+            acc_up += _dot(x, widen(w_up, x.dtype), FP32)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if SILU_AND_MUL:
+            acc_up *= tl.load(scale_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if SILU_AND_MUL:
@@ -91,9 +109,12 @@ def _skinny_linear_kernel(
 
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: SkinnyConfig | None = None,
-    silu_and_mul: bool = False,
+    silu_and_mul: bool = False, weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K], M <= MAX_TOKENS; weight [N, K], last dimensions contiguous -> [M, N].
+
+    weight is in x's dtype, or 8-bit codes (`CODE_DTYPES`) with `weight_scale`, fp32 [N]: the weight is
+    codes * weight_scale[:, None].
 
     With `silu_and_mul`, weight is a gated MLP's merged [gate; up] and the result SiLU(x gate^T) * (x up^T),
     [M, N / 2]: the activation is applied to the accumulators, so the [M, N] product never goes to memory.
@@ -104,18 +125,24 @@ def skinny_linear(
         raise ValueError(f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)}")
     if m > MAX_TOKENS:
         raise ValueError(f"skinny_linear takes at most {MAX_TOKENS} tokens, got {m}")
-    if x.stride(1) != 1 or weight.stride(1) != 1 or x.dtype != weight.dtype:
-        raise ValueError("x and weight need contiguous rows and one dtype")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("x and weight need contiguous rows")
+    codes = weight.dtype in CODE_DTYPES
+    if codes != (weight_scale is not None) or (not codes and x.dtype != weight.dtype):
+        raise ValueError("weight needs x's dtype, or 8-bit codes with a weight_scale")
+    if codes and (weight_scale.shape != (n,) or weight_scale.dtype != torch.float32
+                                     or weight_scale.stride(0) != 1):
+        raise ValueError(f"weight_scale must be contiguous fp32 [{n}]")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or skinny_config(n, x.dtype, x.device)
+    cfg = config or skinny_config(n, x.dtype, x.device, weight.dtype)
     # Gated, a program reads block_n / 2 gate rows and as many up rows: as many weight bytes as ungated.
     out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
         _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
-            x, weight, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
+            x, weight, weight_scale, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
+            HAS_SCALE=codes, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
             BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, **pdl_launch(x.device),
         )

@@ -10,33 +10,41 @@ import torch
 import triton
 import triton.language as tl
 
+from martlet.kernels.quantize import widen
 from martlet.layers.kv_cache import LayerKV
 
 LOG2E = 1.4426950408889634
-
-
 @triton.jit
 def load_kv_tile(
     k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
-    stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask,
+    stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
     BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
 ):
     """The K and V tiles [N, D] of one sequence's keys `keys` for one KV head, read through its block
     table (`block_table` points at the sequence's row), and for an 8-bit cache their scales [N].
 
-    Unless MASKED, every key is in range; otherwise keys outside `n_mask` read as zeros (scale 0).
-    Without QUANT the scales are 1 and the scale pointers are never read.
+    Unless MASKED, every key is in range; otherwise keys outside `n_mask` read as zeros (scale 0),
+    except an 8-bit V tile's codes, read from block 0 unmasked: finite codes (the pool starts zeroed and
+    stores clamp), which their zero scale cancels. Unmasked, the runs of keys that share a block are
+    contiguous bytes of a channel-major V tile, so they load as vectors. Without QUANT the scales are 1
+    and the scale pointers are never read. The tile starts at a multiple of its N keys.
     """
     if MASKED:
-        pages = tl.load(block_table + keys // BLOCK_SIZE, mask=n_mask).to(tl.int64)
+        pages = tl.load(block_table + keys // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
     else:
         pages = tl.load(block_table + keys // BLOCK_SIZE).to(tl.int64)
         kv_mask = d_mask[None, :]
     in_page = keys % BLOCK_SIZE
-    offs = (pages * stride_block + kv_head * stride_head + in_page * stride_slot)[:, None] + offs_d[None, :]
-    k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+    tile = pages * stride_block + kv_head * stride_head
+    k = tl.load(k_ptr + (tile + in_page * stride_slot)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v_offs = (tile + in_page * stride_v_slot)[:, None] + offs_d[None, :] * stride_v_d
+    if QUANT:  # runs of min(N, BLOCK_SIZE) keys share a block, starting at multiples of it
+        RUN: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < keys.shape[0] else keys.shape[0]
+        v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [RUN, 1]), [RUN, 1])
+        v = tl.load(v_ptr + v_offs, mask=d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptr + v_offs, mask=kv_mask, other=0.0)
     if QUANT:
         scale_offs = pages * stride_scale_block + kv_head * stride_scale_head + in_page
         if MASKED:
@@ -60,12 +68,13 @@ def online_softmax_step(
 
     q [M, D], k and v [N, D]; `mask` [M, N] says which logits count (ignored unless USE_MASK).
     A row must see at least one key in the first tile it is given, or its max stays -inf.
-    An 8-bit tile (QUANT) is widened to q's dtype (exactly: every int8 and e4m3 code is an fp16)
-    and its per-key scales [N] go on the logits (K) and on the probabilities (V), not on the tile.
+    An 8-bit tile (QUANT) is widened to q's dtype, fp16 or fp32 (see `query_for`; exactly: every
+    int8 and e4m3 code is an fp16), and its per-key scales [N] go on the logits (K) and on the
+    probabilities (V), not on the tile.
     """
     if QUANT:
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
+        k = widen(k, q.dtype)
+        v = widen(v, q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if QUANT:
         qk = qk * (k_scale * qk_scale)[None, :]
@@ -83,6 +92,15 @@ def online_softmax_step(
     return m_new, l_i, acc
 
 
+@triton.jit
+def query_for(q, QUANT: tl.constexpr):
+    """The query as the dot products take it: over an 8-bit cache a bf16 query turns fp16, so that
+    int8 codes widen to fp16 with `widen`'s few instructions rather than a conversion each."""
+    if QUANT and q.dtype == tl.bfloat16:
+        q = q.to(tl.float16)
+    return q
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs get exact fp32 products (tf32 would cost ~3e-4 relative error); 16-bit ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -90,15 +108,20 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def check_cache(kv: LayerKV, num_q_heads: int | None = None) -> None:
     """The cache layout the kernels assume, and (given the query heads) a whole GQA group per KV head."""
-    if kv.k.shape != kv.v.shape or kv.k.stride() != kv.v.stride():
-        raise ValueError("the K and V caches must have the same shape and strides")
-    if kv.k.stride(-1) != 1:
-        raise ValueError("the KV cache's head_dim must be contiguous")
+    if kv.k.shape != kv.v.shape or kv.k.stride()[:2] != kv.v.stride()[:2]:
+        raise ValueError("the K and V caches must have the same shape and block and head strides")
+    if kv.k.stride(-1) != 1 or 1 not in kv.v.stride()[2:]:
+        raise ValueError("K's head_dim must be contiguous, and V's head_dim or its slots")
     if kv.k_scale is not None and (kv.k_scale.stride() != kv.v_scale.stride() or kv.k_scale.stride(-1) != 1):
         raise ValueError("the K and V scales must have the same strides, one slot after another")
     num_kv_heads = kv.k.shape[1]
     if num_q_heads is not None and num_q_heads % num_kv_heads:
         raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV head groups")
+
+
+def cache_strides(kv: LayerKV) -> tuple:
+    """The kernels' cache strides: block, head and slot (K's and V's), and V's channel stride."""
+    return kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), kv.v.stride(2), kv.v.stride(3)
 
 
 def scale_args(kv: LayerKV) -> tuple:

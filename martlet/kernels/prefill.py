@@ -20,7 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import LOG2E, check_cache, dot_precision, load_kv_tile, online_softmax_step, scale_args
+from martlet.kernels.paged import (
+    LOG2E,
+    cache_strides,
+    check_cache,
+    dot_precision,
+    load_kv_tile,
+    online_softmax_step,
+    query_for,
+    scale_args,
+)
 from martlet.layers.kv_cache import LayerKV
 
 
@@ -49,7 +58,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> P
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
     block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_block, stride_head, stride_slot,
-    stride_scale_block, stride_scale_head, stride_bt,
+    stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr,
@@ -74,6 +83,7 @@ def _prefill_kernel(
     q_mask = (offs_m < q_len)[:, None] & d_mask[None, :]
     q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                 mask=q_mask, other=0.0)
+    q = query_for(q, QUANT)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -84,8 +94,8 @@ def _prefill_kernel(
     for start in range(0, band_start, BLOCK_N):
         k, v, k_scale, v_scale = load_kv_tile(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, start + offs_n, None, kv_head,
-            stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE,
-            False, QUANT)
+            stride_block, stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head,
+            offs_d, d_mask, BLOCK_SIZE, False, QUANT)
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, None, False, QUANT,
                                             PRECISION)
     # The band: keys from band_start to the block's last query. Its first tile holds first_pos, which
@@ -96,7 +106,8 @@ def _prefill_kernel(
         n_mask = keys < ctx_len
         k, v, k_scale, v_scale = load_kv_tile(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
-            stride_head, stride_slot, stride_scale_block, stride_scale_head, offs_d, d_mask, BLOCK_SIZE, True, QUANT)
+            stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
+            BLOCK_SIZE, True, QUANT)
         causal = (keys[None, :] <= q_pos[:, None]) & n_mask[None, :]
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, causal, True, QUANT,
                                             PRECISION)
@@ -129,7 +140,7 @@ def prefill_attention(
     _prefill_kernel[grid](
         q, kv.k, kv.v, k_scale, v_scale, out, query_start_loc, seq_lens, block_tables,
         scale * LOG2E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head, block_tables.stride(0),
+        *cache_strides(kv), stride_scale_block, stride_scale_head, block_tables.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
         PRECISION=dot_precision(q.dtype), QUANT=kv.k_scale is not None,

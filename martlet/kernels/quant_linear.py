@@ -7,18 +7,19 @@ their contiguous words along K, unpacking in registers. Groups hold a multiple o
 so all codes of a word share their group's scale and offset.
 
 - Up to GEMV_MAX_TOKENS tokens, `_quant_gemv_kernel` (CUDA-core FMAs: at one to four tokens a
-  tensor-core tile would be mostly padding) takes code j of a word in place, as the float
-  code * 2^(bits j), with one AND, and lets x carry the 2^-(bits j); each word's sum over its codes,
-  sum_j code_j x_j, is scaled once: + offset * sum_j x_j for the offset. A weight then costs an
-  AND, an int-to-float and an FMA; with x's share the loop compiles to 4.7 instructions a weight
-  at 4 bits, 4.2 at 8 (sm_90), where the tensor-core kernel's takes 10.4.
+  tensor-core tile would be mostly padding) takes code j of a word to a float by placing it under
+  the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add: int-to-float
+  conversions run at a quarter of the FMA rate); each word's sum over its codes, sum_j code_j x_j,
+  is scaled once: + offset * sum_j x_j for the offset.
 - Up to MAX_GEMM_TOKENS, `_quant_linear_kernel` (tensor cores; beyond 32 tokens one tile of 128
   or 256 rows holds them all, so each weight is unpacked once: a GEMM that dequantizes inside):
-  code j of every word of a tile multiplies inputs j, j + pack, ... of x, so the tile is `pack`
-  dot products with x's columns gathered at stride `pack` and the unpacked weight never needs
-  reshaping.
+  a tile's words are unpacked into input order (`_unpack`: every code position shifted out at once,
+  laid side by side), so x's columns load contiguous and one dot takes the tile. (Unpacking code j
+  of every word against x's columns j, j + pack, ... instead made x's loads gathers at stride `pack`,
+  and took 0.4-1.4 ms per 7B qkv at 64-256 tokens on an H200: results/quant-weight-only-*.)
 - Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS, whose
-  cost is then spread over enough tokens to vanish.
+  cost is then spread over enough tokens to vanish; unpacked the same way, so its stores are whole
+  runs of a row.
 
 All are CUDA-graph safe: no host syncs, and the outputs and scratch tensor are allocated the same
 way at every call.
@@ -83,6 +84,12 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _code(words, j: tl.constexpr, BITS: tl.constexpr):
+    """Code j of each word (lowest bits first), as an int."""
+    return (words >> (j * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
 def _gemv_step(
     acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
     stride_xm, stride_wn, stride_sn,
@@ -100,8 +107,8 @@ def _gemv_step(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word_cols * PACK + j)[None, :], mask=x_mask,
                     other=0.0).to(tl.float32)
         x_sum += x
-        code_in_place = (words & (((1 << BITS) - 1) << (BITS * j))).to(tl.float32)  # code * 2^(bits j), exact
-        dot += code_in_place[None, :, :] * (x * (1.0 / (1 << (BITS * j))))[:, None, :]
+        code = (_code(words, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # see _dequantize_words
+        dot += code[None, :, :] * x[:, None, :]
     centered = dot if ASYMMETRIC else dot - (1 << (BITS - 1)) * x_sum[:, None, :]
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
         return acc + centered
@@ -158,44 +165,74 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
-def _dequantize_codes(words, j, scale, offset, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr,
-                      SCALE_IN_LOOP: tl.constexpr, DTYPE: tl.constexpr):
-    """Code j of each word as a weight in DTYPE (unscaled when the scale waits for the epilogue),
-    computed in fp32 from fp32 scale and offset and rounded once, as the reference does."""
-    codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
+def _unpack(words, BITS: tl.constexpr):
+    """Words [R, W] -> their codes [R, W * pack] in input order (code j of word w is input w * pack + j).
+    Joined pairwise, a word's codes stay in its thread, side by side, so the tile reaches shared
+    memory (for the dot) in wide stores. Each join adds a last axis of 2, and the flattening reads
+    the first-added axis slowest: so code 0 pairs with code pack/2, then 2 with 6, and so on."""
+    if BITS == 4:
+        c0, c1, c2, c3 = _code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS), _code(words, 3, BITS)
+        c4, c5, c6, c7 = _code(words, 4, BITS), _code(words, 5, BITS), _code(words, 6, BITS), _code(words, 7, BITS)
+        codes = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:
+        c0, c1, c2, c3 = _code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS), _code(words, 3, BITS)
+        codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(codes, (words.shape[0], words.shape[1] * (32 // BITS)))
+
+
+@triton.jit
+def _per_code(values, BITS: tl.constexpr):
+    """A value per word [R, W] -> the same for each of its codes [R, W * pack], laid out as `_unpack`'s
+    codes are (a group holds whole words, so its scale and offset are per word)."""
+    pair = tl.join(values, values)
+    codes = tl.join(tl.join(pair, pair), tl.join(pair, pair)) if BITS == 4 else tl.join(pair, pair)
+    return tl.reshape(codes, (values.shape[0], values.shape[1] * (32 // BITS)))
+
+
+@triton.jit
+def _dequantize_words(
+    words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
+    ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, EVEN: tl.constexpr, DTYPE: tl.constexpr,
+):
+    """A words tile [R, W] (rows `rows`, word columns `word_cols`) as weights [R, W * pack] in DTYPE, in
+    input order; unscaled when the scale waits for the epilogue. Computed in fp32 from fp32 scale and
+    offset and rounded once, as the reference does. A group holds whole words, so its scale and
+    offset are read once a word and spread over its codes.
+
+    A code becomes a float without a (quarter-rate) conversion: under the exponent bits of 2^23 it is
+    the float 2^23 + code, and one subtraction leaves the code, or the code less the middle, exactly."""
+    magic = (_unpack(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code
+    s_offs = rows[:, None] * stride_sn + (word_cols * (32 // BITS) // GROUP)[None, :]
     if ASYMMETRIC:
-        return (codes.to(tl.float32) * scale + offset).to(DTYPE)
-    centered = (codes - (1 << (BITS - 1))).to(DTYPE)  # exact: |code - middle| < 256
-    if SCALE_IN_LOOP:
-        return (centered.to(tl.float32) * scale).to(DTYPE)
-    return centered
+        scale = _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+        offset = _per_code(_load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+        w = ((magic - 8388608.0) * scale + offset).to(DTYPE)
+    else:
+        centered = magic - (8388608.0 + (1 << (BITS - 1)))
+        if SCALE_IN_LOOP:
+            centered *= _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+        w = centered.to(DTYPE)  # unscaled: exact, |code - middle| < 256
+    return w
 
 
 @triton.jit
 def _dequant_dot(
-    acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
-    stride_xm, stride_wn, stride_sn,
+    acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, k0, K, stride_xm, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    FP32: tl.constexpr, EVEN: tl.constexpr,
+    FP32: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W dequantized in registers."""
+    """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W unpacked to input order and
+    dequantized in registers, so x's columns load contiguous and one dot takes the whole tile."""
     PACK: tl.constexpr = 32 // BITS
-    dtype = x_ptr.dtype.element_ty
-    w_mask = mask_rows[:, None] & mask_words[None, :]
+    word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    w_mask = mask_rows[:, None] & (word_cols < K // PACK)[None, :]
     words = _load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], w_mask, EVEN)
-    scale = None
-    offset = None
-    if SCALE_IN_LOOP:
-        s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-        scale = _load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32)
-        if ASYMMETRIC:
-            offset = _load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32)
-    x_mask = mask_m[:, None] & mask_words[None, :]
-    for j in tl.static_range(PACK):
-        w = _dequantize_codes(words, j, scale, offset, BITS, ASYMMETRIC, SCALE_IN_LOOP, dtype)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word_cols * PACK + j)[None, :], mask=x_mask, other=0.0)
-        acc += _dot(x, w, FP32)
-    return acc
+    w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
+                          SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
+    cols = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & (cols < K)[None, :],
+                other=0.0)
+    return acc + _dot(x, w, FP32)
 
 
 @triton.jit
@@ -206,21 +243,18 @@ def _quant_linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
-    PACK: tl.constexpr = 32 // BITS
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        mask_words = word_cols < K // PACK
-        acc = _dequant_dot(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, word_cols, mask_words,
-                           stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN)
+        acc = _dequant_dot(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
+                           stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN, BLOCK_K)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
-            acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, word_cols,
-                                  mask_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC,
-                                  SCALE_IN_LOOP, FP32, EVEN)
+            acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
+                                  stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN,
+                                  BLOCK_K)
     _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n, N, stride_sn, stride_om,
               SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
 
@@ -287,14 +321,13 @@ def _dequantize_kernel(
     PACK: tl.constexpr = 32 // BITS
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     word_cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = (rows < N)[:, None] & (word_cols < K // PACK)[None, :]
-    words = tl.load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], mask=mask, other=0)
-    s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-    scale = tl.load(s_ptr + s_offs, mask=mask, other=0.0).to(tl.float32)
-    offset = tl.load(o_ptr + s_offs, mask=mask, other=0.0).to(tl.float32) if ASYMMETRIC else None
-    for j in tl.static_range(PACK):
-        w = _dequantize_codes(words, j, scale, offset, BITS, ASYMMETRIC, True, out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows[:, None] * K + (word_cols * PACK + j)[None, :], w, mask=mask)
+    w_mask = (rows < N)[:, None] & (word_cols < K // PACK)[None, :]
+    words = tl.load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], mask=w_mask, other=0)
+    w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC, True,
+                          False, out_ptr.dtype.element_ty)
+    cols = tl.program_id(1) * BLOCK_W * PACK + tl.arange(0, BLOCK_W * PACK)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], w, mask=mask)  # whole runs of a row: coalesced
 
 
 def dequantize(

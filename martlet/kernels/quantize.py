@@ -1,4 +1,5 @@
-"""8-bit quantization in kernels: rounding to int8 and e4m3 codes, and per-token activation codes for W8A8.
+"""8-bit quantization in kernels: rounding to int8 and e4m3 codes, per-token activation codes for W8A8,
+and widening codes back to 16 bits (`widen`, for the 8-bit KV cache and 8-bit weights).
 
 References: `martlet.layers.kv_cache.quantize` (the same fp32 operations in the same order, so the
 kernels and the reference give the same codes). `quantize_rows` is W8A8's dynamic activation
@@ -7,11 +8,40 @@ quantization: one fp32 scale per token, max|x| / max_code, one program per token
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from martlet.layers.kv_cache import KVFormat
+
+# The interpreter runs no PTX: there the 8-bit codes widen with a plain conversion.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def widen(codes, dtype: tl.constexpr):
+    """8-bit codes to `dtype`, exactly (a tile already in `dtype` passes through). To fp16, e4m3 has
+    a paired conversion (one instruction per two codes); int8's would take one quarter-rate I2F per
+    code, so instead each code c is XORed to the byte c + 128 and placed under fp16 exponent bits 0x64
+    (the number 1024 + c + 128), two codes a register, and 1152 is subtracted: per two codes, a PRMT
+    and a SUB, all full rate."""
+    if codes.dtype != tl.int8 or dtype != tl.float16 or _INTERPRETED:
+        wide = codes.to(dtype)
+    else:
+        wide = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, bias;
+            xor.b32 u, $2, 0x80808080;
+            mov.b32 bias, 0x64806480;
+            prmt.b32 $0, u, 0x64646464, 0x4140;
+            prmt.b32 $1, u, 0x64646464, 0x4342;
+            sub.f16x2 $0, $0, bias;
+            sub.f16x2 $1, $1, bias;
+            }""",
+            constraints="=r,=r,r", args=[codes], dtype=tl.float16, is_pure=True, pack=4)
+    return wide
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.paged import check_cache, scale_args
+from martlet.kernels.paged import cache_strides, check_cache, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.kernels.quantize import reciprocal_or_zero, to_codes
 from martlet.layers.kv_cache import LayerKV
@@ -28,13 +28,14 @@ def _rotate(row_ptr, stride_h, num_heads, offs_h, offs_d, d_mask, cos, sin, HALF
 
 
 @triton.jit
-def _store_halves(ptrs, x1, x2, mask, HALF: tl.constexpr):
+def _store_halves(ptrs, x1, x2, mask, second_half):
+    """x1 at `ptrs`, x2 `second_half` elements on (HALF times the channel stride)."""
     tl.store(ptrs, x1.to(ptrs.dtype.element_ty), mask=mask)
-    tl.store(ptrs + HALF, x2.to(ptrs.dtype.element_ty), mask=mask)
+    tl.store(ptrs + second_half, x2.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, MAX_CODE: tl.constexpr, HALF: tl.constexpr):
+def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, second_half, MAX_CODE: tl.constexpr):
     """Head rows (halves x1, x2, fp32) as 8-bit codes and one fp16 scale each: `kv_cache.quantize`,
     the same operations in the same order."""
     amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
@@ -43,7 +44,7 @@ def _store_quantized(ptrs, scale_ptrs, x1, x2, mask, head_mask, MAX_CODE: tl.con
     tl.store(scale_ptrs, scale, mask=head_mask)
     y1 = to_codes(x1, inv, MAX_CODE, ptrs.dtype.element_ty)
     y2 = to_codes(x2, inv, MAX_CODE, ptrs.dtype.element_ty)
-    _store_halves(ptrs, y1, y2, mask, HALF)
+    _store_halves(ptrs, y1, y2, mask, second_half)
 
 
 @triton.jit
@@ -51,7 +52,7 @@ def _rotary_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_cos,
-    stride_block, stride_head, stride_slot, stride_scale_block, stride_scale_head,
+    stride_block, stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head,
     NUM_Q_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, QUANT: tl.constexpr,
     MAX_CODE: tl.constexpr, PDL: tl.constexpr,
@@ -76,8 +77,9 @@ def _rotary_kv_kernel(
         kv_heads = tl.arange(0, BLOCK_HKV)
         k1, k2, kv_mask = _rotate(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, kv_heads, offs_d, d_mask, cos,
                                   sin, HALF)
-        cache = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot
-        cache += kv_heads[:, None] * stride_head + offs_d[None, :]
+        tiles = (slot // BLOCK_SIZE) * stride_block + kv_heads[:, None] * stride_head
+        k_cache = k_cache_ptr + tiles + (slot % BLOCK_SIZE) * stride_slot + offs_d[None, :]
+        v_cache = v_cache_ptr + tiles + (slot % BLOCK_SIZE) * stride_v_slot + offs_d[None, :] * stride_v_d
         # Round to k's dtype before the cache's, as the reference does (rotary output, then the write).
         k_dtype = k_ptr.dtype.element_ty
         k1, k2 = k1.to(k_dtype), k2.to(k_dtype)
@@ -86,13 +88,13 @@ def _rotary_kv_kernel(
         if QUANT:
             scales = (slot // BLOCK_SIZE) * stride_scale_block + slot % BLOCK_SIZE + kv_heads * stride_scale_head
             head_mask = kv_heads < NUM_KV_HEADS
-            _store_quantized(k_cache_ptr + cache, k_scale_ptr + scales, k1.to(tl.float32), k2.to(tl.float32),
-                             kv_mask, head_mask, MAX_CODE, HALF)
-            _store_quantized(v_cache_ptr + cache, v_scale_ptr + scales, v1.to(tl.float32), v2.to(tl.float32),
-                             kv_mask, head_mask, MAX_CODE, HALF)
+            _store_quantized(k_cache, k_scale_ptr + scales, k1.to(tl.float32), k2.to(tl.float32), kv_mask, head_mask,
+                             HALF, MAX_CODE)
+            _store_quantized(v_cache, v_scale_ptr + scales, v1.to(tl.float32), v2.to(tl.float32), kv_mask, head_mask,
+                             HALF * stride_v_d, MAX_CODE)
         else:
-            _store_halves(k_cache_ptr + cache, k1, k2, kv_mask, HALF)
-            _store_halves(v_cache_ptr + cache, v1, v2, kv_mask, HALF)
+            _store_halves(k_cache, k1, k2, kv_mask, HALF)
+            _store_halves(v_cache, v1, v2, kv_mask, HALF * stride_v_d)
 
 
 def rotary_kv_write(
@@ -120,7 +122,7 @@ def rotary_kv_write(
         q, k, v, positions, cos_sin_cache, slot_mapping, q_out, kv.k, kv.v, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
-        kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), stride_scale_block, stride_scale_head,
+        *cache_strides(kv), stride_scale_block, stride_scale_head,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=kv.k.shape[2],
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half), QUANT=fmt is not None, MAX_CODE=fmt.max_code if fmt else 0.0,

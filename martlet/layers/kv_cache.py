@@ -7,7 +7,8 @@ stores each row of `head_dim` channels as 8-bit codes and one fp16 scale per (to
     x ~= code * scale,   scale = max|x| / max_code   (127 for int8, 448 for fp8 e4m3)
 
 The scale of a (block, head) tile's 16 rows sits right after its codes, so the tile and its scales
-are one contiguous run of memory (2,080 bytes for 16 x 128, against 4,096 in fp16: 1.97x the
+are one contiguous run of memory (V's codes channel-major within it: see martlet/kernels/__init__.py;
+2,080 bytes for 16 x 128, against 4,096 in fp16: 1.97x the
 tokens in the same memory). Scales are computed as the row is written, from the row alone: no
 calibration, and a prefix-cache hit or a recomputed sequence gets exactly the codes it had.
 """
@@ -77,14 +78,17 @@ def allocate_kv_cache(
     codes_bytes = block_size * head_dim * fmt.dtype.itemsize
     pool = torch.zeros(*shape, tile_bytes(block_size, head_dim, model_dtype, fmt), dtype=torch.uint8, device=device)
 
-    def codes(tiles: torch.Tensor) -> torch.Tensor:
-        return tiles[..., :codes_bytes].view(fmt.dtype).unflatten(-1, (block_size, head_dim))
+    def codes(tiles: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
+        flat = tiles[..., :codes_bytes].view(fmt.dtype)
+        if channel_major:  # stored [head_dim, block_size], seen as [block_size, head_dim]
+            return flat.unflatten(-1, (head_dim, block_size)).transpose(-1, -2)
+        return flat.unflatten(-1, (block_size, head_dim))
 
     def scales(tiles: torch.Tensor) -> torch.Tensor:
         return tiles[..., codes_bytes:].view(SCALE_DTYPE)
 
     return pool, [
-        LayerKV(codes(pool[0, i]), codes(pool[1, i]), scales(pool[0, i]), scales(pool[1, i]))
+        LayerKV(codes(pool[0, i]), codes(pool[1, i], channel_major=True), scales(pool[0, i]), scales(pool[1, i]))
         for i in range(num_layers)
     ]
 

@@ -223,7 +223,9 @@ def load_weight(
     shape = tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape)
     index = [slice(None)] * len(shape)
     output_dim = getattr(param, "output_dim", 0)
-    input_dim = getattr(param, "input_dim", 1 if param.dim() == 2 else None)
+    # A weight's inputs are its dimension 1; a vector shared by every output (GPTQ's g_idx, SmoothQuant's
+    # pre_quant_scale) is one entry per input.
+    input_dim = getattr(param, "input_dim", 1 if param.dim() == 2 else 0 if output_dim is None else None)
     whole = getattr(param, "scalar_fills_rows", False) and math.prod(shape) == 1  # one number for every row
     for dim, span, per in ((output_dim, src_rows, getattr(param, "pack_factor", 1)),
                            (input_dim, src_cols, getattr(param, "input_pack", 1))):

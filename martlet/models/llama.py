@@ -81,8 +81,10 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, rotary, backend, quant, f"{prefix}.self_attn")
         self.mlp = LlamaMLP(cfg, quant, f"{prefix}.mlp")
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Each norm hands its projection the input form that projection's method asks for (W8A8: 8-bit codes).
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, feeds=self.self_attn.qkv_proj.method)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps,
+                                                feeds=self.mlp.gate_up_proj.method)
 
     def forward(
         self, x: torch.Tensor | None, residual: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
@@ -179,7 +181,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
         missing = []
-        for name in params:
+        for name, param in params.items():
+            if getattr(param, "optional", False):  # e.g. W8A8's pre_quant_scale: ones unless the checkpoint has it
+                continue
             num_shards = sum(merged == name.split(".")[-2] for merged, _ in self._MERGED.values())
             keys = [f"{name}#{i}" for i in range(num_shards)] if num_shards else [name]
             missing += [key for key in keys if key not in filled]

@@ -24,6 +24,7 @@ from martlet import distributed
 from martlet.config import ModelConfig
 from martlet.layers.attention import AttentionBackend
 from martlet.layers.linear import Linear
+from martlet.layers.norm import RMSNorm
 from martlet.layers.quantization import QuantizationConfig, from_checkpoint, from_name
 from martlet.models.llama import LlamaForCausalLM
 
@@ -127,7 +128,11 @@ def build_model(
 
 
 def _repack(model: LlamaForCausalLM, quant: QuantizationConfig, quiet: bool) -> None:
-    """Each linear layer's weights into its format's kernel layout (quantizing them for int8/int4)."""
+    """Each linear layer's weights into its format's kernel layout (quantizing them for int8/int4), after
+    each norm has folded in the smoothing factors of the layer it feeds (SmoothQuant, W8A8)."""
+    for norm in model.modules():
+        if isinstance(norm, RMSNorm):
+            norm.fold_input_smoothing()
     layers = [module for module in model.modules() if isinstance(module, Linear)]
     for layer in tqdm(layers, desc=f"Packing weights ({quant.name})", unit="layer", disable=quiet):
         layer.method.process_weights_after_loading(layer)
@@ -165,6 +170,8 @@ def _fill_dummy(model: torch.nn.Module) -> None:
     """Small uniform weights (norms at 1): activations stay finite through any depth."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     for name, param in model.named_parameters():
+        if getattr(param, "optional", False):  # left as created (W8A8's pre_quant_scale: ones)
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
         else:

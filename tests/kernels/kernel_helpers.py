@@ -23,6 +23,17 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     assert err < TOLERANCE[dtype], f"relative error {err:.2e} over {TOLERANCE[dtype]:.0e}"
 
 
+def assert_codes_close(codes: torch.Tensor, scales: torch.Tensor, ref_codes: torch.Tensor, ref_scales: torch.Tensor,
+                       ulps: float = 0.0) -> None:
+    """Per-token 8-bit codes and fp32 scales against the reference's: scales within `ulps`-ish relative
+    error, codes within one step (a last-bit difference in the input or fast division may move one)."""
+    assert codes.dtype == ref_codes.dtype and scales.dtype == torch.float32
+    torch.testing.assert_close(scales.cpu(), ref_scales, rtol=max(ulps, 1e-6), atol=0)
+    ref = ref_codes.float()
+    step = 1.0 if codes.dtype == torch.int8 else ref.abs() / 8 + 2**-9
+    assert ((codes.cpu().float() - ref).abs() <= step).all()
+
+
 def make_paged_batch(
     q_lens: list[int], seq_lens: list[int], num_q_heads: int, num_kv_heads: int, head_dim: int,
     block_size: int, dtype: torch.dtype, seed: int = 0, kv_cache_dtype: str = "auto",

@@ -7,6 +7,7 @@ from kernel_helpers import DEVICE, assert_close, dtypes
 
 from martlet.kernels.linear import MAX_TOKENS, SkinnyConfig, skinny_linear
 from martlet.layers.activation import silu_and_mul
+from martlet.layers.kv_cache import KV_FORMATS, dequantize, quantize
 
 
 def random(shape, seed, dtype):
@@ -61,9 +62,27 @@ def test_skinny_linear_refuses_what_it_cannot_do():
         skinny_linear(torch.zeros(2, 15, device=DEVICE), weight)
     with pytest.raises(ValueError, match="even height"):
         skinny_linear(torch.zeros(2, 16, device=DEVICE), torch.zeros(7, 16, device=DEVICE), silu_and_mul=True)
-    with pytest.raises(ValueError, match="one dtype"):
+    with pytest.raises(ValueError, match="x's dtype"):
         skinny_linear(torch.zeros(2, 16, device=DEVICE, dtype=torch.float16), weight)
+    with pytest.raises(ValueError, match="weight_scale"):
+        skinny_linear(torch.zeros(2, 16, device=DEVICE), weight.to(torch.int8))
     assert skinny_linear(torch.zeros(0, 16, device=DEVICE), weight).shape == (0, 8)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize(
+    "m, n, k, silu", [(1, 48, 64, False), (3, 50, 100, False), (21, 17, 70, False), (5, 2 * 19, 96, True)]
+)
+def test_skinny_linear_8bit_codes(m, n, k, silu, fmt, dtype):
+    """W8A8's weights (int8 or e4m3 codes, an fp32 scale per output feature) against activations in x's
+    dtype: odd shapes, masked edges, and the SiLU-gated form."""
+    codes, scales = quantize(random((n, k), k, torch.float32).cpu(), KV_FORMATS[fmt], torch.float32)
+    x = random((m, k), m, dtype)
+    out = skinny_linear(x, codes.to(DEVICE), config=SkinnyConfig(block_k=32), silu_and_mul=silu,
+                        weight_scale=scales.to(DEVICE))
+    expected = F.linear(x.float(), dequantize(codes, scales).to(DEVICE))
+    assert_close(out, silu_and_mul(expected) if silu else expected, dtype)
 
 
 @pytest.mark.gpu
@@ -72,6 +91,7 @@ def test_silu_gate_up_linear_every_path(m):
     from martlet.layers.linear import SiluGateUpLinear
 
     layer = SiluGateUpLinear(256, 2 * 96).to("cuda", torch.float16)
+    layer.weight.data.copy_(random((2 * 96, 256), 1, torch.float16))  # created empty, as before loading
     x = random((m, 256), m, torch.float16)
     expected = silu_and_mul(F.linear(x.float(), layer.weight.float()))
     assert_close(layer(x), expected, torch.float16)

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from kernel_helpers import DEVICE, assert_close, dtypes
+from kernel_helpers import DEVICE, assert_close, assert_codes_close, dtypes
 
-from martlet.kernels.norm import rms_norm
+from martlet.kernels.norm import rms_norm, rms_norm_quantized
+from martlet.layers.kv_cache import KV_FORMATS, quantize
 from martlet.layers.norm import rms_norm as rms_norm_reference
 
 gpu = pytest.mark.gpu
@@ -45,3 +46,18 @@ def test_per_head_norm_of_a_strided_view(num_heads, head_dim, dtype):
     weight = weight[:head_dim].contiguous()
     assert_close(rms_norm(q, weight, 1e-6), rms_norm_reference(q.float(), weight.float(), 1e-6), dtype)
 
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 1000), pytest.param((300, 4096), marks=gpu)])
+def test_fused_add_rms_norm_quantized(shape, dtype, fmt):
+    """W8A8's input: the norm of residual + x, quantized per token, against the norm then `quantize`."""
+    x, weight = _inputs(shape, dtype)
+    residual, _ = _inputs(shape, dtype, seed=1)
+    x[0] = -residual[0]  # a zero row: scale 0, codes 0
+    expected_sum = x + residual
+    codes, scales = rms_norm_quantized(x, weight, 1e-5, KV_FORMATS[fmt], residual=residual)
+    assert torch.equal(residual, expected_sum)
+    normed = rms_norm_reference(expected_sum.cpu(), weight.cpu(), 1e-5)
+    assert_codes_close(codes, scales, *quantize(normed, KV_FORMATS[fmt], torch.float32), ulps=1e-3)

@@ -1,4 +1,5 @@
-"""The packed-weight kernels compile for a Hopper GPU (sm_90), even on a machine without one.
+"""The packed-weight kernels, and W8A8's (8-bit weights in the few-token kernel, the quantizing norm),
+compile for a Hopper GPU (sm_90), even on a machine without one.
 
 Triton's interpreter, which runs the kernels in CI, accepts code that its compiler rejects; this
 compiles the kernels' default tiles ahead of time (frontend, LLVM, ptxas from Triton's wheel), in a
@@ -53,6 +54,32 @@ def compile_defaults() -> None:
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def compile_w8a8() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from martlet.kernels import linear, norm
+
+    def compile_kernel(kernel, const: dict, types: dict, num_warps: int) -> None:
+        names = kernel.arg_names
+        signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+    for x_type, w_type, silu in [("*fp16", "*fp8e4nv", False), ("*fp16", "*fp8e4nv", True), ("*fp16", "*i8", True),
+                                 ("*bf16", "*fp8e4nv", False)]:
+        const = dict(HAS_SCALE=True, HAS_BIAS=False, SILU_AND_MUL=silu, FP32=False, BLOCK_M=16, BLOCK_N=32,
+                     BLOCK_K=256, NUM_STAGES=5, PDL=True, bias_ptr=None)
+        types = {"x_ptr": x_type, "w_ptr": w_type, "scale_ptr": "*fp32", "out_ptr": x_type}
+        compile_kernel(linear._skinny_linear_kernel, const, types, num_warps=2)
+    for code_type, max_code in (("*fp8e4nv", 448.0), ("*i8", 127.0)):
+        const = dict(NUM_ROWS=1, N=4096, BLOCK_H=1, BLOCK_N=4096, HAS_RESIDUAL=True, MAX_CODE=max_code, PDL=True)
+        types = {"x_ptr": "*fp16", "residual_ptr": "*fp16", "weight_ptr": "*fp16", "out_ptr": code_type,
+                 "scales_ptr": "*fp32", "eps": "fp32"}
+        compile_kernel(norm._rms_norm_kernel, const, types, num_warps=8)
+
+
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
@@ -63,3 +90,4 @@ def test_kernels_compile_for_sm90():
 
 if __name__ == "__main__":
     compile_defaults()
+    compile_w8a8()

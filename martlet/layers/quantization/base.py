@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from martlet.layers.activation import SiluAndMul
+from martlet.layers.kv_cache import KVFormat
 
 _silu_and_mul = SiluAndMul()  # the Triton kernel on CUDA, PyTorch otherwise
 
@@ -35,6 +36,17 @@ class LinearMethod(ABC):
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features] -> [T, out_features], bias included."""
+
+    def input_format(self, num_tokens: int, device: torch.device) -> KVFormat | None:
+        """The 8-bit format in which this method takes num_tokens input rows, quantized per token by
+        the kernel that produces them (an RMSNorm) and passed to `apply` as W8A8's
+        `QuantizedRows`; None, the default: rows in the model's dtype."""
+        return None
+
+    def take_input_smoothing(self) -> torch.Tensor | None:
+        """Per-input-channel factors the input is to be multiplied by (SmoothQuant), for the norm
+        before this layer to fold into its weight, once loaded; the layer then leaves them out."""
+        return None
 
     def apply_silu_and_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """For a gated MLP's merged [gate; up] layer: SiLU(x gate^T) * (x up^T). Methods with a
