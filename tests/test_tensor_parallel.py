@@ -179,10 +179,10 @@ def test_hung_worker_times_out(llama, monkeypatch):
 
 @pytest.mark.timeout(300)
 def test_two_nodes_over_loopback(tiny_model, tmp_path):
-    """`--nnodes 2`: node 0 runs the engine and rank 0, node 1 (another process) rank 1."""
+    """`--nnodes 2`: node 0 (a process) runs the engine and ranks 0-1, node 1 (another) ranks 2-3."""
     port = _free_port()
     command = [sys.executable, "-m", "martlet.cli", "generate", "--model", str(tiny_model), "--prompt", "Hello",
-               "--max-tokens", "6", "--device", "cpu", "-tp", "2", "--nnodes", "2", "--master-port", str(port),
+               "--max-tokens", "6", "--device", "cpu", "-tp", "4", "--nnodes", "2", "--master-port", str(port),
                "--quiet"]
     node1 = subprocess.Popen([*command, "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     node0 = subprocess.run([*command, "--node-rank", "0"], capture_output=True, text=True, timeout=240)

@@ -460,6 +460,10 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
     if args.tensor_parallel_size % args.nnodes or not 0 <= args.node_rank < args.nnodes:
         raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} must divide by nnodes={args.nnodes}, "
                          f"and node_rank={args.node_rank} must be in [0, nnodes)")
+    per_node = args.tensor_parallel_size // args.nnodes
+    if device.type == "cuda" and per_node > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} over {args.nnodes} node(s) needs "
+                         f"{per_node} GPUs here; this machine has {torch.cuda.device_count()}")
     if args.nnodes > 1 and args.master_port is None:
         raise ValueError("with nnodes > 1 every node needs the same master_addr and master_port")
     limit = max_model_len = model_config.max_position_embeddings
