@@ -169,7 +169,7 @@ def test_hung_worker_times_out(llama, monkeypatch):
     os.kill(worker.pid, signal.SIGSTOP)
     start = time.monotonic()
     try:
-        with pytest.raises(RuntimeError, match="tensor-parallel step failed"):
+        with pytest.raises(RuntimeError, match="tensor-parallel collective failed"):
             generate(llm, [[5, 6]])
         assert time.monotonic() - start < 20
     finally:

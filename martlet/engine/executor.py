@@ -94,7 +94,7 @@ class Workers:
             time.sleep(0.5)
         if self.failure is not None:
             raise WorkerDiedError(self.failure) from error
-        raise RuntimeError(f"a tensor-parallel step failed (is a rank hung or unreachable?): {error}") from error
+        raise RuntimeError(f"a tensor-parallel collective failed (is a rank hung or unreachable?): {error}") from error
 
     def shutdown(self) -> None:
         """Tell the workers to stop, wait for them, and leave the process group."""

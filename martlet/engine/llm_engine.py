@@ -62,9 +62,13 @@ class LLMEngine:
                 quantization=config.quantization, quiet=quiet,
             )
             self.runner = ModelRunner(config, model_config, model)
-        except BaseException:
-            self.shutdown()
-            raise
+        except BaseException as exc:
+            try:
+                if self.workers is not None and isinstance(exc, RuntimeError):
+                    self.workers.fail(exc)  # a rank that died while starting is named
+                raise
+            finally:
+                self.shutdown()
         num_blocks = self.runner.num_kv_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
