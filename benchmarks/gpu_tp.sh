@@ -4,7 +4,6 @@
 #    script on the same kind of GPU (TP=1 must stay within 2%);
 #  - with 2+ GPUs: the tensor-parallel tests on CUDA (NCCL inside CUDA graphs), the 7B latency rows
 #    at TP=2, and the one-shot all-reduce (symmetric memory) against NCCL at decode sizes.
-# The tiny test models need SmolLM2's tokenizer: see gpu_checks.sh (build/smollm2-tokenizer).
 set -uo pipefail
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,7 +14,6 @@ echo "== TP=1 seed rows"
 OUT=$OUT/tp1 ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
   bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1.log" | grep -E "==|tok/s|ms"
 if [ "$NGPU" -lt 2 ]; then echo "== one GPU: no TP=2 runs"; exit 0; fi
-[ -d build/smollm2-tokenizer ] && mkdir -p ~/.cache/martlet && cp -r build/smollm2-tokenizer ~/.cache/martlet/
 echo "== TP tests on CUDA"
 python3 -m pytest tests/test_tensor_parallel.py -k gpus -q -rf 2>&1 | tee "$OUT/tp_tests.log" | tail -5
 echo "== TP=2 latency rows"
