@@ -88,6 +88,21 @@ def test_tp4_replicates_kv_heads_and_matches_hf(llama):
         np.testing.assert_allclose(list(ours.values()), list(theirs.values()), atol=1e-4)
 
 
+def test_tp2_verifies_ngram_proposals(llama):
+    """Speculative decoding: the workers run the verification steps' extra rows like any others."""
+    path, _, _ = llama
+    prompts = [[5, 6, 7, 8] * 6, list(range(10, 40)) * 2]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    single = tokens(generate(LLM(str(path), device="cpu", dtype="float32", quiet=True), prompts, params))
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=2, quiet=True,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    try:
+        assert tokens(generate(llm, prompts, params)) == single
+        assert llm.engine.num_accepted_tokens > 0
+    finally:
+        llm.engine.shutdown()
+
+
 def test_int8_quantized_after_slicing(llama):
     """Each rank quantizes its own share at load (per output channel): the same tokens as one process."""
     path, prompts, _ = llama
