@@ -115,13 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_node_if_not_first(args: argparse.Namespace) -> int | None:
     """On node k > 0 of a multi-node engine (`--node-rank k`), run only this node's tensor-parallel
-    ranks, whatever the command, and return their exit status; None on node 0."""
-    if getattr(args, "node_rank", 0) == 0:
+    ranks, whatever the command, and return their exit status; under torchrun, rank k > 0 runs its
+    worker alone. None on node 0 and rank 0: they run the command."""
+    from martlet.engine.executor import launched_rank, run_node, run_worker
+
+    rank = launched_rank()
+    if getattr(args, "node_rank", 0) == 0 and not rank:
         return None
-    from martlet.engine.executor import run_node
     from martlet.engine.llm_engine import resolve_config
 
-    return run_node(*resolve_config(EngineArgs.from_cli_args(args)))
+    config, model_config = resolve_config(EngineArgs.from_cli_args(args))
+    if rank:
+        run_worker(config, model_config, rank, logging.getLogger().level)
+        return 0
+    return run_node(config, model_config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -192,20 +192,40 @@ def test_hung_worker_times_out(llama, monkeypatch):
         llm.engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def hello(tiny_model) -> str:
+    """One process's greedy text for "Hello" (6 tokens), as `martlet generate` prints it."""
+    llm = LLM(str(tiny_model), device="cpu", quiet=True)
+    output = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    return output.outputs[0].text + "\n"
+
+
+def generate_command(tiny_model: Path, *args: str) -> list[str]:
+    return ["-m", "martlet.cli", "generate", "--model", str(tiny_model), "--prompt", "Hello", "--max-tokens", "6",
+            "--device", "cpu", "--quiet", *args]
+
+
 @pytest.mark.timeout(300)
-def test_two_nodes_over_loopback(tiny_model, tmp_path):
+def test_two_nodes_over_loopback(tiny_model, hello):
     """`--nnodes 2`: node 0 (a process) runs the engine and ranks 0-1, node 1 (another) ranks 2-3."""
-    port = _free_port()
-    command = [sys.executable, "-m", "martlet.cli", "generate", "--model", str(tiny_model), "--prompt", "Hello",
-               "--max-tokens", "6", "--device", "cpu", "-tp", "4", "--nnodes", "2", "--master-port", str(port),
-               "--quiet"]
+    command = [sys.executable, *generate_command(tiny_model, "-tp", "4", "--nnodes", "2", "--master-port",
+                                                 str(_free_port()))]
     node1 = subprocess.Popen([*command, "--node-rank", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     node0 = subprocess.run([*command, "--node-rank", "0"], capture_output=True, text=True, timeout=240)
     assert node0.returncode == 0, node0.stderr[-3000:]
     assert node1.wait(timeout=60) == 0, node1.stdout.read().decode()[-3000:]
-    single = LLM(str(tiny_model), device="cpu", quiet=True)
-    expected = single.generate("Hello", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
-    assert node0.stdout == expected + "\n"
+    assert node0.stdout == hello
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_one_process_per_rank(tiny_model, hello):
+    """torchrun starts both ranks (env:// rendezvous): rank 0 runs the command, rank 1 its worker."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    run = subprocess.run([*torchrun, *generate_command(tiny_model, "-tp", "2")], capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == hello
 
 
 def _free_port() -> int:

@@ -8,7 +8,9 @@ number of blocks, so one block table serves them all.
 
 All ranks meet through torch.distributed's TCP rendezvous at master_addr:master_port. On several
 machines (`--nnodes N`), node 0 runs the engine and the first tensor_parallel_size / N ranks;
-node k (`--node-rank k`) runs only its ranks (`run_node`), and stops when the driver does.
+node k (`--node-rank k`) runs only its ranks (`run_node`), and stops when the driver does. Under
+torchrun (one process per rank, RANK and WORLD_SIZE set), nothing is spawned: the ranks meet
+through env://, rank 0 runs the command and the others a worker each (`launched_rank`).
 
 A worker that dies is seen at once through its process sentinel: the engine fails with an error
 that names the rank, rather than wait on a collective that can no longer complete.
@@ -55,9 +57,10 @@ class Workers:
         self.reported = False  # the failure has been raised to the engine's caller
         self.busy = True  # the engine waits on the ranks: starting up (until it says otherwise), or in a step
         self.stopping = False
-        self.processes = spawn_ranks(config, model_config, first_rank=1)
+        self.processes = [] if launched_rank() is not None else spawn_ranks(config, model_config, first_rank=1)
         self.ranks = {p.sentinel: rank for rank, p in enumerate(self.processes, start=1)}
-        threading.Thread(target=self._watch, name="martlet-tp-monitor", daemon=True).start()
+        if self.processes:
+            threading.Thread(target=self._watch, name="martlet-tp-monitor", daemon=True).start()
         atexit.register(self.shutdown)  # a script that ends without shutting down lets its workers go cleanly
         distributed.init(0, config.tensor_parallel_size, _init_method(config), rank_device(config, 0))
 
@@ -157,14 +160,26 @@ def run_node(config: EngineConfig, model_config: ModelConfig) -> int:
     return next((p.exitcode for p in processes if p.exitcode), 0)
 
 
+def launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started one process per rank, else None."""
+    return int(os.environ["RANK"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else None
+
+
 def rank_device(config: EngineConfig, rank: int) -> torch.device:
     """The device of `rank`: on CUDA its GPU on its node."""
     if config.device.type != "cuda":
         return config.device
+    if launched_rank() is not None:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda", rank % (config.tensor_parallel_size // config.nnodes))
 
 
 def _init_method(config: EngineConfig) -> str:
+    if launched_rank() is not None:
+        if int(os.environ["WORLD_SIZE"]) != config.tensor_parallel_size:
+            raise ValueError(f"launched as {os.environ['WORLD_SIZE']} processes (WORLD_SIZE) for "
+                             f"tensor_parallel_size={config.tensor_parallel_size}: they must be equal")
+        return "env://"
     return f"tcp://{config.master_addr}:{config.master_port}"
 
 
