@@ -224,6 +224,12 @@ class EngineArgs:
         None, 'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": k, '
               '"prompt_lookup_max": n, "prompt_lookup_min": m} or {"model": DRAFT_PATH, '
               '"num_speculative_tokens": k} (a draft model; "method": "medusa" or "eagle" for heads)', parse=json.loads)
+    tensor_parallel_size: int = _option(1, "ranks (GPUs) the model is split over, one process each", short="-tp")
+    nnodes: int = _option(1, "machines the ranks are spread over, tensor_parallel_size / nnodes each")
+    node_rank: int = _option(0, "this machine's number: 0 runs the engine, the others only their ranks")
+    master_addr: str = _option("127.0.0.1", "address of node 0, where the ranks meet")
+    master_port: int | None = _option(None, "port on node 0 where the ranks meet (default: a free one, "
+                                            "with one node)")
     quiet: bool = _option(False, "no progress bars or log lines")
 
     @classmethod
@@ -276,3 +282,8 @@ class EngineConfig:
     kv_cache_dtype: str  # "auto" (the model's dtype), "int8" or "fp8": see martlet/kernels/__init__.py
     quantization: str | None  # None (the checkpoint's format), "int8"/"int4" (weight-only) or "fp8"/"w8a8" (W8A8)
     speculative_config: SpeculativeConfig | None = None
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None

@@ -60,7 +60,7 @@ def next_token_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     runner = llm.engine.runner
     seq = Sequence("agreement", token_ids, SamplingParams(), eos_token_ids=[])
     seq.block_table = list(range(-(-len(token_ids) // runner.block_size)))
-    input_ids, positions, meta, _ = runner._prepare(ScheduledBatch([seq], [len(token_ids)], num_prefills=1))
+    input_ids, positions, meta = runner._tensors(runner._plan(ScheduledBatch([seq], [len(token_ids)], num_prefills=1)))
     hidden = runner.model(input_ids, positions, meta)
     return runner.model.compute_logits(hidden)
 

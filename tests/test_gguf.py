@@ -263,3 +263,16 @@ def test_smollm2_greedy_chat_matches_transformers(smollm2, hf_model):
         expected = hf_model.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1] :].tolist()
         assert list(output.outputs[0].token_ids) == expected, prompt
     assert "Paris" in outputs[0].outputs[0].text
+
+
+def test_lazy_tensors_read_a_rank_share(tiny):
+    """A tensor-parallel rank's share, dequantized alone (whole blocks of columns cut before
+    dequantizing, others after; whole heads of llama.cpp's q/k rows): the same as the whole tensor's."""
+    whole = dict(iter_weights(tiny.path, quiet=True))
+    lazy = dict(iter_weights(tiny.path, quiet=True, lazy=True))
+    for name, tensor in whole.items():
+        rows, cols = tensor.shape[0], tensor.shape[-1]
+        shares = [(slice(rows // 2, rows), slice(None)), (slice(None), slice(cols // 2, cols)),
+                  (slice(16, 48), slice(3, 17))] if tensor.dim() == 2 else [(slice(None),)]
+        for index in shares:
+            assert torch.equal(lazy[name][index], tensor[index]), (name, index)

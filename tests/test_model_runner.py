@@ -28,7 +28,8 @@ def test_prepare_mixed_step(tiny_llm):
     batch = ScheduledBatch([chunk, last, decode], [13, 6, 1], num_prefills=2)
     saved, runner.last_token_ids = runner.last_token_ids, torch.tensor([77])
     try:
-        input_ids, positions, meta, logits_indices = runner._prepare(batch)
+        step = runner._plan(batch)
+        input_ids, positions, meta = runner._tensors(step)
     finally:
         runner.last_token_ids = saved
 
@@ -43,13 +44,13 @@ def test_prepare_mixed_step(tiny_llm):
     assert meta.block_tables.tolist() == [[7, 3, 9, 4], [5, 0, 0, 0], [1, 8, 2, 0]]
     assert (meta.num_prefills, meta.num_prefill_tokens, meta.num_decodes) == (2, 19, 1)
     assert (meta.max_query_len, meta.max_seq_len) == (13, 40)
-    assert logits_indices == [18, 19]
+    assert step.logits_indices == [18, 19]
 
 
 def test_prepare_refuses_a_position_without_a_block(tiny_llm):
     seq = sequence("short", 40, 0, [1, 2])  # 32 slots for 40 tokens
     with pytest.raises(RuntimeError, match="no cache block for position 39"):
-        tiny_llm.engine.runner._prepare(ScheduledBatch([seq], [40], num_prefills=1))
+        tiny_llm.engine.runner._plan(ScheduledBatch([seq], [40], num_prefills=1))
 
 
 def test_mixed_step_pieces_match_the_model(tiny_llm):
@@ -60,7 +61,7 @@ def test_mixed_step_pieces_match_the_model(tiny_llm):
     last = sequence("last", 10, 4, [5])
     decode = sequence("decode", 40, 39, [1, 8, 2])
     batch = ScheduledBatch([chunk, last, decode], [13, 6, 1], num_prefills=2)
-    input_ids, positions, meta, _ = runner._prepare(batch)
+    input_ids, positions, meta = runner._tensors(runner._plan(batch))
     pieces = MixedStepGraphs(runner.model, 32, runner.device)
     assert pieces.ladder == [1, 2, 4, 8, 16, 24, 32]
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from martlet.kernels.quant_linear import quant_linear
+from martlet.layers.linear import load_weight
 from martlet.layers.quantization.packed import PackedFormat, dequantize
 from martlet.models import gguf as martlet_gguf
 from martlet.models import loader
@@ -79,3 +80,25 @@ def test_default_model_kept_packed_matches_dequantized(monkeypatch):
     assert all(isinstance(layer.method, martlet_gguf.GGUFPackedMethod) for layer in
                (model.layers[0].self_attn.qkv_proj, model.layers[-1].mlp.gate_up_proj, model.layers[5].mlp.down_proj))
     assert [out.outputs[0].token_ids for out in llm.generate(prompts, params)] == dequantized
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q6_K])
+def test_packed_blocks_load_a_rank_share(qtype):
+    """A row-parallel rank's inputs and a column-parallel rank's outputs of repacked blocks: the
+    same weights as those columns and rows of the whole tensor."""
+    tensor = random_tensor(qtype, 8, 512, seed=3)
+    fmt = martlet_gguf.PACKED_TYPES[qtype]
+    qweight, scales, offsets = martlet_gguf._repack(tensor, fmt)
+    whole = dequantize(qweight, scales, offsets, fmt)
+    parts = {"qweight": qweight, "scales": scales, "offsets": offsets}
+    for out_features, in_features, share in ((8, 256, dict(src_cols=slice(256, 512))),
+                                             (4, 512, dict(rows=slice(0, 4), src_rows=slice(4, 8)))):
+        layer = torch.nn.Module()
+        layer.out_features, layer.in_features = out_features, in_features
+        method = martlet_gguf.GGUFPackedMethod(fmt)
+        method.create_weights(layer, in_features, out_features, bias=False)
+        for name, param in layer.named_parameters():
+            load_weight(param, parts[name], name, **share)
+        method.process_weights_after_loading(layer)
+        expected = whole[:, 256:] if "src_cols" in share else whole[4:]
+        torch.testing.assert_close(dequantize(layer.qweight, layer.scales, layer.offsets, fmt), expected)

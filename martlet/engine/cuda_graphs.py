@@ -105,7 +105,7 @@ class DecodeGraphs:
                  device: torch.device, pool: tuple[int, int]) -> None:
         self.model = model
         self.backend = model.attention_layers()[0].backend
-        self.num_kv_heads = model.config.num_kv_heads
+        self.num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's
         self.ladder = size_ladder(max_batch_size)
         n = self.ladder[-1]
         max_blocks = -(-max_model_len // block_size)
@@ -260,8 +260,9 @@ class MixedStepGraphs:
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.residual = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
-        self.queries = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
-        self.attn_out = torch.zeros(n, cfg.num_heads, cfg.head_dim, dtype=dtype, device=device)
+        num_heads = model.attention_layers()[0].num_heads  # this rank's
+        self.queries = torch.zeros(n, num_heads, cfg.head_dim, dtype=dtype, device=device)
+        self.attn_out = torch.zeros(n, num_heads, cfg.head_dim, dtype=dtype, device=device)
         self.hidden = torch.zeros(n, cfg.hidden_size, dtype=dtype, device=device)
         self.pieces: dict[int, list[Callable[[], None]]] = {rung: self._pieces(rung) for rung in self.ladder}
 

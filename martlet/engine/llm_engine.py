@@ -22,6 +22,7 @@ import torch
 from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
+from martlet.engine.executor import Workers
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
@@ -52,14 +53,24 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         backend = get_attention_backend(config.attention_backend)
-        model = build_model(
-            config.model, model_config, backend, dtype=config.dtype, device=config.device,
-            max_positions=config.max_model_len, load_format=config.load_format,
-            quantization=config.quantization, quiet=quiet,
-        )
-        spec = config.speculative_config
-        self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
-        self.runner = ModelRunner(config, model_config, model, self.proposer)
+        # With tensor parallelism the other ranks start first: the model is built as this rank's share.
+        self.workers = Workers(config, model_config) if config.tensor_parallel_size > 1 else None
+        try:
+            model = build_model(
+                config.model, model_config, backend, dtype=config.dtype, device=config.device,
+                max_positions=config.max_model_len, load_format=config.load_format,
+                quantization=config.quantization, quiet=quiet,
+            )
+            spec = config.speculative_config
+            self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
+            self.runner = ModelRunner(config, model_config, model, self.proposer)
+        except BaseException as exc:
+            try:
+                if self.workers is not None and isinstance(exc, RuntimeError):
+                    self.workers.fail(exc)  # a rank that died while starting is named
+                raise
+            finally:
+                self.shutdown()
         num_blocks = self.runner.num_kv_blocks
         capacity = num_blocks * config.block_size
         if capacity < config.max_model_len:
@@ -91,50 +102,16 @@ class LLMEngine:
         self._output_kind: OutputKind = "cumulative"  # of the step() under way
         self._early_outputs: list[RequestOutput] = []  # collected in the middle of a step (see _grammar_bitmask)
         self._ids = itertools.count()
+        if self.workers is not None:
+            self.workers.busy = False  # started: waits on the ranks only within a step now
 
     @classmethod
     def from_args(cls, model: str, **kwargs) -> LLMEngine:
         """An engine for `model`; `kwargs` are `EngineArgs`' (an unknown name is a TypeError)."""
         args = EngineArgs(model=str(model), **kwargs)
-        if args.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
-                             f"got {args.kv_cache_dtype!r}")
-        if args.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {args.quantization!r}")
-        model_config = read_model_config(args.model)
-        auto_device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(auto_device if args.device == "auto" else args.device)
-        _check_positive(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len)
-        if not 0.0 < args.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
-        limit = max_model_len = model_config.max_position_embeddings
-        if args.max_model_len is None:
-            if args.num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
-                max_model_len = min(limit, args.num_kv_blocks * args.block_size)
-        elif args.max_model_len > limit:
-            raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} positions")
-        else:
-            max_model_len = args.max_model_len
-        config = EngineConfig(
-            model=args.model,
-            dtype=_resolve_dtype(args.dtype, model_config, device),
-            device=device,
-            max_model_len=max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            block_size=args.block_size,
-            num_kv_blocks=args.num_kv_blocks,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            seed=args.seed,
-            load_format=args.load_format,
-            attention_backend=args.attention_backend or ("triton" if device.type == "cuda" else "torch"),
-            enforce_eager=args.enforce_eager,
-            kv_cache_dtype=args.kv_cache_dtype,
-            quantization=args.quantization,
-            speculative_config=(None if args.speculative_config is None
-                                else SpeculativeConfig.from_dict(args.speculative_config)),
-        )
+        config, model_config = resolve_config(args)
+        if config.node_rank != 0:
+            raise ValueError(f"node_rank={config.node_rank} runs ranks only, no engine: see martlet.engine.executor")
         torch.manual_seed(args.seed)
         return cls(config, model_config, _try_tokenizer(args.model), quiet=args.quiet)
 
@@ -235,6 +212,8 @@ class LLMEngine:
         "final", the whole output of every request that finished.
         """
         self._output_kind = output_kind
+        if self.workers is not None:
+            self.workers.busy = True
         outputs = self._admit_compiled()
         if self.in_flight is not None and (self.in_flight.verifies or self._speculates()
                                            or any(has_penalty(s) for s in self.scheduler.running)):
@@ -249,7 +228,7 @@ class LLMEngine:
                 self.proposer.draft(batch)
             if self.on_step is not None:
                 self.on_step(batch)
-            launched = self.runner.execute(batch)
+            launched = self._execute(batch)
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
                 seq.num_computed_tokens += n  # rejected proposals are taken back when collected
                 seq.spec_token_ids = []
@@ -263,7 +242,23 @@ class LLMEngine:
             for seq in launched.seqs:
                 if not seq.is_finished:  # one that just finished keeps no trace of the wasted step
                     seq.append_token(PLACEHOLDER)
+        if self.workers is not None:
+            self.workers.busy = False
         return outputs
+
+    def _execute(self, batch: ScheduledBatch) -> LaunchedStep | None:
+        if self.workers is None:
+            return self.runner.execute(batch)
+        self.workers.check()
+        try:
+            return self.runner.execute(batch)
+        except RuntimeError as exc:  # a collective failed: a rank died, or hung past the group's timeout
+            self.workers.fail(exc)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also end with this process)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def _speculates(self) -> bool:
         """Whether this step proposes tokens: a small enough batch with a sequence that may use them
@@ -460,6 +455,68 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, max_model_
     bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+
+
+def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
+    """`args` checked and resolved to concrete values, with the model's config."""
+    if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                         f"got {args.kv_cache_dtype!r}")
+    if args.quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {args.quantization!r}")
+    model_config = read_model_config(args.model)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
+    _check_positive(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+                    tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes)
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}")
+    if args.tensor_parallel_size % args.nnodes or not 0 <= args.node_rank < args.nnodes:
+        raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} must divide by nnodes={args.nnodes}, "
+                         f"and node_rank={args.node_rank} must be in [0, nnodes)")
+    per_node = args.tensor_parallel_size // args.nnodes
+    if device.type == "cuda" and per_node > torch.cuda.device_count():
+        raise ValueError(f"tensor_parallel_size={args.tensor_parallel_size} over {args.nnodes} node(s) needs "
+                         f"{per_node} GPUs here; this machine has {torch.cuda.device_count()}")
+    if args.nnodes > 1 and args.master_port is None:
+        raise ValueError("with nnodes > 1 every node needs the same master_addr and master_port")
+    speculative = None if args.speculative_config is None else SpeculativeConfig.from_dict(args.speculative_config)
+    if speculative is not None and speculative.method != "ngram" and args.tensor_parallel_size > 1:
+        raise ValueError(f"speculative method {speculative.method!r} does not run with tensor parallelism yet "
+                         "(its model would be sharded without the workers); n-gram speculation does")
+    limit = max_model_len = model_config.max_position_embeddings
+    if args.max_model_len is None:
+        if args.num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
+            max_model_len = min(limit, args.num_kv_blocks * args.block_size)
+    elif args.max_model_len > limit:
+        raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} positions")
+    else:
+        max_model_len = args.max_model_len
+    config = EngineConfig(
+        model=args.model,
+        dtype=_resolve_dtype(args.dtype, model_config, device),
+        device=device,
+        max_model_len=max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend or ("triton" if device.type == "cuda" else "torch"),
+        enforce_eager=args.enforce_eager,
+        kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization,
+        speculative_config=speculative,
+        tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    return config, model_config
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from martlet import distributed
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
 from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs, VerifyGraphs
@@ -47,6 +48,9 @@ class ModelRunner:
         self.device = config.device
         self.block_size = config.block_size
         self.kv_format = kv_format(config.kv_cache_dtype)
+        self.tp_size = distributed.tp_size()
+        if self.tp_size > 1:  # every rank has its weights before the first step with a timeout
+            distributed.wait_for_all_ranks()
         self.sampler = Sampler(config.device, config.seed)
         # None while profiling; made once the KV pool exists.
         self.decode_graphs: DecodeGraphs | None = None
@@ -54,6 +58,8 @@ class ModelRunner:
         self.verify_graphs: VerifyGraphs | None = None
         self.last_token_ids = torch.zeros(0, dtype=torch.int64, device=self.device)
         self.num_kv_blocks = self._choose_num_blocks()
+        if self.tp_size > 1:  # one block table serves every rank's pool: the smallest decides
+            self.num_kv_blocks = distributed.min_over_ranks(self.num_kv_blocks)
         self._allocate_kv_cache(self.num_kv_blocks)
         # Graphs need kernels that take everything from device tensors: the Triton backend's.
         use_graphs = (
@@ -66,7 +72,9 @@ class ModelRunner:
             max_mixed_tokens = min(config.max_num_batched_tokens, MIXED_GRAPH_MAX_TOKENS)
             self.mixed_graphs = MixedStepGraphs(model, max_mixed_tokens, self.device)
             self.mixed_graphs.capture(pool)
-            if proposer is not None:
+            # Workers have no proposer, so their steps take the mixed-step graphs or none: the driver
+            # does the same with tensor parallelism, to run the same collectives.
+            if proposer is not None and self.tp_size == 1:
                 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH  # imports this module
 
                 max_query_len = config.speculative_config.num_speculative_tokens + 1
@@ -86,9 +94,10 @@ class ModelRunner:
     def kv_bytes_per_block(self, model: LlamaForCausalLM | None = None) -> int:
         """K and V of every layer of `model` (default: the model) for one block of tokens, in the
         cache's format (scales included)."""
-        m = (model or self.model).config
-        return 2 * m.num_layers * m.num_kv_heads * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
-                                                                self.kv_format)
+        model = model or self.model
+        m = model.config
+        return 2 * m.num_layers * _kv_heads(model) * tile_bytes(self.block_size, m.head_dim, self.config.dtype,
+                                                               self.kv_format)
 
     def _pool_bytes_per_block(self) -> int:
         features = self.block_size * self._feature_size() * self.config.dtype.itemsize
@@ -119,7 +128,8 @@ class ModelRunner:
         n = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         probe = Sequence("profile", [0] * n, SamplingParams(), eos_token_ids=[])
         probe.block_table = [0] * -(-n // self.block_size)
-        self.execute(ScheduledBatch([probe], [n], num_prefills=1), sample=False)
+        # Every rank runs it in its own start-up: no message to the workers.
+        self._launch(self._plan(ScheduledBatch([probe], [n], num_prefills=1), sample=False), None)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
 
@@ -147,7 +157,7 @@ class ModelRunner:
 
     def _allocate_pool(self, model: LlamaForCausalLM, num_blocks: int) -> torch.Tensor:
         m, layers = model.config, model.attention_layers()
-        pool, views = allocate_kv_cache(len(layers), num_blocks, m.num_kv_heads, self.block_size, m.head_dim,
+        pool, views = allocate_kv_cache(len(layers), num_blocks, _kv_heads(model), self.block_size, m.head_dim,
                                         self.config.dtype, self.kv_format, self.device)
         for layer, kv in zip(layers, views):
             layer.kv = kv
@@ -158,27 +168,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, sample: bool = True) -> LaunchedStep | None:
         """Launch one step and return without waiting for the device. The sampled tokens, for the
-        sequences that complete their prompt or decode (`num_sampled`), follow in the result."""
-        input_ids, positions, meta, logits_indices = self._prepare(batch)
-        # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
-        prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in batch.seqs)
-        if self.decode_graphs is not None and sample and not prompt_logprobs and self.decode_graphs.can_run(meta):
-            hidden, logits = self.decode_graphs.run(input_ids, positions, meta)
-            self._keep_features(hidden, meta)
-        else:
-            if self.verify_graphs is not None and self.verify_graphs.can_run(meta, meta.tree_mask is not None):
-                hidden = self.verify_graphs.run(input_ids, positions, meta)
-            elif self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
-                hidden = self.mixed_graphs.run(input_ids, positions, meta)
-            else:
-                hidden = self.model(input_ids, positions, meta)
-            self._keep_features(hidden, meta)
-            if prompt_logprobs:
-                record_prompt_logprobs(hidden, batch.seqs, batch.num_new_tokens, self.model.compute_logits)
-            if not sample or not logits_indices:
-                return None
-            hidden = hidden[to_device(logits_indices, self.device, torch.int64)]
-            logits = self.model.compute_logits(hidden)
+        sequences that complete their prompt or decode (`num_sampled`), follow in the result.
+
+        With tensor parallelism the workers get the step first (one message, see `serve_steps`) and
+        run the same collectives alongside; the sampled tokens go to them as well, for the next
+        step's inputs."""
+        step = self._plan(batch, sample)
+        if self.tp_size > 1:
+            distributed.send_message(step)
+        hidden, logits = self._launch(step, batch.seqs)
+        if logits is None:
+            return None
         seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if num_sampled(s, n)]
         drafts = [list(seq.spec_token_ids) for seq in seqs]
         # One row per sampled position: a sequence's rows are consecutive, its drafts' first.
@@ -187,18 +187,70 @@ class ModelRunner:
         if any(drafts):
             row_drafts = to_device([t for d in drafts for t in [*d, -1]], self.device, torch.int64)
         sampled = self.sampler(logits, row_seqs, row_drafts)
+        if self.tp_size > 1:
+            distributed.broadcast(sampled.token_ids)
         for seq, end in zip(seqs, itertools.accumulate(len(d) + 1 for d in drafts)):
             seq.sample_row = end - 1
         self.last_token_ids = sampled.token_ids
         guesses = None if self.proposer is None else self.proposer.guess_from_hidden(hidden, len(seqs))
         return LaunchedStep.start(seqs, sampled, drafts, guesses)
 
+    @torch.inference_mode()
+    def serve_steps(self) -> None:
+        """A worker's loop: run the driver's steps until it sends None."""
+        while (step := distributed.receive_message()) is not None:
+            if self._launch(step, None)[1] is not None:
+                tokens = torch.empty(len(step.logits_indices), dtype=torch.int64, device=self.device)
+                self.last_token_ids = distributed.broadcast(tokens)
+
+    def _launch(self, step: StepInput, seqs: list[Sequence] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the model on a step: the hidden states and logits of its sampled positions (logits None
+        if it samples nothing). The driver passes the step's sequences (prompt logprobs go into them);
+        a worker passes None and takes part in the same collectives."""
+        input_ids, positions, meta = self._tensors(step)
+        if self.decode_graphs is not None and step.sample and not step.prompt_logprobs \
+                and self.decode_graphs.can_run(meta):
+            hidden, logits = self.decode_graphs.run(input_ids, positions, meta)
+            self._keep_features(hidden, meta)
+            return hidden, logits
+        if self.verify_graphs is not None and self.verify_graphs.can_run(meta, meta.tree_mask is not None):
+            hidden = self.verify_graphs.run(input_ids, positions, meta)
+        elif self.mixed_graphs is not None and self.mixed_graphs.can_run(len(input_ids)):
+            hidden = self.mixed_graphs.run(input_ids, positions, meta)
+        else:
+            hidden = self.model(input_ids, positions, meta)
+        self._keep_features(hidden, meta)
+        if step.prompt_logprobs:
+            self._prompt_logprobs(hidden, seqs, step.num_new_tokens)
+        if not step.sample or not step.logits_indices:
+            return hidden, None
+        hidden = hidden[to_device(step.logits_indices, self.device, torch.int64)]
+        return hidden, self.model.compute_logits(hidden)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence] | None, counts: list[int]) -> None:
+        """Score prompt tokens, a slice of rows at a time; with tensor parallelism the driver names
+        each slice to the workers, whose LM head shares take part in it."""
+        def logits_of(start: int, stop: int) -> torch.Tensor:
+            if self.tp_size > 1:
+                distributed.send_message((start, stop))
+            return self.model.compute_logits(hidden[start:stop])
+
+        if seqs is not None:
+            record_prompt_logprobs(seqs, counts, logits_of)
+            if self.tp_size > 1:
+                distributed.send_message(None)
+            return
+        while (rows := distributed.receive_message()) is not None:
+            self.model.compute_logits(hidden[rows[0] : rows[1]])
+
     def _keep_features(self, hidden: torch.Tensor, meta: AttentionMetadata) -> None:
         """The proposer's copy of every new token's hidden state, at its cache slot (EAGLE's input)."""
         if self.proposer is not None and self.proposer.features is not None:
             self.proposer.features[meta.slot_mapping] = hidden
 
-    def _prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+    def _plan(self, batch: ScheduledBatch, sample: bool = True) -> StepInput:
+        """The step as plain host data: the batch's inputs, where its sequences stand, and which
+        positions are sampled."""
         seqs, counts = batch.seqs, batch.num_new_tokens
         starts = [seq.num_computed_tokens for seq in seqs]
         input_ids: list[int] = []
@@ -215,15 +267,23 @@ class ModelRunner:
                 pending_at.append(len(input_ids) + own - 1)
                 pending_rows.append(seq.sample_row)
             input_ids += seq.token_ids[start : start + own] + seq.spec_token_ids
-        positions, meta = flat_batch(starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
-                                     self.block_size, self.device, *self._trees(seqs, counts))
-        logits_indices = [i for seq, n, end in zip(seqs, counts, meta.query_start_loc_cpu[1:])
-                          for i in range(end - num_sampled(seq, n), end)]
-        input_ids_t = to_device(input_ids, self.device, torch.int64)
-        if pending_at:
-            rows = to_device(pending_rows, self.device, torch.int64)
-            input_ids_t[to_device(pending_at, self.device, torch.int64)] = self.last_token_ids[rows]
-        return input_ids_t, positions, meta, logits_indices
+        ends = itertools.accumulate(counts)
+        logits_indices = [i for seq, n, end in zip(seqs, counts, ends) for i in range(end - num_sampled(seq, n), end)]
+        # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
+        prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in seqs)
+        return StepInput(input_ids, starts, list(counts), [list(seq.block_table) for seq in seqs], batch.num_prefills,
+                         *self._trees(seqs, counts), pending_at, pending_rows, logits_indices, sample,
+                         prompt_logprobs)
+
+    def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's input ids, positions and attention metadata on the device."""
+        positions, meta = flat_batch(step.starts, step.num_new_tokens, step.block_tables, step.num_prefills,
+                                     self.block_size, self.device, step.position_offsets, step.tree_mask)
+        input_ids = to_device(step.input_ids, self.device, torch.int64)
+        if step.pending_at:
+            rows = to_device(step.pending_rows, self.device, torch.int64)
+            input_ids[to_device(step.pending_at, self.device, torch.int64)] = self.last_token_ids[rows]
+        return input_ids, positions, meta
 
     @staticmethod
     def _trees(seqs: list[Sequence], counts: list[int]) -> tuple[list[int] | None, list[int] | None]:
@@ -240,6 +300,25 @@ class ModelRunner:
             offsets += rows[0]
             bits += rows[1]
         return offsets, bits
+
+
+@dataclass
+class StepInput:
+    """One step as plain host data: what the driver sends each tensor-parallel worker (pickled, a
+    few kilobytes of lists and ints, no tensors)."""
+
+    input_ids: list[int]
+    starts: list[int]  # per sequence, the position of its first new token
+    num_new_tokens: list[int]
+    block_tables: list[list[int]]
+    num_prefills: int
+    position_offsets: list[int] | None  # a tree of proposals (`flat_batch`)
+    tree_mask: list[int] | None
+    pending_at: list[int]  # inputs that are the previous step's sampled tokens ...
+    pending_rows: list[int]  # ... and their rows in its output
+    logits_indices: list[int]  # the positions that are sampled
+    sample: bool
+    prompt_logprobs: bool
 
 
 @dataclass
@@ -288,6 +367,12 @@ class LaunchedStep:
     def guess_rows(self) -> list[list[int]] | None:
         """Per sampler row, the proposer's guesses, if it made any (after `results`, which waits)."""
         return None if self.guesses is None else self.guesses.tolist()
+
+
+def _kv_heads(model: LlamaForCausalLM) -> int:
+    """KV heads in this rank's share of `model` (all of them without tensor parallelism): its pool
+    holds only those."""
+    return model.attention_layers()[0].num_kv_heads
 
 
 def num_sampled(seq: Sequence, num_new_tokens: int) -> int:

@@ -131,10 +131,11 @@ PROMPT_LOGPROBS_SLICE = 256  # prompt positions scored at once
 
 
 @torch.inference_mode()
-def record_prompt_logprobs(hidden: torch.Tensor, seqs: list[Sequence], num_new_tokens: list[int],
-                           compute_logits: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def record_prompt_logprobs(seqs: list[Sequence], num_new_tokens: list[int],
+                           logits_of: Callable[[int, int], torch.Tensor]) -> None:
     """Append to `seq.prompt_logprobs` the prompt tokens this step scores (the logits at position p
-    score token p + 1) for the sequences that want them. It reads the result back at once, a host
+    score token p + 1) for the sequences that want them; `logits_of(start, stop)` are the logits of
+    the step's hidden rows start:stop. It reads the result back at once, a host
     sync, in the steps that carry such a prompt only: a scoring request, not the serving hot path."""
     row = 0
     for seq, n in zip(seqs, num_new_tokens):
@@ -147,7 +148,7 @@ def record_prompt_logprobs(hidden: torch.Tensor, seqs: list[Sequence], num_new_t
             # memory the engine profiled for a step.
             while start <= (first := len(seq.prompt_logprobs) - 1) < end:  # the first position not scored
                 last = min(end, first + PROMPT_LOGPROBS_SLICE)
-                logits = compute_logits(hidden[row + first - start : row + last - start])
+                logits = logits_of(row + first - start, row + last - start)
                 logprobs = torch.log_softmax(logits.float(), -1)
                 targets = torch.tensor(seq.token_ids[first + 1 : last + 1], device=logprobs.device)
                 top_logprobs, top_ids = logprobs.topk(max(seq.params.prompt_logprobs, 1), dim=-1)

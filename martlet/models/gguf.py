@@ -173,9 +173,12 @@ def _llama3_divisors(scaling: dict, theta: float, rotary_dim: int) -> torch.Tens
 
 
 def iter_weights(
-    path: Path, quiet: bool = False, packed: dict[str, PackedFormat] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: Path, quiet: bool = False, packed: dict[str, PackedFormat] | None = None, lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | LazyTensor]]:
     """(Hugging Face name, float32 CPU tensor) for every weight, dequantized one at a time.
+
+    `lazy` (a tensor-parallel rank): the tensors that are dequantized come as `LazyTensor`s, which
+    dequantize only the part a rank takes.
 
     The linear layers named in `packed` (`packed_formats`) come as `qweight`, `scales` and, when
     asymmetric, `offsets` in their layer's format instead of as `weight`. Tensors are converted on
@@ -195,6 +198,8 @@ def iter_weights(
             stem = name.removesuffix(".weight")
             parts = zip(("qweight", "scales", "offsets"), _repack(tensor, packed[layer]))
             named = [(f"{stem}.{part}", value) for part, value in parts if value is not None]
+        elif lazy:
+            return [(name, LazyTensor(tensor, heads))]
         else:
             named = [(name, _dequantize(tensor))]
         # Every part is row by row, so llama.cpp's q/k row order undoes the same way for each.
@@ -355,6 +360,11 @@ class GGUFPackedMethod(PackedLinearMethod):
         layer.scales = checkpoint_parameter((out_features, groups))
         layer.register_parameter("offsets", checkpoint_parameter((out_features, groups)) if fmt.asymmetric else None)
         register_bias(layer, out_features, bias)
+        # Inputs per element, for a row-parallel rank's columns (see martlet.layers.linear.load_weight).
+        layer.qweight.input_pack = fmt.pack
+        for param in (layer.scales, layer.offsets):
+            if param is not None:
+                param.input_pack = fmt.group_size
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         offsets = None if layer.offsets is None else layer.offsets.data
@@ -367,6 +377,37 @@ def _dequantize(tensor: gguf.ReaderTensor) -> torch.Tensor:
     if not array.flags.writeable:  # float32 tensors come back as views of the read-only file
         array = array.copy()
     return torch.from_numpy(array)
+
+
+class LazyTensor:
+    """A GGUF tensor that dequantizes the rows and columns it is indexed by, as safetensors' slices
+    read only theirs. Rows are cut before dequantizing, and so are columns when the cut falls on
+    the type's block boundaries; otherwise the row cut is dequantized and its columns cut after."""
+
+    def __init__(self, tensor: gguf.ReaderTensor, heads: int | None) -> None:
+        self.tensor, self.heads = tensor, heads  # heads: llama.cpp's q/k row order to undo
+        self.shape = _hf_shape(tensor)
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, index: tuple[slice, ...]) -> torch.Tensor:
+        if len(self.shape) != 2:
+            return _dequantize(self.tensor)[index]
+        (r0, r1, _), (c0, c1, _) = (s.indices(n) for s, n in zip(index, self.shape))
+        qtype = self.tensor.tensor_type
+        block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+        rows = np.asarray(self.tensor.data).view(np.uint8).reshape(self.shape[0], -1)[r0:r1]
+        if c0 % block == 0 and c1 % block == 0:
+            rows, cut = rows[:, c0 // block * block_bytes : c1 // block * block_bytes], slice(None)
+        else:
+            cut = slice(c0, c1)
+        width = rows.shape[1] // block_bytes * block
+        weight = torch.from_numpy(gguf.quants.dequantize(np.ascontiguousarray(rows).reshape(1, -1), qtype)
+                                  .astype(np.float32).reshape(r1 - r0, width))[:, cut]
+        if self.heads is not None:  # whole heads: each rank takes whole heads
+            weight = unpermute_rope_rows(weight, self.heads * (r1 - r0) // self.shape[0])
+        return weight
 
 
 def _hf_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:

@@ -3,6 +3,8 @@
 They differ only in a few switches of `ModelConfig`. Q, K and V are one merged projection, as
 are gate and up: two GEMMs fewer per layer. `load_weights` takes Hugging Face tensor names and
 fills the merged weights, so any source that speaks those names (safetensors, GGUF) can feed it.
+With tensor parallelism the layers hold one rank's share (`martlet.layers.linear`): the model is
+the same, and each layer loads its own share.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from torch import nn
 
 from martlet.config import ModelConfig
 from martlet.layers.attention import Attention, AttentionBackend, AttentionMetadata
-from martlet.layers.linear import Linear, SiluGateUpLinear, load_weight
+from martlet.layers.linear import (
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    SiluGateUpLinear,
+    VocabParallelEmbedding,
+    load_weight,
+)
 from martlet.layers.norm import RMSNorm
 from martlet.layers.quantization import QuantizationConfig
 from martlet.layers.rotary import RotaryEmbedding
@@ -26,17 +35,19 @@ class LlamaAttention(nn.Module):
         prefix: str,
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias, quant=quant,
-                               prefix=f"{prefix}.qkv_proj")
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, quant=quant, prefix=f"{prefix}.o_proj")
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                          cfg.qkv_bias, quant, prefix=f"{prefix}.qkv_proj")
+        # This rank's heads: all of them without tensor parallelism.
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, quant, prefix=f"{prefix}.o_proj")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
-        self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, rotary, backend)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, rotary, backend)
 
     def rotated_queries(
         self, x: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, q_out: torch.Tensor | None = None
@@ -56,8 +67,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = SiluGateUpLinear(cfg.hidden_size, 2 * cfg.intermediate_size, quant,
                                              prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, quant=quant,
-                                prefix=f"{prefix}.down_proj")
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, quant, prefix=f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.gate_up_proj(x))  # gate_up_proj applies SiLU(gate) * up
@@ -111,12 +121,12 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg, rotary, backend, quant, f"layers.{i}") for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -160,31 +170,22 @@ class LlamaForCausalLM(nn.Module):
             if merged is None:
                 if name not in params:
                     raise ValueError(f"weight {hf_name!r} has no place in {self.config.architecture}")
-                load_weight(params[name], tensor, hf_name)
+                getattr(params[name], "weight_loader", load_weight)(params[name], tensor, hf_name)
                 filled.add(name)
                 continue
             merged_name, shard = merged
             target = ".".join(parts[:-2] + [merged_name, parts[-1]])
-            rows = self._shard_rows(merged_name)
-            start = sum(rows[:shard])
-            load_weight(params[target], tensor, hf_name, slice(start, start + rows[shard]))
+            params[target].weight_loader(params[target], tensor, hf_name, shard)
             filled.add(f"{target}#{shard}")
         self._check_filled(params, filled)
-
-    def _shard_rows(self, merged_name: str) -> list[int]:
-        cfg = self.config
-        if merged_name == "qkv_proj":
-            return [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
-        return [cfg.intermediate_size] * 2
 
     def _check_filled(self, params: dict[str, nn.Parameter], filled: set[str]) -> None:
         missing = []
         for name, param in params.items():
             if getattr(param, "optional", False):  # e.g. W8A8's pre_quant_scale: ones unless the checkpoint has it
                 continue
-            merged = name.split(".")[-2] in ("qkv_proj", "gate_up_proj")
-            num_shards = len(self._shard_rows(name.split(".")[-2])) if merged else 1
-            keys = [f"{name}#{i}" for i in range(num_shards)] if merged else [name]
+            num_shards = sum(merged == name.split(".")[-2] for merged, _ in self._MERGED.values())
+            keys = [f"{name}#{i}" for i in range(num_shards)] if num_shards else [name]
             missing += [key for key in keys if key not in filled]
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} weights, e.g. {missing[:3]}")

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from martlet import distributed
 from martlet.config import ModelConfig
 from martlet.layers.attention import AttentionBackend
 from martlet.layers.linear import Linear
@@ -87,6 +88,9 @@ def quantization_config(
         return None if quantization is None else from_name(quantization)
     if quantization is not None:
         raise ValueError(f"{path} is already quantized ({checkpoint.get('quant_method')}); leave quantization unset")
+    if distributed.tp_size() > 1 and checkpoint.get("quant_method") in ("gptq", "awq"):
+        raise ValueError(f"{checkpoint.get('quant_method')} checkpoints do not run with tensor_parallel_size > 1 yet; "
+                         "quantization='int4' quantizes at load and does")
     if load_format == "dummy":
         raise ValueError("load_format='dummy' cannot fill a pre-quantized checkpoint's packed weights; "
                          "quantization='int4' runs the same kernels on random weights")
@@ -112,9 +116,9 @@ def build_model(
         from martlet.models import gguf
 
         packed = quant.formats if isinstance(quant, gguf.GGUFPackedConfig) else None
-        model.load_weights(gguf.iter_weights(Path(path), quiet=quiet, packed=packed))
+        model.load_weights(gguf.iter_weights(Path(path), quiet=quiet, packed=packed, lazy=distributed.tp_size() > 1))
     else:
-        model.load_weights(iter_safetensors(Path(path), quiet=quiet))
+        model.load_weights(iter_safetensors(Path(path), quiet=quiet, lazy=distributed.tp_size() > 1))
     if quant is not None:
         _repack(model, quant, quiet)
     if not quiet:
@@ -153,11 +157,12 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(path: Path, quiet: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: Path, quiet: bool = False, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor; `lazy`: as a slice that reads only the part indexed (a tensor-parallel rank's share)."""
     for file in tqdm(safetensors_files(path), desc="Loading safetensors", unit="file", disable=quiet):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name) if lazy else f.get_tensor(name)
 
 
 @torch.no_grad()

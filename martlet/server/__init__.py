@@ -16,6 +16,7 @@ import signal
 from martlet.config import EngineArgs
 
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # a request body over this is answered 413
+DEAD_ENGINE_EXIT_DELAY = 2.0  # seconds a server whose engine died answers 503 before it exits
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -61,11 +62,15 @@ def run(args: argparse.Namespace) -> int:
         # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it
         # found: make that handler end the process with status 0, since the shutdown was clean.
         signal.signal(signal.SIGTERM, _exit_cleanly)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.disable_access_log, timeout_graceful_shutdown=args.shutdown_timeout)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, access_log=not args.disable_access_log,
+            timeout_graceful_shutdown=args.shutdown_timeout))
+        # A dead engine serves nothing more: after answering 503 for a moment, stop, and exit with 1.
+        engine.on_death = lambda loop: loop.call_later(DEAD_ENGINE_EXIT_DELAY, setattr, server, "should_exit", True)
+        server.run()
     finally:
         engine.shutdown()  # done already, unless uvicorn ended before its app did (say, the port was taken)
-    return 0
+    return 1 if engine.died else 0
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
@@ -73,5 +78,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from martlet.cli import run_node_if_not_first
+
     parser = add_cli_args(argparse.ArgumentParser(prog="martlet serve", description=__doc__.splitlines()[0]))
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    code = run_node_if_not_first(args)
+    return run(args) if code is None else code

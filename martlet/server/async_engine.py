@@ -23,7 +23,7 @@ import logging
 import multiprocessing
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -104,6 +104,9 @@ class AsyncEngine:
         self._reader: threading.Thread | None = None
         self._num_submitted = 0  # requests sent to the core; its stats count those it has taken
         self._stopping = False
+        self.died = False  # the core failed or died (not stopped by us)
+        # Called on the event loop's thread, with the loop, once the core has died.
+        self.on_death: Callable[[asyncio.AbstractEventLoop], object] | None = None
         self.core_process, self._commands, self._outputs = _start_core(model, engine_kwargs)
         try:
             ready = self._wait_until_ready()
@@ -253,7 +256,10 @@ class AsyncEngine:
                 return
             error = f"the engine process died (exit code {self._exit_code()})"
         logger.error("%s; the server can serve no more requests", error)
+        self.died = True
         self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(error))
+        if self.on_death is not None:
+            self._loop.call_soon_threadsafe(self.on_death, self._loop)
 
     def _exit_code(self) -> int | None:
         self.core_process.join(5)  # its pipe closes a moment before it is reaped

@@ -35,6 +35,7 @@ from martlet.server.metrics import EngineStats
 logger = logging.getLogger("martlet.server")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_CHECK_INTERVAL = 1.0  # seconds between looks at the tensor-parallel workers while idle
 
 
 # ---- front end -> core ------------------------------------------------------------------------
@@ -110,6 +111,7 @@ def run_engine_core(model: str, engine_kwargs: dict, commands: Connection, outpu
         with contextlib.suppress(OSError):  # the server may be gone already
             outputs.send(CoreFailed(_describe(exc)))
         sys.exit(1)
+    engine.shutdown()
 
 
 def _describe(exc: Exception) -> str:
@@ -148,9 +150,19 @@ class EngineCore:
 
     def _take_commands(self, wait: bool) -> None:
         if wait:
-            self._do(self.inbox.get())
+            self._do(self._next_command())
         while not self.inbox.empty():
             self._do(self.inbox.get_nowait())
+
+    def _next_command(self) -> Command:
+        """Wait for a command; with tensor-parallel workers, look at them every second meanwhile, so
+        that one dying fails an idle engine too (WorkerDiedError), not only the next request."""
+        workers = self.engine.workers
+        while True:
+            try:
+                return self.inbox.get(timeout=None if workers is None else WORKER_CHECK_INTERVAL)
+            except queue.Empty:
+                workers.check()
 
     def _do(self, command: Command) -> None:
         match command:

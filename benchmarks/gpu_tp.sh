@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Tensor parallelism on the GPU machine. Run from the repository root; logs go to $OUT.
+#  - always: the seed rows at TP=1 (gpu_seed_rows.sh), to compare with main's run of the same
+#    script on the same kind of GPU (TP=1 must stay within 2%);
+#  - with 2+ GPUs: the tensor-parallel tests on CUDA (NCCL inside CUDA graphs), the 7B latency rows
+#    at TP=2, and the one-shot all-reduce (symmetric memory) against NCCL at decode sizes.
+set -uo pipefail
+OUT=${OUT:-bench-out}; mkdir -p "$OUT"
+HERE=$(cd "$(dirname "$0")" && pwd)
+export PYTHONUNBUFFERED=1
+NGPU=$(nvidia-smi -L | wc -l)
+echo "== $NGPU GPU(s)"
+echo "== TP=1 seed rows"
+OUT=$OUT/tp1 ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
+  bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1.log" | grep -E "==|tok/s|ms"
+if [ "$NGPU" -lt 2 ]; then echo "== one GPU: no TP=2 runs"; exit 0; fi
+echo "== TP tests on CUDA"
+python3 -m pytest tests/test_tensor_parallel.py -k gpus -q -rf 2>&1 | tee "$OUT/tp_tests.log" | tail -5
+echo "== TP=2 latency rows"
+for row in 1,8,256 256,8,256; do
+  IFS=, read -r B I O <<<"$row"
+  python3 -m martlet.cli bench latency --config-dir "$HERE/models/llama-2-7b" --load-format dummy --dtype float16 \
+    --max-model-len 2304 --quiet -tp 2 --batch-size "$B" --input-len "$I" --output-len "$O" --num-iters 2 \
+    --json "$OUT/tp2_latency_b${B}_i${I}_o${O}.json" 2>&1 | tail -6
+done
+echo "== one-shot all-reduce vs NCCL"
+torchrun --nproc-per-node 2 "$HERE/allreduce_symm_mem.py" 2>&1 | tee "$OUT/allreduce_2gpu.log"
+if [ "$NGPU" -ge 4 ]; then torchrun --nproc-per-node 4 "$HERE/allreduce_symm_mem.py" 2>&1 | tee "$OUT/allreduce_4gpu.log"; fi
