@@ -26,3 +26,8 @@ def test_flags_reach_the_engine_arguments():
 def test_an_unknown_engine_argument_is_a_type_error(tiny_model):
     with pytest.raises(TypeError, match="kv_cache_dtyp"):
         LLM(tiny_model, kv_cache_dtyp="int8")
+
+
+def test_a_speculative_model_with_tensor_parallelism_is_refused_before_any_rank_starts(tiny_model):
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        LLM(tiny_model, tensor_parallel_size=2, speculative_config={"model": tiny_model, "num_speculative_tokens": 2})
