@@ -494,29 +494,20 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
     else:
         max_model_len = args.max_model_len
     config = EngineConfig(
-        model=args.model,
+        **{name: getattr(args, name) for name in _TAKEN_AS_GIVEN},
         dtype=_resolve_dtype(args.dtype, model_config, device),
         device=device,
         max_model_len=max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        seed=args.seed,
-        load_format=args.load_format,
         attention_backend=args.attention_backend or ("triton" if device.type == "cuda" else "torch"),
-        enforce_eager=args.enforce_eager,
-        kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization,
         speculative_config=speculative,
-        tensor_parallel_size=args.tensor_parallel_size,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
     )
     return config, model_config
+
+
+# EngineArgs that EngineConfig takes unchanged (checked above where they need it).
+_TAKEN_AS_GIVEN = ("model", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+                   "gpu_memory_utilization", "seed", "load_format", "enforce_eager", "kv_cache_dtype", "quantization",
+                   "tensor_parallel_size", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
