@@ -107,7 +107,7 @@ def _setup(args: argparse.Namespace) -> tuple[LLM, Run, Ceilings]:
     # Weight and K/V bytes as stored: a quantized format's own (codes, scales, offsets), not the dtype's.
     runner = llm.engine.runner
     roofline = Roofline(cfg, dtype, ceilings, layer_weight_bytes(runner.model),
-                        runner.kv_bytes_per_block() // runner.block_size)
+                        runner.kv_bytes_per_block() // runner.block_size, runner.tp_size)
     return llm, Run(llm, roofline), ceilings
 
 

@@ -109,17 +109,20 @@ def layer_weight_bytes(model: torch.nn.Module) -> int:
 class Roofline:
     def __init__(
         self, cfg: ModelConfig, dtype: torch.dtype, ceilings: Ceilings, layer_bytes: int | None = None,
-        kv_bytes_per_token: int | None = None,
+        kv_bytes_per_token: int | None = None, ranks: int = 1,
     ) -> None:
         """`layer_bytes`: the decoder layers' weight bytes (`layer_weight_bytes`) when they are not
         stored in `dtype`, as under quantization; `kv_bytes_per_token`: K and V of every layer as
-        the cache stores them (an 8-bit cache's codes and scales), when not in `dtype`."""
+        the cache stores them (an 8-bit cache's codes and scales), when not in `dtype`. Both are
+        one rank's under tensor parallelism (`ranks`), whose floor is one rank's share of the work:
+        the ranks run side by side, and the all-reduces between them are not counted."""
         element = torch.tensor([], dtype=dtype).element_size()
-        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * cfg.intermediate_size
+        q, kv = cfg.num_heads * cfg.head_dim // ranks, max(cfg.num_kv_heads // ranks, 1) * cfg.head_dim
+        mlp = cfg.intermediate_size // ranks
+        per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + 3 * cfg.hidden_size * mlp
         # Matmul weights: what every step must read and multiply (the embedding is only gathered).
         self.layer_params = cfg.num_layers * per_layer
-        self.head_params = cfg.vocab_size * cfg.hidden_size
+        self.head_params = cfg.vocab_size * cfg.hidden_size // ranks
         layer_bytes = self.layer_params * element if layer_bytes is None else layer_bytes
         self.weight_bytes = layer_bytes + self.head_params * element
         self.kv_bytes_per_token = kv_bytes_per_token or 2 * cfg.num_layers * kv * element
