@@ -6,8 +6,11 @@ import json
 import shutil
 
 import pytest
+import torch
 
+from martlet.bench.roofline import Ceilings, Roofline, StepCost
 from martlet.cli import main
+from martlet.models.loader import read_model_config
 from martlet.testing import make_tiny_model
 
 
@@ -70,3 +73,13 @@ def test_bench_throughput_needs_lengths(config_dir, tmp_path):
         main(["bench", "throughput", "--config-dir", str(config_dir), "--load-format", "dummy", "--device", "cpu",
               "--num-prompts", "5"])
     assert "--workload" in str(done.value.code)
+
+
+def test_roofline_of_one_rank_is_its_share(config_dir):
+    """Under tensor parallelism the floor is one rank's: half the weights and FLOPs of each matmul at TP=2."""
+    cfg = read_model_config(str(config_dir))
+    ceilings = Ceilings("test", copy_gb_s=1000.0, gemm_tflops=100.0)
+    whole, half = (Roofline(cfg, torch.float16, ceilings, ranks=r) for r in (1, 2))
+    assert half.layer_params * 2 == whole.layer_params and half.head_params * 2 == whole.head_params
+    cost = StepCost(num_tokens=4096, num_logits=4096, kv_tokens_read=0, attention_pairs=0)
+    assert half.step_seconds(cost) == pytest.approx(whole.step_seconds(cost) / 2)
