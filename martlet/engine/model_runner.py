@@ -271,7 +271,8 @@ class ModelRunner:
         logits_indices = [i for seq, n, end in zip(seqs, counts, ends) for i in range(end - num_sampled(seq, n), end)]
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in seqs)
-        return StepInput(input_ids, starts, list(counts), [list(seq.block_table) for seq in seqs], batch.num_prefills,
+        # The sequences' own block tables, not copies: the step is used (or pickled for the workers) at once.
+        return StepInput(input_ids, starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
                          *self._trees(seqs, counts), pending_at, pending_rows, logits_indices, sample,
                          prompt_logprobs)
 
