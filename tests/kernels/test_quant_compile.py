@@ -1,5 +1,5 @@
-"""The packed-weight kernels, and W8A8's (8-bit weights in the few-token kernel, the quantizing norm),
-compile for a Hopper GPU (sm_90), even on a machine without one.
+"""The packed-weight kernels, W8A8's (8-bit weights in the few-token kernel, the quantizing norm) and
+decode over an 8-bit KV cache compile for a Hopper GPU (sm_90), even on a machine without one.
 
 Triton's interpreter, which runs the kernels in CI, accepts code that its compiler rejects; this
 compiles the kernels' default tiles ahead of time (frontend, LLVM, ptxas from Triton's wheel), in a
@@ -80,6 +80,28 @@ def compile_w8a8() -> None:
         compile_kernel(norm._rms_norm_kernel, const, types, num_warps=8)
 
 
+def compile_kv_cache_reads() -> None:
+    """Decode over int8 and fp8 caches with fp16 and bf16 queries: the int8 codes' inline-assembly
+    widening runs only in compiled kernels, never in the interpreter."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from martlet.kernels import decode
+
+    names = decode._decode_kernel.arg_names
+    for q_type in ("*fp16", "*bf16"):
+        for code_type in ("*i8", "*fp8e4nv"):
+            const = dict(GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=16, BLOCK_N=128, BLOCK_D=128, PRECISION="tf32",
+                         SPLIT=True, QUANT=True, PDL=True, stride_v_slot=1)
+            types = {"q_ptr": q_type, "k_cache_ptr": code_type, "v_cache_ptr": code_type, "k_scale_ptr": "*fp16",
+                     "v_scale_ptr": "*fp16", "out_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
+                     "block_tables_ptr": "*i32", "qk_scale": "fp32"}
+            signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+            source = ASTSource(decode._decode_kernel, signature, {(names.index(k),): v for k, v in const.items()})
+            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
@@ -91,3 +113,4 @@ def test_kernels_compile_for_sm90():
 if __name__ == "__main__":
     compile_defaults()
     compile_w8a8()
+    compile_kv_cache_reads()
