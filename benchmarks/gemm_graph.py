@@ -5,7 +5,8 @@
 For each Llama linear layer (qkv, o, gate_up, down) one graph holds the matmul of every decoder
 layer, each with its own weight (so nothing is served from L2 that the engine would not find
 there), and is replayed after a warm-up. Candidates: cuBLAS (F.linear) and the few-token Triton
-kernel (`martlet.kernels.linear`) with several tile configs, among them the one `skinny_config` picks.
+kernel (`martlet.kernels.linear`) with several tile configs (some with K split in slices), among them
+the one `skinny_config` picks.
 Printed per layer and candidate: us per matmul and % of its floor (`floor_us`: at these few tokens,
 the weight bytes at copy bandwidth).
 """
@@ -24,7 +25,8 @@ from gemm_sweep import layer_shapes  # this script's directory is on sys.path
 from martlet.bench.roofline import Ceilings, measure_ceilings
 from martlet.kernels.linear import SkinnyConfig, skinny_config, skinny_linear
 
-CONFIGS = [SkinnyConfig(n, k, w, s) for n in (16, 32, 64) for k in (128, 256) for w in (2, 4) for s in (3, 4, 5)]
+CONFIGS = [SkinnyConfig(n, k, w, s) for n in (16, 32, 64) for k in (128, 256) for w in (2, 4) for s in (3, 4, 5)] + [
+    SkinnyConfig(32, k, w, s, split) for k in (128, 256) for w in (2, 4) for s in (4, 5) for split in (2, 4)]
 
 
 def layer_operands(m: int, n: int, k: int, layers: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -12,7 +12,8 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
    bytes, and which path is faster. The threshold is the largest token count up to which
    skinny wins on every projection. Each path is checked against the CPU-side reference first.
 2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s choice) against the fp16 tile and its
-   K doubled and quadrupled at 3 to 5 stages, at 1 and 16 tokens, fp8.
+   K doubled and quadrupled at 3 to 5 stages, and against the chosen tile with K split in 2 to 4
+   slices, at 1 and 16 tokens, fp8.
 3. RMSNorm (residual fused) over 4096 with the per-token quantization fused (`rms_norm_quantized`)
    against the norm followed by `quantize_rows`. (SiLU*mul with the quantization fused was measured
    too, slower: benchmarks/results/w8a8-H200-2026-12-02.md.)
@@ -119,8 +120,10 @@ def skinny_tiles(config: dict, layers: int) -> list[dict]:
         for m in (1, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
             fp16_tile = skinny_config(n, torch.float16, xs[0].device)
-            candidates = [skinny_config(n, torch.float16, xs[0].device, torch.float8_e4m3fn)] + [
-                replace(fp16_tile, block_k=fp16_tile.block_k * f, num_stages=s) for f in (1, 2, 4) for s in (3, 4, 5)]
+            chosen = skinny_config(n, torch.float16, xs[0].device, torch.float8_e4m3fn)
+            candidates = [chosen] + [
+                replace(fp16_tile, block_k=fp16_tile.block_k * f, num_stages=s) for f in (1, 2, 4) for s in (3, 4, 5)
+            ] + [replace(chosen, split_k=s) for s in (2, 3, 4)]
             timed = []
             for cfg in candidates:
                 try:

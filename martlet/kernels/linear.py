@@ -40,6 +40,9 @@ class SkinnyConfig:
     block_k: int = 256
     num_warps: int = 2
     num_stages: int = 5
+    # K cut into this many slices, each its own program, and their fp32 sums added by a second kernel:
+    # more programs for a narrow weight (N 4096 fills only 128 programs of 32 rows). Not yet timed.
+    split_k: int = 1
 
 
 def skinny_config(
@@ -73,28 +76,9 @@ def _dot(x, w, FP32: tl.constexpr):
 
 
 @triton.jit
-def _skinny_linear_kernel(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
-):
-    wait_for_previous_kernel(PDL)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        w_mask = mask_n[:, None] & mask_k[None, :]
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-        acc += _dot(x, widen(w, x.dtype), FP32)  # 8-bit codes widen exactly
-        if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
-            w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
-            acc_up += _dot(x, widen(w_up, x.dtype), FP32)
+def _epilogue(acc, acc_up, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om,
+              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr):
+    """Per-channel weight scales, bias, SiLU(gate) * up; store the [BLOCK_M, BLOCK_N] tile."""
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if SILU_AND_MUL:
@@ -105,6 +89,65 @@ def _skinny_linear_kernel(
         acc = acc * tl.sigmoid(acc) * acc_up
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _skinny_linear_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+):
+    wait_for_previous_kernel(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # This program's slice of K: whole BLOCK_K steps, the last slice ending at K.
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_start = tl.program_id(1) * k_per_split
+    for k0 in tl.range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K, num_stages=NUM_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+        acc += _dot(x, widen(w, x.dtype), FP32)  # 8-bit codes widen exactly
+        if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
+            w_up = tl.load(w_ptr + (N + offs_n)[:, None] * stride_wn + offs_k[None, :], mask=w_mask, other=0.0)
+            acc_up += _dot(x, widen(w_up, x.dtype), FP32)
+    if SPLIT_K == 1:
+        _epilogue(acc, acc_up, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om,
+                  HAS_SCALE, HAS_BIAS, SILU_AND_MUL)
+    else:  # raw sums to partial [SPLIT_K, 2 (gate or plain, up), BLOCK_M, N]; _skinny_reduce_kernel ends it
+        tile = partial_ptr + tl.program_id(1) * 2 * BLOCK_M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(tile, acc, mask=mask_n[None, :])
+        if SILU_AND_MUL:
+            tl.store(tile + BLOCK_M * N, acc_up, mask=mask_n[None, :])
+
+
+@triton.jit
+def _skinny_reduce_kernel(
+    partial_ptr, scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """The split-K slices' sums added, then the epilogue the single-slice kernel applies itself."""
+    wait_for_previous_kernel(PDL)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    tile = partial_ptr + offs_m[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in tl.static_range(SPLIT_K):
+        acc += tl.load(tile + split * 2 * BLOCK_M * N, mask=mask_n[None, :], other=0.0)
+        if SILU_AND_MUL:
+            acc_up += tl.load(tile + (split * 2 + 1) * BLOCK_M * N, mask=mask_n[None, :], other=0.0)
+    _epilogue(acc, acc_up, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om,
+              HAS_SCALE, HAS_BIAS, SILU_AND_MUL)
 
 
 def skinny_linear(
@@ -140,10 +183,18 @@ def skinny_linear(
     out_n, block_n = (n // 2, cfg.block_n // 2) if silu_and_mul else (n, cfg.block_n)
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
-        _skinny_linear_kernel[(triton.cdiv(out_n, block_n),)](
-            x, weight, weight_scale, bias, out, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
-            HAS_SCALE=codes, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
-            BLOCK_M=16 if m <= 16 else 32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, **pdl_launch(x.device),
+        block_m = 16 if m <= 16 else 32
+        partial = None
+        if cfg.split_k > 1:
+            partial = torch.empty(cfg.split_k, 2, block_m, out_n, dtype=torch.float32, device=x.device)
+        flags = dict(HAS_SCALE=codes, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=block_m,
+                     SPLIT_K=cfg.split_k, **pdl_launch(x.device))
+        _skinny_linear_kernel[(triton.cdiv(out_n, block_n), cfg.split_k)](
+            x, weight, weight_scale, bias, out, partial, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
+            FP32=x.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
+            num_warps=cfg.num_warps, **flags,
         )
+        if partial is not None:
+            _skinny_reduce_kernel[(triton.cdiv(out_n, 128),)](
+                partial, weight_scale, bias, out, m, out_n, out.stride(0), BLOCK_N=128, num_warps=4, **flags)
     return out

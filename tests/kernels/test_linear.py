@@ -23,7 +23,10 @@ def random(shape, seed, dtype):
         (MAX_TOKENS, 17, 70, SkinnyConfig(block_n=32, block_k=64)),  # one program wider than N
         (21, 50, 100, SkinnyConfig(block_k=32)),  # the 32-row tile, partly masked
         (7, 33, 257, None),  # default tile, K one past a tile
+        (3, 50, 100, SkinnyConfig(block_k=32, split_k=2)),  # K in two slices, the second ragged
+        (21, 40, 96, SkinnyConfig(block_k=32, split_k=4)),  # more slices than K has tiles: one is empty
         pytest.param(5, 12288, 4096, None, marks=pytest.mark.gpu),
+        pytest.param(1, 4096, 11008, SkinnyConfig(split_k=4), marks=pytest.mark.gpu),
     ],
 )
 def test_skinny_linear(m, n, k, config, dtype):
@@ -39,17 +42,19 @@ def test_skinny_linear_bias_and_strided_rows(dtype):
     # A view with a row stride wider than K, as a slice of a larger activation is.
     x = random((4, 96), 1, dtype)[:, :80]
     weight, bias = random((40, 80), 2, dtype), random((40,), 3, dtype)
-    out = skinny_linear(x, weight, bias, config=SkinnyConfig(block_k=32))
-    assert_close(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
+    for split_k in (1, 2):
+        out = skinny_linear(x, weight, bias, config=SkinnyConfig(block_k=32, split_k=split_k))
+        assert_close(out, F.linear(x.float(), weight.float(), bias.float()), dtype)
 
 
 @pytest.mark.parametrize("dtype", dtypes())
-@pytest.mark.parametrize("m, half, k", [(1, 40, 64), (21, 50, 100), (MAX_TOKENS, 17, 70)])
-def test_skinny_linear_silu_and_mul(m, half, k, dtype):
-    """The gated MLP's [gate; up] projection with SiLU(gate) * up in the epilogue."""
+@pytest.mark.parametrize("m, half, k, split_k", [(1, 40, 64, 1), (21, 50, 100, 1), (MAX_TOKENS, 17, 70, 1),
+                                                 (3, 40, 100, 3)])
+def test_skinny_linear_silu_and_mul(m, half, k, split_k, dtype):
+    """The gated MLP's [gate; up] projection with SiLU(gate) * up in the epilogue (after split-K's sum)."""
     x = random((m, k), m, dtype)
     weight = random((2 * half, k), k, dtype) / k**0.5
-    out = skinny_linear(x, weight, config=SkinnyConfig(block_k=32), silu_and_mul=True)
+    out = skinny_linear(x, weight, config=SkinnyConfig(block_k=32, split_k=split_k), silu_and_mul=True)
     assert out.shape == (m, half)
     assert_close(out, silu_and_mul(F.linear(x.float(), weight.float())), dtype)
 
@@ -72,14 +77,16 @@ def test_skinny_linear_refuses_what_it_cannot_do():
 @pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
 @pytest.mark.parametrize(
-    "m, n, k, silu", [(1, 48, 64, False), (3, 50, 100, False), (21, 17, 70, False), (5, 2 * 19, 96, True)]
+    "m, n, k, silu, split_k",
+    [(1, 48, 64, False, 1), (3, 50, 100, False, 1), (21, 17, 70, False, 1), (5, 2 * 19, 96, True, 1),
+     (5, 2 * 19, 96, True, 2)],
 )
-def test_skinny_linear_8bit_codes(m, n, k, silu, fmt, dtype):
+def test_skinny_linear_8bit_codes(m, n, k, silu, split_k, fmt, dtype):
     """W8A8's weights (int8 or e4m3 codes, an fp32 scale per output feature) against activations in x's
-    dtype: odd shapes, masked edges, and the SiLU-gated form."""
+    dtype: odd shapes, masked edges, the SiLU-gated form, split-K."""
     codes, scales = quantize(random((n, k), k, torch.float32).cpu(), KV_FORMATS[fmt], torch.float32)
     x = random((m, k), m, dtype)
-    out = skinny_linear(x, codes.to(DEVICE), config=SkinnyConfig(block_k=32), silu_and_mul=silu,
+    out = skinny_linear(x, codes.to(DEVICE), config=SkinnyConfig(block_k=32, split_k=split_k), silu_and_mul=silu,
                         weight_scale=scales.to(DEVICE))
     expected = F.linear(x.float(), dequantize(codes, scales).to(DEVICE))
     assert_close(out, silu_and_mul(expected) if silu else expected, dtype)

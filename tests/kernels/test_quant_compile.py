@@ -67,12 +67,20 @@ def compile_w8a8() -> None:
         source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()})
         triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
-    for x_type, w_type, silu in [("*fp16", "*fp8e4nv", False), ("*fp16", "*fp8e4nv", True), ("*fp16", "*i8", True),
-                                 ("*bf16", "*fp8e4nv", False)]:
-        const = dict(HAS_SCALE=True, HAS_BIAS=False, SILU_AND_MUL=silu, FP32=False, BLOCK_M=16, BLOCK_N=32,
-                     BLOCK_K=256, NUM_STAGES=5, PDL=True, bias_ptr=None)
-        types = {"x_ptr": x_type, "w_ptr": w_type, "scale_ptr": "*fp32", "out_ptr": x_type}
+    for x_type, w_type, silu, split_k in [("*fp16", "*fp8e4nv", False, 1), ("*fp16", "*fp8e4nv", True, 1),
+                                          ("*fp16", "*i8", True, 1), ("*bf16", "*fp8e4nv", False, 1),
+                                          ("*fp16", "*fp8e4nv", True, 4), ("*fp16", "*fp16", False, 2)]:
+        const = dict(HAS_SCALE=w_type != x_type, HAS_BIAS=False, SILU_AND_MUL=silu, FP32=False, BLOCK_M=16,
+                     BLOCK_N=32, BLOCK_K=256, NUM_STAGES=5, SPLIT_K=split_k, PDL=True, bias_ptr=None)
+        if split_k == 1:
+            const["partial_ptr"] = None
+        types = {"x_ptr": x_type, "w_ptr": w_type, "scale_ptr": "*fp32", "out_ptr": x_type, "partial_ptr": "*fp32"}
         compile_kernel(linear._skinny_linear_kernel, const, types, num_warps=2)
+        if split_k > 1:
+            const = dict(HAS_SCALE=w_type != x_type, HAS_BIAS=False, SILU_AND_MUL=silu, BLOCK_M=16, BLOCK_N=128,
+                         SPLIT_K=split_k, PDL=True, bias_ptr=None)
+            types = {"partial_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": x_type}
+            compile_kernel(linear._skinny_reduce_kernel, const, types, num_warps=4)
     for code_type, max_code in (("*fp8e4nv", 448.0), ("*i8", 127.0)):
         const = dict(NUM_ROWS=1, N=4096, BLOCK_H=1, BLOCK_N=4096, HAS_RESIDUAL=True, MAX_CODE=max_code, PDL=True)
         types = {"x_ptr": "*fp16", "residual_ptr": "*fp16", "weight_ptr": "*fp16", "out_ptr": code_type,
