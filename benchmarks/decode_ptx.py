@@ -1,8 +1,9 @@
 """Compile the decode kernel for sm_90 on any machine (no GPU needed) and count what its PTX does, per
-KV cache format: how the K/V tiles are loaded (cp.async, ldmatrix, ld.shared) and how many conversion
-and integer instructions the 8-bit formats add.
+KV cache format: how the K/V tiles are loaded (cp.async, ldmatrix, ld.shared), how many conversion
+and integer instructions the 8-bit formats add, and how many K/V tiles the pipeliner keeps in flight.
 
-    env -u TRITON_INTERPRET python benchmarks/decode_ptx.py [--query-dtype fp16|bf16] [--out DIR]
+    env -u TRITON_INTERPRET PYTHONPATH=$PWD python benchmarks/decode_ptx.py [--query-dtype fp16|bf16] \
+        [--config BLOCK_N WARPS STAGES] [--out DIR]
 
 Pointers and the cache strides are declared 16-aligned, as the engine's are at run time (Triton
 specializes them so); without that, no load is vectorized and the picture is wrong.
@@ -54,10 +55,18 @@ def main() -> None:
     parser.add_argument("--query-dtype", default="fp16", choices=["fp16", "bf16"],
                         help="the model's dtype: it decides how 8-bit codes are widened")
     parser.add_argument("--out", default=None, help="also write each format's TTGIR and PTX here")
+    parser.add_argument("--config", type=int, nargs=3, default=(32, 2, 4), metavar=("BLOCK_N", "WARPS", "STAGES"),
+                        help="the tile to compile (default: the 16-bit cache's)")
     args = parser.parse_args()
+    block_n, num_warps, num_stages = args.config
     counts = {}
     for name, kv_type in FORMATS.items():
-        compiled = compile_decode("*" + args.query_dtype, kv_type)
+        compiled = compile_decode("*" + args.query_dtype, kv_type, block_n=block_n, num_warps=num_warps,
+                                  num_stages=num_stages)
+        # Shared-memory buffers the pipeliner made for the K and V tiles: their count is how many tiles
+        # are in flight ahead of the one being computed (num_stages - 3 here, at least 1).
+        buffers = re.findall(r"local_alloc : \(\) -> !ttg.memdesc<(\d+)x\d+x\d+x", compiled.asm["ttgir"])
+        print(f"{name}: K/V tile buffers {buffers}, {compiled.metadata.shared} bytes of shared memory")
         ptx = compiled.asm["ptx"]
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,12 @@ from martlet.bench.roofline import measure_ceilings
 from martlet.kernels.decode import DecodeConfig
 
 SHAPES = [(16, 32768), (32, 2048), (256, 2048), (64, 512)]
+# With 4 stages or fewer, the pipeliner keeps one K/V tile in flight (decode_ptx.py prints the
+# buffers: num_stages - 3, at least 1), which every candidate before session 3's look had; an 8-bit
+# tile is half the bytes, so half the bytes in flight. Deeper pipelines come last.
 CANDIDATES = [None] + [DecodeConfig(*c) for c in [
-    (16, 2, 4), (64, 2, 4), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4)]]
+    (16, 2, 4), (64, 2, 4), (64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3), (64, 8, 3), (128, 8, 3), (32, 4, 4),
+    (32, 2, 5), (32, 2, 6), (32, 2, 8), (64, 2, 6), (64, 2, 8), (64, 4, 6), (128, 4, 5)]]
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ tokens in the same memory), addressed with the codes' strides and a scale view's
   load per byte (ldmatrix.trans moves 16-bit elements only). K stays key-major, as Q.K^T reduces
   over channels. The write of a new token's V row is then a strided scatter, small next to the reads.
 - `rotary_kv.py` quantizes the rotated k and v while they are in registers (absmax per head row, one
-  store of codes and one of scales); `paged.load_kv_tile` reads codes and scales of a tile and
-  `paged.online_softmax_step` applies them.
+  store of codes and one of scales); `paged.load_kv_tile` and `paged.load_scales` read a tile's
+  codes and scales (decode loads the scales a tile ahead), and `paged.online_softmax_step` applies
+  them.
 """

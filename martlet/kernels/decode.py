@@ -29,6 +29,8 @@ from martlet.kernels.paged import (
     check_cache,
     dot_precision,
     load_kv_tile,
+    load_pages,
+    load_scales,
     online_softmax_step,
     query_for,
     scale_args,
@@ -118,13 +120,25 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # K and V stream through asynchronous copies that the compiler pipelines. An 8-bit tile's scales
+    # (2 bytes a key) are too small for those copies, and loaded in the loop they made every tile wait
+    # a memory round trip; so they come into registers a tile ahead, from blocks looked up two ahead.
+    k_scale_next, v_scale_next = load_scales(
+        k_scale_ptr, v_scale_ptr, load_pages(block_table, start + offs_n, start + offs_n < end, BLOCK_SIZE),
+        start + offs_n, start + offs_n < end, kv_head, stride_scale_block, stride_scale_head, BLOCK_SIZE, QUANT)
+    if QUANT:
+        pages_ahead = load_pages(block_table, start + BLOCK_N + offs_n, start + BLOCK_N + offs_n < end, BLOCK_SIZE)
     for tile in range(start, end, BLOCK_N):
         keys = tile + offs_n
         n_mask = keys < end
-        k, v, k_scale, v_scale = load_kv_tile(
-            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
-            stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
-            BLOCK_SIZE, True, QUANT)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
+                            stride_slot, stride_v_slot, stride_v_d, offs_d, d_mask, BLOCK_SIZE, QUANT)
+        k_scale, v_scale = k_scale_next, v_scale_next
+        if QUANT:
+            k_scale_next, v_scale_next = load_scales(k_scale_ptr, v_scale_ptr, pages_ahead, keys + BLOCK_N,
+                                                     keys + BLOCK_N < end, kv_head, stride_scale_block,
+                                                     stride_scale_head, BLOCK_SIZE, QUANT)
+            pages_ahead = load_pages(block_table, keys + 2 * BLOCK_N, keys + 2 * BLOCK_N < end, BLOCK_SIZE)
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, n_mask[None, :], True,
                                             QUANT, PRECISION)
 

@@ -15,26 +15,30 @@ from martlet.layers.kv_cache import LayerKV
 
 LOG2E = 1.4426950408889634
 @triton.jit
-def load_kv_tile(
-    k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
-    stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
-    BLOCK_SIZE: tl.constexpr, MASKED: tl.constexpr, QUANT: tl.constexpr,
-):
-    """The K and V tiles [N, D] of one sequence's keys `keys` for one KV head, read through its block
-    table (`block_table` points at the sequence's row), and for an 8-bit cache their scales [N].
-
-    Unless MASKED, every key is in range; otherwise keys outside `n_mask` read as zeros (scale 0),
-    except an 8-bit V tile's codes, read from block 0 unmasked: finite codes (the pool starts zeroed and
-    stores clamp), which their zero scale cancels. Unmasked, the runs of keys that share a block are
-    contiguous bytes of a channel-major V tile, so they load as vectors. Without QUANT the scales are 1
-    and the scale pointers are never read. The tile starts at a multiple of its N keys.
-    """
-    if MASKED:
-        pages = tl.load(block_table + keys // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_mask = n_mask[:, None] & d_mask[None, :]
+def load_pages(block_table, keys, n_mask, BLOCK_SIZE: tl.constexpr):
+    """The cache block of each of a sequence's keys, through its block table (`block_table` points at
+    the sequence's row); block 0 where `n_mask` is off (None: every key is in range)."""
+    if n_mask is None:
+        pages = tl.load(block_table + keys // BLOCK_SIZE)
     else:
-        pages = tl.load(block_table + keys // BLOCK_SIZE).to(tl.int64)
-        kv_mask = d_mask[None, :]
+        pages = tl.load(block_table + keys // BLOCK_SIZE, mask=n_mask, other=0)
+    return pages.to(tl.int64)
+
+
+@triton.jit
+def load_kv_tile(
+    k_ptr, v_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot, stride_v_slot,
+    stride_v_d, offs_d, d_mask, BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr,
+):
+    """The K and V tiles [N, D] of one sequence's keys `keys` for one KV head: values, or an 8-bit
+    cache's codes (scales: `load_scales`). With `n_mask` (None: every key is in range), keys outside
+    it read as zeros, except an 8-bit V tile's codes, read from block 0 unmasked: finite codes (the
+    pool starts zeroed and stores clamp), which their zero scale cancels. Unmasked, the runs of keys
+    that share a block are contiguous bytes of a channel-major V tile, so they load as vectors.
+    The tile starts at a multiple of its N keys.
+    """
+    pages = load_pages(block_table, keys, n_mask, BLOCK_SIZE)
+    kv_mask = d_mask[None, :] if n_mask is None else n_mask[:, None] & d_mask[None, :]
     in_page = keys % BLOCK_SIZE
     tile = pages * stride_block + kv_head * stride_head
     k = tl.load(k_ptr + (tile + in_page * stride_slot)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -45,17 +49,38 @@ def load_kv_tile(
         v = tl.load(v_ptr + v_offs, mask=d_mask[None, :], other=0.0)
     else:
         v = tl.load(v_ptr + v_offs, mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def load_scales(k_scale_ptr, v_scale_ptr, pages, keys, n_mask, kv_head, stride_scale_block, stride_scale_head,
+                BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr):
+    """An 8-bit tile's K and V scales [N] (fp32; 0 for keys outside `n_mask`) given the keys' blocks;
+    1 and 1, never read, without QUANT."""
+    k_scale = 1.0
+    v_scale = 1.0
     if QUANT:
-        scale_offs = pages * stride_scale_block + kv_head * stride_scale_head + in_page
-        if MASKED:
-            k_scale = tl.load(k_scale_ptr + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
-            v_scale = tl.load(v_scale_ptr + scale_offs, mask=n_mask, other=0.0).to(tl.float32)
+        offs = pages * stride_scale_block + kv_head * stride_scale_head + keys % BLOCK_SIZE
+        if n_mask is None:
+            k_scale = tl.load(k_scale_ptr + offs).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + offs).to(tl.float32)
         else:
-            k_scale = tl.load(k_scale_ptr + scale_offs).to(tl.float32)
-            v_scale = tl.load(v_scale_ptr + scale_offs).to(tl.float32)
-    else:
-        k_scale = 1.0
-        v_scale = 1.0
+            k_scale = tl.load(k_scale_ptr + offs, mask=n_mask, other=0.0).to(tl.float32)
+            v_scale = tl.load(v_scale_ptr + offs, mask=n_mask, other=0.0).to(tl.float32)
+    return k_scale, v_scale
+
+
+@triton.jit
+def load_tile_and_scales(
+    k_ptr, v_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head,
+    stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
+    BLOCK_SIZE: tl.constexpr, QUANT: tl.constexpr,
+):
+    """`load_kv_tile` and `load_scales` of the same keys, for a loop that does not load scales ahead."""
+    k, v = load_kv_tile(k_ptr, v_ptr, block_table, keys, n_mask, kv_head, stride_block, stride_head, stride_slot,
+                        stride_v_slot, stride_v_d, offs_d, d_mask, BLOCK_SIZE, QUANT)
+    k_scale, v_scale = load_scales(k_scale_ptr, v_scale_ptr, load_pages(block_table, keys, n_mask, BLOCK_SIZE), keys,
+                                   n_mask, kv_head, stride_scale_block, stride_scale_head, BLOCK_SIZE, QUANT)
     return k, v, k_scale, v_scale
 
 

@@ -32,7 +32,7 @@ from martlet.kernels.paged import (
     cache_strides,
     check_cache,
     dot_precision,
-    load_kv_tile,
+    load_tile_and_scales,
     online_softmax_step,
     query_for,
     scale_args,
@@ -103,10 +103,10 @@ def _prefill_kernel(
     else:
         band_start = first_pos // BLOCK_N * BLOCK_N
     for start in range(0, band_start, BLOCK_N):
-        k, v, k_scale, v_scale = load_kv_tile(
+        k, v, k_scale, v_scale = load_tile_and_scales(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, start + offs_n, None, kv_head,
             stride_block, stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head,
-            offs_d, d_mask, BLOCK_SIZE, False, QUANT)
+            offs_d, d_mask, BLOCK_SIZE, QUANT)
         m_i, l_i, acc = online_softmax_step(q, k, v, k_scale, v_scale, m_i, l_i, acc, qk_scale, None, False, QUANT,
                                             PRECISION)
     # The band: keys from band_start to the block's last query. Its first tile holds first_pos, which
@@ -115,10 +115,10 @@ def _prefill_kernel(
     for start in range(band_start, band_end, BLOCK_N):
         keys = start + offs_n
         n_mask = keys < ctx_len
-        k, v, k_scale, v_scale = load_kv_tile(
+        k, v, k_scale, v_scale = load_tile_and_scales(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, block_table, keys, n_mask, kv_head, stride_block,
             stride_head, stride_slot, stride_v_slot, stride_v_d, stride_scale_block, stride_scale_head, offs_d, d_mask,
-            BLOCK_SIZE, True, QUANT)
+            BLOCK_SIZE, QUANT)
         causal = (keys[None, :] <= q_pos[:, None]) & n_mask[None, :]
         if TREE:
             node = keys - (ctx_len - q_len)  # the key's index among the new tokens
