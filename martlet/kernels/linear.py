@@ -78,11 +78,12 @@ def _dot(x, w, FP32: tl.constexpr):
 @triton.jit
 def _epilogue(acc, acc_up, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om,
               HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr):
-    """Per-channel weight scales, bias, SiLU(gate) * up; store the [BLOCK_M, BLOCK_N] tile."""
+    """Per-channel weight scales (the up rows' N on, when gated), bias, SiLU(gate) * up; store the
+    [BLOCK_M, BLOCK_N] tile."""
     if HAS_SCALE:
-        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if SILU_AND_MUL:
-            acc_up *= tl.load(scale_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
+            acc_up *= tl.load(scale_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if SILU_AND_MUL:

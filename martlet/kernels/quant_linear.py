@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.linear import _dot
+from martlet.kernels.linear import _dot, _epilogue
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.layers.quantization.packed import PackedFormat
 
@@ -120,24 +120,6 @@ def _gemv_step(
 
 
 @triton.jit
-def _epilogue(
-    acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n, N, stride_sn, stride_om,
-    SCALE_IN_LOOP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr,
-):
-    """Per-channel scales, bias, SiLU(gate) * up; store the [BLOCK_M, BLOCK_N] tile."""
-    if not SCALE_IN_LOOP:
-        acc *= tl.load(s_ptr + rows * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if SILU_AND_MUL:
-            acc_up *= tl.load(s_ptr + (N + rows) * stride_sn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if SILU_AND_MUL:
-        acc = acc * tl.sigmoid(acc) * acc_up
-    out = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
 def _quant_gemv_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
@@ -160,8 +142,9 @@ def _quant_gemv_kernel(
             acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, word_cols,
                                 mask_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC,
                                 SCALE_IN_LOOP, EVEN)
-    _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n,
-              N, stride_sn, stride_om, SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    # One scale per output channel (not SCALE_IN_LOOP): scales [N, 1], so a channel's is at its index.
+    _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n,
+              N, stride_om, not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
 
 
 @triton.jit
@@ -255,8 +238,8 @@ def _quant_linear_kernel(
             acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
                                   stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN,
                                   BLOCK_K)
-    _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, mask_m, rows, mask_n, N, stride_sn, stride_om,
-              SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP,
+              HAS_BIAS, SILU_AND_MUL)
 
 
 def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, fmt: PackedFormat) -> int:
