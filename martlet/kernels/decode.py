@@ -123,11 +123,13 @@ def _decode_kernel(
     # K and V stream through asynchronous copies that the compiler pipelines. An 8-bit tile's scales
     # (2 bytes a key) are too small for those copies, and loaded in the loop they made every tile wait
     # a memory round trip; so they come into registers a tile ahead, from blocks looked up two ahead.
-    k_scale_next, v_scale_next = load_scales(
-        k_scale_ptr, v_scale_ptr, load_pages(block_table, start + offs_n, start + offs_n < end, BLOCK_SIZE),
-        start + offs_n, start + offs_n < end, kv_head, stride_scale_block, stride_scale_head, BLOCK_SIZE, QUANT)
+    k_scale_next, v_scale_next = 1.0, 1.0  # without QUANT: never read
     if QUANT:
-        pages_ahead = load_pages(block_table, start + BLOCK_N + offs_n, start + BLOCK_N + offs_n < end, BLOCK_SIZE)
+        first, ahead = start + offs_n, start + BLOCK_N + offs_n
+        k_scale_next, v_scale_next = load_scales(
+            k_scale_ptr, v_scale_ptr, load_pages(block_table, first, first < end, BLOCK_SIZE), first, first < end,
+            kv_head, stride_scale_block, stride_scale_head, BLOCK_SIZE, QUANT)
+        pages_ahead = load_pages(block_table, ahead, ahead < end, BLOCK_SIZE)
     for tile in range(start, end, BLOCK_N):
         keys = tile + offs_n
         n_mask = keys < end

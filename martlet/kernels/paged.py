@@ -14,6 +14,8 @@ from martlet.kernels.quantize import widen
 from martlet.layers.kv_cache import LayerKV
 
 LOG2E = 1.4426950408889634
+
+
 @triton.jit
 def load_pages(block_table, keys, n_mask, BLOCK_SIZE: tl.constexpr):
     """The cache block of each of a sequence's keys, through its block table (`block_table` points at

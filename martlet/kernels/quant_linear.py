@@ -90,6 +90,13 @@ def _code(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _as_float(codes):
+    """Codes (ints below 2^23) as fp32, exactly, without a (quarter-rate) int-to-float conversion: under
+    the exponent bits of 2^23 a code is the float 2^23 + code, and one subtraction leaves the code."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _gemv_step(
     acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
     stride_xm, stride_wn, stride_sn,
@@ -107,8 +114,7 @@ def _gemv_step(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word_cols * PACK + j)[None, :], mask=x_mask,
                     other=0.0).to(tl.float32)
         x_sum += x
-        code = (_code(words, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # see _dequantize_words
-        dot += code[None, :, :] * x[:, None, :]
+        dot += _as_float(_code(words, j, BITS))[None, :, :] * x[:, None, :]
     centered = dot if ASYMMETRIC else dot - (1 << (BITS - 1)) * x_sum[:, None, :]
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
         return acc + centered
@@ -180,22 +186,17 @@ def _dequantize_words(
     """A words tile [R, W] (rows `rows`, word columns `word_cols`) as weights [R, W * pack] in DTYPE, in
     input order; unscaled when the scale waits for the epilogue. Computed in fp32 from fp32 scale and
     offset and rounded once, as the reference does. A group holds whole words, so its scale and
-    offset are read once a word and spread over its codes.
-
-    A code becomes a float without a (quarter-rate) conversion: under the exponent bits of 2^23 it is
-    the float 2^23 + code, and one subtraction leaves the code, or the code less the middle, exactly."""
-    magic = (_unpack(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + code
+    offset are read once a word and spread over its codes. (An asymmetric format always scales in the
+    loop.)"""
+    w = _as_float(_unpack(words, BITS))
+    if not ASYMMETRIC:
+        w -= 1 << (BITS - 1)  # unscaled, exact: |code - middle| < 256
     s_offs = rows[:, None] * stride_sn + (word_cols * (32 // BITS) // GROUP)[None, :]
+    if SCALE_IN_LOOP:
+        w *= _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
     if ASYMMETRIC:
-        scale = _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
-        offset = _per_code(_load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
-        w = ((magic - 8388608.0) * scale + offset).to(DTYPE)
-    else:
-        centered = magic - (8388608.0 + (1 << (BITS - 1)))
-        if SCALE_IN_LOOP:
-            centered *= _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
-        w = centered.to(DTYPE)  # unscaled: exact, |code - middle| < 256
-    return w
+        w += _per_code(_load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+    return w.to(DTYPE)
 
 
 @triton.jit
