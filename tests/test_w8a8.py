@@ -90,9 +90,11 @@ def test_fp8_checkpoints_load_as_they_are(tmp_path):
     file = load_file(tmp_path / "per_tensor" / "model.safetensors")
     qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
     q_rows = file["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    k_rows = file["model.layers.0.self_attn.k_proj.weight"].shape[0]
     assert torch.equal(qkv.weight_codes[:q_rows].float(), file["model.layers.0.self_attn.q_proj.weight"].float())
-    assert (qkv.weight_scale[0, :q_rows] == file["model.layers.0.self_attn.q_proj.weight_scale"]).all()
-    assert (qkv.weight_scale[0, q_rows:] == file["model.layers.0.self_attn.k_proj.weight_scale"]).any()
+    shards = {"q": slice(0, q_rows), "k": slice(q_rows, q_rows + k_rows), "v": slice(q_rows + k_rows, None)}
+    for shard, rows in shards.items():  # each shard's rows take its own per-tensor scale
+        assert (qkv.weight_scale[0, rows] == file[f"model.layers.0.self_attn.{shard}_proj.weight_scale"]).all()
 
     with pytest.raises(ValueError, match="leave quantization unset"):
         run(tmp_path / "per_tensor", quantization="fp8")
