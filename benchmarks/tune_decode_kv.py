@@ -30,7 +30,9 @@ CANDIDATES = [None] + [DecodeConfig(*c) for c in [
 def main() -> None:
     copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
     print(f"copy {copy:.0f} GB/s")
-    for kv_cache_dtype in sys.argv[1:] or ("auto", "int8", "fp8"):
+    formats = sys.argv[1:] or ["auto", "int8", "fp8"]
+    totals: dict[str, list[float]] = {}
+    for kv_cache_dtype in formats:
         pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.float16,
                            kv_cache_dtype)
         scores = {}
@@ -45,8 +47,15 @@ def main() -> None:
             else:
                 print(f"{kv_cache_dtype:4s} {cfg}: error {rows[0].get('error', '')[:200]}", flush=True)
         print(f"-> {kv_cache_dtype}: best {max(scores, key=scores.get)}", flush=True)
+        if kv_cache_dtype != "auto":
+            for cfg, score in scores.items():
+                totals.setdefault(cfg, []).append(score)
         del pool
         torch.cuda.empty_cache()
+    # One tile serves both 8-bit formats (decode.EIGHT_BIT_CONFIG): the best over both, among tiles valid in both.
+    both = {cfg: geomean(s) for cfg, s in totals.items() if len(s) == len([f for f in formats if f != "auto"])}
+    if both:
+        print(f"-> 8-bit formats together: best {max(both, key=both.get)} ({max(both.values()):.0f} GB/s)")
 
 
 if __name__ == "__main__":
