@@ -46,15 +46,13 @@ FORMATS = {
     "q4_k": lambda k: PackedFormat(4, 32, True),
 }
 def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
-    """Tiles to try at m tokens (up to 32): up to GEMV_MAX_TOKENS the FMA kernel's and a few of the
-    tensor-core kernel's (padded to 16 rows: is the FMA kernel still the faster one?), else tensor cores'."""
+    """Tiles to try at m tokens (up to 32): up to GEMV_MAX_TOKENS the FMA kernel's, else tensor cores'."""
     per_byte = 8 // fmt.bits
     tensor_core = [QuantLinearConfig(16 if m <= 16 else 32, bn, row_bytes * per_byte, w, s)
                    for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
     if m <= GEMV_MAX_TOKENS:
-        fma = [QuantLinearConfig(triton.next_power_of_2(m), bn, row_bytes * per_byte, w, s)
-               for bn in (16, 32, 64) for row_bytes in (256, 512, 1024) for w in (4, 8) for s in (3, 4, 6)]
-        return fma + [c for c in tensor_core if c.num_warps == 4 and c.num_stages == 3]
+        return [QuantLinearConfig(triton.next_power_of_2(m), bn, row_bytes * per_byte, w, s)
+                for bn in (16, 32, 64) for row_bytes in (256, 512) for w in (4, 8) for s in (3, 4)]
     return tensor_core
 
 

@@ -96,31 +96,64 @@ def _as_float(codes):
 
 
 @triton.jit
+def _by_code(x, BITS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr):
+    """x [A, B, C, pack], a word's inputs on the last axis -> pack tensors [A, B, C], the inputs of code
+    0, 1, ...: the axis split in halves, which costs nothing when it lies in one thread (a load of whole
+    words' inputs puts it there)."""
+    if BITS == 4:  # input j = 4 h + 2 q + e at [.., h, q, e]
+        even, odd = tl.split(tl.reshape(x, (A, B, C, 2, 2, 2)))
+        e0, e2 = tl.split(even)
+        o0, o2 = tl.split(odd)
+        x0, x4 = tl.split(e0)
+        x2, x6 = tl.split(e2)
+        x1, x5 = tl.split(o0)
+        x3, x7 = tl.split(o2)
+        return x0, x1, x2, x3, x4, x5, x6, x7
+    else:
+        even, odd = tl.split(tl.reshape(x, (A, B, C, 2, 2)))  # input j = 2 h + e
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+        return x0, x1, x2, x3
+
+
+@triton.jit
 def _gemv_step(
-    acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, word_cols, mask_words,
-    stride_xm, stride_wn, stride_sn,
+    acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, k0, K, stride_xm, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
 ):
-    """acc [BLOCK_M, BLOCK_N, words] += one tile's x @ W[rows]^T, kept apart by word until the end."""
+    """acc [BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS] += one tile's x @ W[rows]^T, kept apart by word until the end.
+
+    The tile's words are [BLOCK_N, GROUPS, GROUP_WORDS]: GROUPS runs of words that share a scale, so a
+    scale is loaded once a run and spread over its words in registers. Codes go on a last axis [.., pack]
+    beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], which load as whole words' runs (16 bytes for
+    int4): a word's products sum in its thread. (Loading x a code position at a time, at stride pack,
+    kept the L1 busy with one 2-byte load per code: results/quant-weight-only-*.)"""
     PACK: tl.constexpr = 32 // BITS
-    w_mask = mask_rows[:, None] & mask_words[None, :]
-    words = _load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], w_mask, EVEN).to(tl.uint32, bitcast=True)
-    x_mask = mask_m[:, None] & mask_words[None, :]
+    run = tl.arange(0, GROUPS)[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # [GROUPS, GROUP_WORDS]
+    word_cols = k0 // PACK + run
+    mask_words = word_cols < K // PACK
+    w_mask = mask_rows[:, None, None] & mask_words[None, :, :]
+    words = _load(w_ptr + rows[:, None, None] * stride_wn + word_cols[None, :, :], w_mask, EVEN)
+    cols = word_cols[:, :, None] * PACK + tl.arange(0, PACK)[None, None, :]
+    x_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
+    x = tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0)
+    x_by_code = _by_code(x.to(tl.float32), BITS, acc.shape[0], GROUPS, GROUP_WORDS)
+    # Symmetric codes are centred in the same subtraction that makes them floats: exact, |code - middle| < 256.
+    middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)
     dot = tl.zeros(acc.shape, dtype=tl.float32)
-    x_sum = tl.zeros((acc.shape[0], acc.shape[2]), dtype=tl.float32)
     for j in tl.static_range(PACK):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (word_cols * PACK + j)[None, :], mask=x_mask,
-                    other=0.0).to(tl.float32)
-        x_sum += x
-        dot += _as_float(_code(words, j, BITS))[None, :, :] * x[:, None, :]
-    centered = dot if ASYMMETRIC else dot - (1 << (BITS - 1)) * x_sum[:, None, :]
+        weights = (_code(words, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + middle)
+        dot += weights[None] * x_by_code[j][:, None]
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
-        return acc + centered
-    s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-    acc += centered * _load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32)[None, :, :]
+        return acc + dot
+    group = (k0 + tl.arange(0, GROUPS) * GROUP_WORDS * PACK) // GROUP
+    s_mask = mask_rows[:, None] & (group < tl.cdiv(K, GROUP))[None, :]
+    s_offs = rows[:, None] * stride_sn + group[None, :]
+    acc += dot * tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[None, :, :, None]
     if ASYMMETRIC:
-        acc += _load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32)[None, :, :] * x_sum[:, None, :]
+        offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
+        acc += offsets[None, :, :, None] * tl.sum(x.to(tl.float32), axis=3)[:, None]
     return acc
 
 
@@ -133,23 +166,25 @@ def _quant_gemv_kernel(
 ):
     wait_for_previous_kernel(PDL)
     PACK: tl.constexpr = 32 // BITS
+    # A step's inputs in runs that share a scale: whole groups, or the whole step within one group.
+    RUN: tl.constexpr = GROUP if SCALE_IN_LOOP and GROUP < BLOCK_K else BLOCK_K
+    GROUPS: tl.constexpr = BLOCK_K // RUN
+    GROUP_WORDS: tl.constexpr = RUN // PACK
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // PACK), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // PACK), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
-        word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        mask_words = word_cols < K // PACK
-        acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, word_cols, mask_words,
-                         stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN)
+        acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
+                         stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, GROUPS, GROUP_WORDS)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
-            acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, word_cols,
-                                mask_words, stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC,
-                                SCALE_IN_LOOP, EVEN)
+            acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
+                                stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, GROUPS,
+                                GROUP_WORDS)
     # One scale per output channel (not SCALE_IN_LOOP): scales [N, 1], so a channel's is at its index.
-    _epilogue(tl.sum(acc, axis=2), tl.sum(acc_up, axis=2), s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n,
-              N, stride_om, not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), tl.sum(tl.sum(acc_up, axis=3), axis=2), s_ptr, bias_ptr, out_ptr,
+              offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
 
 
 @triton.jit
@@ -250,6 +285,9 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
         raise ValueError("qweight must be contiguous int32 words")
     if fmt.group_size % fmt.pack or k % fmt.group_size:
         raise ValueError(f"group size {fmt.group_size} must divide K {k} and be a multiple of {fmt.pack}")
+    if fmt.group_size < k and fmt.group_size & (fmt.group_size - 1):
+        raise ValueError(f"group size {fmt.group_size} must be a power of two (or the whole row, {k}): a tile "
+                         "holds whole groups or lies in one")
     if scales.shape != (n, k // fmt.group_size) or not scales.is_contiguous():
         raise ValueError(f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] weight in groups of {fmt.group_size}")
     if fmt.asymmetric != (offsets is not None) or (offsets is not None and offsets.shape != scales.shape):
