@@ -100,7 +100,7 @@ def main() -> None:
                 torch.testing.assert_close(quant_linear(xs[0], *ws[0], fmt).float(), reference, atol=5e-2, rtol=2e-2)
                 kernel_us = graph_us(lambda x, w, fmt=fmt: quant_linear(x, *w, fmt), xs, ws)
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
-                       "gb_s": nbytes(ws[0]) / kernel_us / 1e3, "config": asdict(quant_linear_config(m, fmt))}
+                       "gb_s": nbytes(ws[0]) / kernel_us / 1e3, "config": asdict(quant_linear_config(m, n, fmt))}
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
                 if m > MAX_TOKENS:
                     row["dequant_cublas_us"] = graph_us(lambda x, w, fmt=fmt: F.linear(x, dequantize(*w, fmt)), xs, ws)

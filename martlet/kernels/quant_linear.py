@@ -55,23 +55,31 @@ class QuantLinearConfig:
     num_stages: int
 
 
-def quant_linear_config(m: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
-    """The tile for m tokens. The FMA kernel reads 512 contiguous bytes of each row a step at one
-    token, fewer at more tokens or with the up rows too; the tensor-core kernel 128 (64 with 256
-    token rows), which leaves each code position of a tile 16 to 32 inputs. Larger tiles spill
-    registers (compiled for sm_90); which of these is fastest is for quant_linear_bench.py --sweep."""
+def quant_linear_config(
+    m: int, n: int, fmt: PackedFormat, silu_and_mul: bool = False, x_dtype: torch.dtype = torch.float16
+) -> QuantLinearConfig:
+    """The tile for m tokens and an [n, K] weight (n rows of gate and up together when gated).
+
+    The FMA kernel reads 256 contiguous bytes of each row a step at one token, 128 at two to four, in
+    3 stages of 32 rows (16 when N is 4096 or less: more programs, about one per SM is too few), the
+    best of 24 tiles for int4 at one token on an H200 for every Llama-2-7B projection (0.7-0.85x the
+    time of the previous 512-byte, 4-stage tile: results/quant-weight-only-*). The tensor-core kernel
+    reads 128 bytes (64 with 128 token rows or more), which leaves each code position of a tile 16 to
+    32 inputs; fp32 x halves the token rows beyond 32, to fit its x tiles in shared memory. Larger
+    tiles spill registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
     inputs_per_byte = 8 // fmt.bits
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(max(m, 1))
-        row_bytes = max(512 // (block_m * (2 if silu_and_mul else 1)), 128)
-        return QuantLinearConfig(block_m, 32, row_bytes * inputs_per_byte, 4, 4)
+        rows = 16 if n <= 4096 or silu_and_mul else 32  # gated, a program reads as many gate rows as up rows
+        return QuantLinearConfig(block_m, rows, (256 if block_m == 1 else 128) * inputs_per_byte, 4, 3)
     if m <= 16:
         return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
     if m <= MAX_TOKENS:
         return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
     # Beyond 32 tokens one M tile covers them all, so each weight is unpacked once. Its x tiles take
     # most of the shared memory: 128 int4 inputs a step fit 3 stages of 256 rows in sm_90's 227 KiB.
-    return QuantLinearConfig(128 if m <= 128 else 256, 64, 64 * inputs_per_byte, 8, 3)
+    block_m = (128 if m <= 128 else 256) * 2 // x_dtype.itemsize
+    return QuantLinearConfig(block_m, 64, 64 * inputs_per_byte, 8, 3)
 
 
 @triton.jit
@@ -317,7 +325,7 @@ def quant_linear(
         raise ValueError("x needs contiguous rows and the scales' dtype")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or quant_linear_config(m, fmt, silu_and_mul)
+    cfg = config or quant_linear_config(m, n, fmt, silu_and_mul, x.dtype)
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:

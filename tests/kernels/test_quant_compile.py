@@ -19,6 +19,7 @@ ALIGNED = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "out_ptr", "stride_xm", "stride_w
 
 
 def compile_defaults() -> None:
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,22 +27,25 @@ def compile_defaults() -> None:
     from martlet.kernels import quant_linear as ql
     from martlet.layers.quantization.packed import PackedFormat
 
-    cases = [(1, PackedFormat(4, 128, True), False), (3, PackedFormat(8, 4096, False), True),
-             (16, PackedFormat(4, 32, False), True), (24, PackedFormat(8, 16, True), False),
-             (64, PackedFormat(4, 128, True), True), (100, PackedFormat(4, 128, True), False),
-             (200, PackedFormat(8, 4096, False), False), (256, PackedFormat(4, 32, False), True)]
-    for m, fmt, silu in cases:
-        cfg = ql.quant_linear_config(m, fmt, silu)
+    fp16, fp32 = torch.float16, torch.float32
+    cases = [(1, PackedFormat(4, 128, True), False, fp16), (3, PackedFormat(8, 4096, False), True, fp16),
+             (16, PackedFormat(4, 32, False), True, fp16), (24, PackedFormat(8, 16, True), False, fp16),
+             (64, PackedFormat(4, 128, True), True, fp16), (100, PackedFormat(4, 128, True), False, fp16),
+             (200, PackedFormat(8, 4096, False), False, fp16), (256, PackedFormat(4, 32, False), True, fp16),
+             (130, PackedFormat(4, 64, True), False, fp32)]
+    for m, fmt, silu, x_dtype in cases:
+        cfg = ql.quant_linear_config(m, 4096 * (3 if silu else 1), fmt, silu, x_dtype)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
         in_loop = fmt.asymmetric or fmt.group_size < 4096  # K = 4096
         const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=in_loop,
                      HAS_BIAS=False, SILU_AND_MUL=silu, EVEN=m % 2 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, PDL=True, bias_ptr=None)
         if kernel is ql._quant_linear_kernel:
-            const["FP32"] = False
+            const["FP32"] = x_dtype == fp32
         if not fmt.asymmetric:
             const["o_ptr"] = None
-        pointers = {"w_ptr": "*i32", "x_ptr": "*fp16", "s_ptr": "*fp16", "o_ptr": "*fp16", "out_ptr": "*fp16"}
+        x_type = "*fp32" if x_dtype == fp32 else "*fp16"
+        pointers = {"w_ptr": "*i32", "x_ptr": x_type, "s_ptr": x_type, "o_ptr": x_type, "out_ptr": x_type}
         names = kernel.arg_names
         signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
         # 16-aligned pointers and strides, as Triton specializes them at run time: the tiles' shared memory
