@@ -7,8 +7,8 @@ matmul of every decoder layer with its own weight (`gemm_graph.graph_us`). Forma
 engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per channel), int4
 (groups of 128, asymmetric), and GGUF Q4_0 / Q4_K as they are repacked (groups of 32, symmetric /
 asymmetric). Printed: us per matmul, GB/s in the format's own bytes (codes + scales + offsets),
-speed-up over fp16. Beyond 32 tokens both packed paths are timed, the kernel's M-tiled GEMM and
-dequantize + cuBLAS, to place `MAX_GEMM_TOKENS`. `--sweep` also times a grid of tiles per row (up to
+speed-up over fp16. Beyond quant_linear.MAX_TOKENS the packed path is dequantize + cuBLAS, as in
+the engine. `--sweep` also times a grid of tiles per row (up to
 32 tokens) and prints the best, against the one `quant_linear_config` picks: slow, so give it few
 --tokens and --formats. Each kernel is checked against the
 PyTorch reference first.
@@ -28,14 +28,9 @@ from gemm_graph import graph_us  # this script's directory is on sys.path
 from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
+from martlet.kernels import quant_linear as ql
 from martlet.kernels.linear import MAX_TOKENS, skinny_linear
-from martlet.kernels.quant_linear import (
-    GEMV_MAX_TOKENS,
-    QuantLinearConfig,
-    dequantize,
-    quant_linear,
-    quant_linear_config,
-)
+from martlet.kernels.quant_linear import GEMV_MAX_TOKENS, QuantLinearConfig, quant_linear, quant_linear_config
 from martlet.layers.quantization import packed
 from martlet.layers.quantization.packed import PackedFormat
 
@@ -72,6 +67,13 @@ def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return skinny_linear(x, w) if x.shape[0] <= MAX_TOKENS else F.linear(x, w)
 
 
+def packed_matmul(x: torch.Tensor, w: tuple, fmt: PackedFormat) -> torch.Tensor:
+    """As the engine's packed layers run: the kernel for few tokens, dequantize + cuBLAS beyond."""
+    if x.shape[0] <= ql.MAX_TOKENS:
+        return quant_linear(x, *w, fmt)
+    return F.linear(x, ql.dequantize(*w, fmt))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
@@ -97,15 +99,14 @@ def main() -> None:
                 qweight, scales, offsets = ws[0]
                 offsets = None if offsets is None else offsets.float()
                 reference = F.linear(xs[0].float(), packed.dequantize(qweight, scales.float(), offsets, fmt))
-                torch.testing.assert_close(quant_linear(xs[0], *ws[0], fmt).float(), reference, atol=5e-2, rtol=2e-2)
-                kernel_us = graph_us(lambda x, w, fmt=fmt: quant_linear(x, *w, fmt), xs, ws)
+                torch.testing.assert_close(packed_matmul(xs[0], ws[0], fmt).float(), reference, atol=5e-2, rtol=2e-2)
+                kernel_us = graph_us(lambda x, w, fmt=fmt: packed_matmul(x, w, fmt), xs, ws)
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
-                       "gb_s": nbytes(ws[0]) / kernel_us / 1e3, "config": asdict(quant_linear_config(m, n, fmt))}
+                       "gb_s": nbytes(ws[0]) / kernel_us / 1e3}
+                if m <= ql.MAX_TOKENS:
+                    row["config"] = asdict(quant_linear_config(m, n, fmt))
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
-                if m > MAX_TOKENS:
-                    row["dequant_cublas_us"] = graph_us(lambda x, w, fmt=fmt: F.linear(x, dequantize(*w, fmt)), xs, ws)
-                    line.append(f"(dequant+cuBLAS {row['dequant_cublas_us']:7.1f})")
-                if args.sweep and m <= MAX_TOKENS:
+                if args.sweep and m <= ql.MAX_TOKENS:
                     timed = [(graph_us(lambda x, w, fmt=fmt, c=c: quant_linear(x, *w, fmt, config=c), xs, ws), c)
                              for c in sweep_configs(m, fmt)]
                     best_us, best = min(timed, key=lambda t: t[0])

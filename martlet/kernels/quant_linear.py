@@ -9,17 +9,14 @@ so all codes of a word share their group's scale and offset.
 - Up to GEMV_MAX_TOKENS tokens, `_quant_gemv_kernel` (CUDA-core FMAs: at one to four tokens a
   tensor-core tile would be mostly padding) takes code j of a word to a float by placing it under
   the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add: int-to-float
-  conversions run at a quarter of the FMA rate); each word's sum over its codes, sum_j code_j x_j,
-  is scaled once: + offset * sum_j x_j for the offset.
-- Up to MAX_GEMM_TOKENS, `_quant_linear_kernel` (tensor cores; beyond 32 tokens one tile of 128
-  or 256 rows holds them all, so each weight is unpacked once: a GEMM that dequantizes inside):
-  a tile's words are unpacked into input order (`_unpack`: every code position shifted out at once,
-  laid side by side), so x's columns load contiguous and one dot takes the tile. (Unpacking code j
-  of every word against x's columns j, j + pack, ... instead made x's loads gathers at stride `pack`,
-  and took 0.4-1.4 ms per 7B qkv at 64-256 tokens on an H200: results/quant-weight-only-*.)
-- Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS, whose
-  cost is then spread over enough tokens to vanish; unpacked the same way, so its stores are whole
-  runs of a row.
+  conversions run at a quarter of the FMA rate), against x's inputs loaded as whole words' runs;
+  each word's sum over its codes, sum_j code_j x_j, is scaled once: + offset * sum_j x_j for the offset.
+- Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
+  are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
+  side), so x's columns load contiguous and one dot takes the tile.
+- Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS. At 64
+  and 256 tokens that beat a GEMM dequantizing inside (this kernel with one M tile of all the tokens)
+  for int4 on every Llama-2-7B projection, and for int8 over the four together (results/quant-weight-only-*).
 
 All are CUDA-graph safe: no host syncs, and the outputs and scratch tensor are allocated the same
 way at every call.
@@ -39,10 +36,9 @@ from martlet.kernels.linear import _dot, _epilogue
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.layers.quantization.packed import PackedFormat
 
-# Untuned first guesses (no GPU at hand when written): benchmarks/gpu_quant_rows.sh measures them.
+# Untuned first guesses (no GPU at hand when written), except MAX_TOKENS: quant_linear_bench.py measures them.
 GEMV_MAX_TOKENS = 4  # the FMA kernel up to here
-MAX_TOKENS = 32  # the tensor-core kernel's single row tile of 16 or 32 up to here
-MAX_GEMM_TOKENS = 256  # then one M tile of all the tokens; dequantize + cuBLAS beyond
+MAX_TOKENS = 32  # the tensor-core kernel's single row tile of 16 or 32 up to here; dequantize + cuBLAS beyond
 SILU_AND_MUL_MAX_TOKENS = 16
 
 
@@ -55,18 +51,15 @@ class QuantLinearConfig:
     num_stages: int
 
 
-def quant_linear_config(
-    m: int, n: int, fmt: PackedFormat, silu_and_mul: bool = False, x_dtype: torch.dtype = torch.float16
-) -> QuantLinearConfig:
+def quant_linear_config(m: int, n: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
     """The tile for m tokens and an [n, K] weight (n rows of gate and up together when gated).
 
     The FMA kernel reads 256 contiguous bytes of each row a step at one token, 128 at two to four, in
     3 stages of 32 rows (16 when N is 4096 or less: more programs, about one per SM is too few), the
     best of 24 tiles for int4 at one token on an H200 for every Llama-2-7B projection (0.7-0.85x the
     time of the previous 512-byte, 4-stage tile: results/quant-weight-only-*). The tensor-core kernel
-    reads 128 bytes (64 with 128 token rows or more), which leaves each code position of a tile 16 to
-    32 inputs; fp32 x halves the token rows beyond 32, to fit its x tiles in shared memory. Larger
-    tiles spill registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
+    reads 128 bytes, which leaves each code position of a tile 16 to 32 inputs. Larger tiles spill
+    registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
     inputs_per_byte = 8 // fmt.bits
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(max(m, 1))
@@ -74,12 +67,7 @@ def quant_linear_config(
         return QuantLinearConfig(block_m, rows, (256 if block_m == 1 else 128) * inputs_per_byte, 4, 3)
     if m <= 16:
         return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
-    if m <= MAX_TOKENS:
-        return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
-    # Beyond 32 tokens one M tile covers them all, so each weight is unpacked once. Its x tiles take
-    # most of the shared memory: 128 int4 inputs a step fit 3 stages of 256 rows in sm_90's 227 KiB.
-    block_m = (128 if m <= 128 else 256) * 2 // x_dtype.itemsize
-    return QuantLinearConfig(block_m, 64, 64 * inputs_per_byte, 8, 3)
+    return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
 
 
 @triton.jit
@@ -308,7 +296,7 @@ def quant_linear(
     fmt: PackedFormat, bias: torch.Tensor | None = None, config: QuantLinearConfig | None = None,
     silu_and_mul: bool = False,
 ) -> torch.Tensor:
-    """x [M, K], M <= MAX_GEMM_TOKENS, rows contiguous; the packed weight [N, K] -> [M, N].
+    """x [M, K], M <= MAX_TOKENS, rows contiguous; the packed weight [N, K] -> [M, N].
 
     With `silu_and_mul`, the weight is a gated MLP's merged [gate; up] and the result
     SiLU(x gate^T) * (x up^T), [M, N / 2], the activation applied to the accumulators.
@@ -317,15 +305,15 @@ def quant_linear(
     n, m = qweight.shape[0], x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} does not fit a [{n}, {k}] weight")
-    if m > MAX_GEMM_TOKENS:
-        raise ValueError(f"quant_linear takes at most {MAX_GEMM_TOKENS} tokens, got {m}")
+    if m > MAX_TOKENS:
+        raise ValueError(f"quant_linear takes at most {MAX_TOKENS} tokens, got {m}")
     if config is not None and config.block_m < 16 and m > config.block_m:
         raise ValueError(f"the FMA kernel's block_m {config.block_m} must cover all {m} tokens")
     if x.stride(1) != 1 or x.dtype != scales.dtype:
         raise ValueError("x needs contiguous rows and the scales' dtype")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or quant_linear_config(m, n, fmt, silu_and_mul, x.dtype)
+    cfg = config or quant_linear_config(m, n, fmt, silu_and_mul)
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:

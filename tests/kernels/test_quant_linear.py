@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from kernel_helpers import DEVICE, assert_close, dtypes
 
-from martlet.kernels.quant_linear import MAX_GEMM_TOKENS, QuantLinearConfig, dequantize, quant_linear
+from martlet.kernels.quant_linear import MAX_TOKENS, QuantLinearConfig, dequantize, quant_linear
 from martlet.layers.activation import silu_and_mul
 from martlet.layers.quantization import packed
 from martlet.layers.quantization.packed import PackedFormat
@@ -50,8 +50,7 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
         (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # tensor cores: ragged N, K ends mid-tile
         (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
-        (70, 40, 256, QuantLinearConfig(64, 32, 128, 4, 2)),  # M tiled: a GEMM, last M tile partial
-        (130, 24, 256, None),  # the default GEMM tile: one M tile of 256 rows
+        (32, 24, 256, None),  # the default 32-row tile
     ],
 )
 def test_quant_linear(m, n, k, config, name, dtype):
@@ -85,7 +84,7 @@ def test_dequantize(name, dtype):
 def test_quant_linear_refuses_what_it_cannot_do():
     qweight, scales, offsets, fmt = packed_weight(8, 64, INT4, torch.float32)
     with pytest.raises(ValueError, match="at most"):
-        quant_linear(torch.zeros(MAX_GEMM_TOKENS + 1, 64, device=DEVICE), qweight, scales, offsets, fmt)
+        quant_linear(torch.zeros(MAX_TOKENS + 1, 64, device=DEVICE), qweight, scales, offsets, fmt)
     with pytest.raises(ValueError, match="does not fit"):
         quant_linear(torch.zeros(2, 56, device=DEVICE), qweight, scales, offsets, fmt)
     with pytest.raises(ValueError, match="only with"):
@@ -99,7 +98,7 @@ def test_quant_linear_refuses_what_it_cannot_do():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
-@pytest.mark.parametrize("m", [1, 3, 16, 32, 100, 256])
+@pytest.mark.parametrize("m", [1, 3, 16, 32])
 def test_quant_linear_7b_shapes(m, name):
     """Llama-2-7B's qkv projection at every kernel's token counts, with the default tiles."""
     qweight, scales, offsets, fmt = packed_weight(12288, 4096, FORMATS[name], torch.float16)

@@ -124,7 +124,7 @@ class PackedLinearMethod(LinearMethod):
         if x.is_cuda:
             from martlet.kernels import quant_linear
 
-            if x.shape[0] <= quant_linear.MAX_GEMM_TOKENS:
+            if x.shape[0] <= quant_linear.MAX_TOKENS:
                 return quant_linear.quant_linear(x, layer.qweight, layer.scales, layer.offsets, self.format, layer.bias)
             weight = quant_linear.dequantize(layer.qweight, layer.scales, layer.offsets, self.format)
         else:
