@@ -70,7 +70,7 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
     for _ in range(skip_steps):
         engine.step("final")
     totals: dict[str, float] = {}
-    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "_prepare"), (engine.runner, "execute"),
+    for obj, name in ((engine.scheduler, "schedule"), (engine.runner, "_plan"), (engine.runner, "execute"),
                       (engine.runner, "sampler"), (engine, "_check_finished")):
         timed(obj, name, totals)
     window: list[tuple[int, int, int]] = []  # per step: decodes, their context tokens, prefill tokens
@@ -108,9 +108,10 @@ def main() -> None:
     ap.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
     ap.add_argument("--case", nargs="*", default=["b1", "b256", "sharegpt"])
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--quantization", default=None)
     args = ap.parse_args()
     llm = LLM(args.config_dir, load_format="dummy", dtype="float16", max_model_len=2304, quiet=True,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, quantization=args.quantization)
     vocab = llm.engine.model_config.vocab_size
     for case in args.case:
         print(f"===== {case}", flush=True)
