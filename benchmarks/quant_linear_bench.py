@@ -7,8 +7,8 @@ matmul of every decoder layer with its own weight (`gemm_graph.graph_us`). Forma
 engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per channel), int4
 (groups of 128, asymmetric), and GGUF Q4_0 / Q4_K as they are repacked (groups of 32, symmetric /
 asymmetric). Printed: us per matmul, GB/s in the format's own bytes (codes + scales + offsets),
-speed-up over fp16. Beyond quant_linear.MAX_TOKENS the packed path is dequantize + cuBLAS, as in
-the engine. `--sweep` also times a grid of tiles per row (up to
+speed-up over fp16. Beyond `quant_linear.kernel_max_tokens` the packed path is dequantize + cuBLAS,
+as in the engine. `--sweep` also times a grid of tiles per row (up to
 32 tokens) and prints the best, against the one `quant_linear_config` picks: slow, so give it few
 --tokens and --formats. Each kernel is checked against the
 PyTorch reference first.
@@ -69,7 +69,7 @@ def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def packed_matmul(x: torch.Tensor, w: tuple, fmt: PackedFormat) -> torch.Tensor:
     """As the engine's packed layers run: the kernel for few tokens, dequantize + cuBLAS beyond."""
-    if x.shape[0] <= ql.MAX_TOKENS:
+    if x.shape[0] <= ql.kernel_max_tokens(fmt):
         return quant_linear(x, *w, fmt)
     return F.linear(x, ql.dequantize(*w, fmt))
 
@@ -103,7 +103,7 @@ def main() -> None:
                 kernel_us = graph_us(lambda x, w, fmt=fmt: packed_matmul(x, w, fmt), xs, ws)
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
                        "gb_s": nbytes(ws[0]) / kernel_us / 1e3}
-                if m <= ql.MAX_TOKENS:
+                if m <= ql.kernel_max_tokens(fmt):
                     row["config"] = asdict(quant_linear_config(m, n, fmt))
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
                 if args.sweep and m <= ql.MAX_TOKENS:
