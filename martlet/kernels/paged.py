@@ -43,14 +43,15 @@ def load_kv_tile(
     kv_mask = d_mask[None, :] if n_mask is None else n_mask[:, None] & d_mask[None, :]
     in_page = keys % BLOCK_SIZE
     tile = pages * stride_block + kv_head * stride_head
-    k = tl.load(k_ptr + (tile + in_page * stride_slot)[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    v_offs = (tile + in_page * stride_v_slot)[:, None] + offs_d[None, :] * stride_v_d
+    k_offs = (tile + in_page * stride_slot)[:, None] + offs_d[None, :]
+    k = tl.load(k_ptr + k_offs, mask=kv_mask, other=0.0)
     if QUANT:  # runs of min(N, BLOCK_SIZE) keys share a block, starting at multiples of it
+        v_offs = (tile + in_page * stride_v_slot)[:, None] + offs_d[None, :] * stride_v_d
         RUN: tl.constexpr = BLOCK_SIZE if BLOCK_SIZE < keys.shape[0] else keys.shape[0]
         v_offs = tl.max_contiguous(tl.multiple_of(v_offs, [RUN, 1]), [RUN, 1])
         v = tl.load(v_ptr + v_offs, mask=d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(v_ptr + v_offs, mask=kv_mask, other=0.0)
+    else:  # a 16-bit cache's V is laid out as its K (`cache_strides`): K's offsets, no address arithmetic of its own
+        v = tl.load(v_ptr + k_offs, mask=kv_mask, other=0.0)
     return k, v
 
 
@@ -147,7 +148,10 @@ def check_cache(kv: LayerKV, num_q_heads: int | None = None) -> None:
 
 
 def cache_strides(kv: LayerKV) -> tuple:
-    """The kernels' cache strides: block, head and slot (K's and V's), and V's channel stride."""
+    """The kernels' cache strides: block, head and slot (K's and V's), and V's channel stride. V shares
+    K's block and head strides, and in a 16-bit cache all of K's (the kernels then reuse K's offsets)."""
+    if kv.v.stride()[:2] != kv.k.stride()[:2] or (kv.k_scale is None and kv.v.stride() != kv.k.stride()):
+        raise ValueError(f"V's strides {kv.v.stride()} do not fit K's {kv.k.stride()}")
     return kv.k.stride(0), kv.k.stride(1), kv.k.stride(2), kv.v.stride(2), kv.v.stride(3)
 
 
