@@ -271,8 +271,8 @@ class ModelRunner:
         logits_indices = [i for seq, n, end in zip(seqs, counts, ends) for i in range(end - num_sampled(seq, n), end)]
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in seqs)
-        # The sequences' own block tables, not copies: the step is used (or pickled for the workers) at once.
-        return StepInput(input_ids, starts, counts, [seq.block_table for seq in seqs], batch.num_prefills,
+        return StepInput(input_ids, starts, counts, block_table_array([seq.block_table for seq in seqs]),
+                         batch.num_prefills,
                          *self._trees(seqs, counts), pending_at, pending_rows, logits_indices, sample,
                          prompt_logprobs)
 
@@ -305,13 +305,13 @@ class ModelRunner:
 
 @dataclass
 class StepInput:
-    """One step as plain host data: what the driver sends each tensor-parallel worker (pickled, a
-    few kilobytes of lists and ints, no tensors)."""
+    """One step as plain host data: what the driver sends each tensor-parallel worker (pickled: lists
+    and ints, and the block tables as one numpy array; no tensors)."""
 
     input_ids: list[int]
     starts: list[int]  # per sequence, the position of its first new token
     num_new_tokens: list[int]
-    block_tables: list[list[int]]
+    block_tables: np.ndarray  # int32 [sequences, blocks] (`block_table_array`): one buffer to pickle
     num_prefills: int
     position_offsets: list[int] | None  # a tree of proposals (`flat_batch`)
     tree_mask: list[int] | None
@@ -385,18 +385,25 @@ def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
     return 1 + len(seq.spec_token_ids)
 
 
-def flat_batch(starts: list[int], counts: list[int], block_tables: list[list[int]], num_prefills: int,
+def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
+    """Sequences' block tables as one int32 array, rows padded with block 0: built in numpy, not by
+    torch.tensor over nested lists (at 256 sequences that was a millisecond a step), and pickled to
+    tensor-parallel workers as one buffer, not as lists of ints."""
+    tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
+    for row, table in zip(tables, block_tables):
+        row[: len(table)] = table
+    return tables
+
+
+def flat_batch(starts: list[int], counts: list[int], tables: np.ndarray, num_prefills: int,
                block_size: int, device: torch.device, position_offsets: list[int] | None = None,
                tree_mask: list[int] | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions and attention metadata of a flat batch: sequence i's `counts[i]` new tokens start at
-    position `starts[i]` (the first `num_prefills` sequences have more than one new token). A tree of
+    position `starts[i]`, its blocks are row i of `tables` (`block_table_array`), and the first
+    `num_prefills` sequences have more than one new token. A tree of
     proposals takes cache slots in order but positions by depth: `position_offsets` per token."""
     query_start_loc = [0, *itertools.accumulate(counts)]
     seq_lens = [start + n for start, n in zip(starts, counts)]
-    # numpy, not torch.tensor over nested lists: at 256 sequences that was a millisecond a step.
-    tables = np.zeros((len(starts), max(map(len, block_tables))), dtype=np.int32)
-    for row, table in zip(tables, block_tables):
-        row[: len(table)] = table
     # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
     positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(query_start_loc[-1])
     bs = block_size

@@ -23,7 +23,7 @@ import torch
 from martlet.config import EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.device import to_device
 from martlet.engine.cuda_graphs import DecodeGraphs
-from martlet.engine.model_runner import flat_batch
+from martlet.engine.model_runner import block_table_array, flat_batch
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionBackend, AttentionMetadata
@@ -178,7 +178,8 @@ class DraftModelProposer(Proposer):
             active = [seqs[j] for j in rows]
             rows_t = to_device(rows, self.device, torch.int64)
             positions, meta = flat_batch([len(seq) - 1 - self.shift + i for seq in active], [1] * len(active),
-                                         [seq.block_table for seq in active], 0, self.block_size, self.device)
+                                         block_table_array([seq.block_table for seq in active]), 0, self.block_size,
+                                         self.device)
             if self.decode_graphs is not None and self.decode_graphs.can_run(meta):
                 out, logits = self.decode_graphs.run(guesses[rows_t, i - 1], positions, meta)
             else:
@@ -209,7 +210,7 @@ class DraftModelProposer(Proposer):
             input_ids = [t for row, start, n in chunk
                          for t in seqs[row].token_ids[start + self.shift : start + self.shift + n]]
             positions, meta = flat_batch([start for _, start, _ in chunk], [n for _, _, n in chunk],
-                                         [seqs[row].block_table for row, _, _ in chunk],
+                                         block_table_array([seqs[row].block_table for row, _, _ in chunk]),
                                          sum(n > 1 for _, _, n in chunk), self.block_size, self.device)
             out = self._run(to_device(input_ids, self.device, torch.int64), positions, meta,
                             self._catch_up_features(meta))

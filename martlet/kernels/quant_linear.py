@@ -92,10 +92,11 @@ def _code(words, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _as_float(codes):
-    """Codes (ints below 2^23) as fp32, exactly, without a (quarter-rate) int-to-float conversion: under
-    the exponent bits of 2^23 a code is the float 2^23 + code, and one subtraction leaves the code."""
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+def _as_float(codes, centre: tl.constexpr = 0):
+    """Codes (ints below 2^23) less `centre` as fp32, exactly, without a (quarter-rate) int-to-float
+    conversion: under the exponent bits of 2^23 a code is the float 2^23 + code, and one subtraction
+    leaves code - centre (exact: both are small integers)."""
+    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + centre)
 
 
 @triton.jit
@@ -142,12 +143,10 @@ def _gemv_step(
     x_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
     x = tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0)
     x_by_code = _by_code(x.to(tl.float32), BITS, acc.shape[0], GROUPS, GROUP_WORDS)
-    # Symmetric codes are centred in the same subtraction that makes them floats: exact, |code - middle| < 256.
-    middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)
+    middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)  # symmetric codes centre in the same subtraction
     dot = tl.zeros(acc.shape, dtype=tl.float32)
     for j in tl.static_range(PACK):
-        weights = (_code(words, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + middle)
-        dot += weights[None] * x_by_code[j][:, None]
+        dot += _as_float(_code(words, j, BITS), middle)[None] * x_by_code[j][:, None]
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
         return acc + dot
     group = (k0 + tl.arange(0, GROUPS) * GROUP_WORDS * PACK) // GROUP
@@ -225,9 +224,7 @@ def _dequantize_words(
     offset and rounded once, as the reference does. A group holds whole words, so its scale and
     offset are read once a word and spread over its codes. (An asymmetric format always scales in the
     loop.)"""
-    w = _as_float(_unpack(words, BITS))
-    if not ASYMMETRIC:
-        w -= 1 << (BITS - 1)  # unscaled, exact: |code - middle| < 256
+    w = _as_float(_unpack(words, BITS), 0 if ASYMMETRIC else 1 << (BITS - 1))  # unscaled, exact
     s_offs = rows[:, None] * stride_sn + (word_cols * (32 // BITS) // GROUP)[None, :]
     if SCALE_IN_LOOP:
         w *= _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
