@@ -16,9 +16,12 @@ With one rank nothing here is set up and the model takes exactly its single-proc
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,26 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 _device_group: dist.ProcessGroup | None = None
 _control_group: dist.ProcessGroup | None = None
+
+T = TypeVar("T")
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, or hung past the group's timeout. Other errors in a
+    step (out of memory, a bug) keep their own type, so that they are not reported as a lost rank."""
+
+
+def _collective(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:  # gloo's timeout and a closed peer are plain RuntimeErrors
+            raise CollectiveError(str(exc)) from exc
+
+    return wrapper
 
 
 def init(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
@@ -64,12 +87,14 @@ def tp_rank() -> int:
     return 0 if _device_group is None else dist.get_rank(_device_group)
 
 
+@_collective
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum x over the ranks, in place."""
     dist.all_reduce(x, group=_device_group)
     return x
 
 
+@_collective
 def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's x side by side along the last dimension (each rank's x has the same shape)."""
     out = x.new_empty(tp_size() * x.shape[0], *x.shape[1:])  # the ranks' x one after another
@@ -77,23 +102,27 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     return out.view(tp_size(), *x.shape).movedim(0, -2).flatten(-2)
 
 
+@_collective
 def broadcast(x: torch.Tensor) -> torch.Tensor:
     """The driver's x on every rank, in place."""
     dist.broadcast(x, src=0, group=_device_group)
     return x
 
 
+@_collective
 def wait_for_all_ranks() -> None:
     """A barrier without the device group's timeout: for waits of unknown length (loading weights)."""
     dist.monitored_barrier(group=_control_group, timeout=IDLE_TIMEOUT, wait_all_ranks=True)
 
 
+@_collective
 def min_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_control_group)
     return int(t)
 
 
+@_collective
 def send_message(message: object) -> None:
     """The driver's message to every worker: plain Python (lists, ints, numpy arrays), no tensors."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -102,6 +131,7 @@ def send_message(message: object) -> None:
     dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=_control_group)
 
 
+@_collective
 def receive_message() -> object:
     header = torch.empty(1, dtype=torch.int64)
     dist.broadcast(header, src=0, group=_control_group)

@@ -174,6 +174,26 @@ def test_killed_worker_is_an_error_not_a_hang(llama):
     llm.engine.shutdown()
 
 
+@pytest.mark.timeout(60)
+def test_an_error_that_is_not_a_collective_keeps_its_own_type(llama, monkeypatch):
+    """Out of memory (or a bug) in the driver's step is reported as itself, not as a hung or lost rank;
+    the workers, left inside that step, are stopped, so later steps fail at once and shutdown is quick."""
+    path, _, _ = llama
+    llm = LLM(str(path), device="cpu", dtype="float32", tensor_parallel_size=2, quiet=True)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(llm.engine.runner, "_launch", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        generate(llm, [[5, 6]])
+    with pytest.raises(WorkerDiedError, match="the driver's step failed \\(OutOfMemoryError"):
+        generate(llm, [[5, 6]])
+    start = time.monotonic()
+    llm.engine.shutdown()
+    assert time.monotonic() - start < 10
+
+
 @pytest.mark.timeout(120)
 def test_hung_worker_times_out(llama, monkeypatch):
     """A rank that stops answering (SIGSTOP) fails the driver's next collective at the group's timeout."""

@@ -66,7 +66,7 @@ class Workers:
 
     def _watch(self) -> None:
         ended = wait(list(self.ranks))
-        if self.stopping:
+        if self.stopping or self.failure is not None:  # stopped on purpose, or by `abandon`
             return
         process = self.processes[self.ranks[ended[0]] - 1]
         process.join(1)  # reaped, for its exit code
@@ -89,7 +89,17 @@ class Workers:
             self.reported = True
             raise WorkerDiedError(self.failure)
 
-    def fail(self, error: RuntimeError) -> NoReturn:
+    def abandon(self, error: BaseException) -> None:
+        """A step failed on the driver for a reason of its own (out of memory, a bug): the workers are
+        inside that step's collectives, which the driver will not join, so they are stopped, and the
+        engine cannot run another step."""
+        self.failure = (f"the driver's step failed ({type(error).__name__}: {error}), so the tensor-parallel "
+                        "workers were stopped")
+        self.reported = True
+        for p in self.processes:
+            p.kill()
+
+    def fail(self, error: distributed.CollectiveError) -> NoReturn:
         """Raise for a collective that failed: WorkerDiedError if a rank died (its sentinel may fire a
         moment after the collective fails), else the collective's error: a rank hung past the timeout."""
         self.reported = True

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from martlet import distributed
 from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
@@ -252,8 +253,11 @@ class LLMEngine:
         self.workers.check()
         try:
             return self.runner.execute(batch)
-        except RuntimeError as exc:  # a collective failed: a rank died, or hung past the group's timeout
+        except distributed.CollectiveError as exc:  # a rank died, or hung past the group's timeout
             self.workers.fail(exc)
+        except BaseException as exc:
+            self.workers.abandon(exc)
+            raise
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers, if any (they also end with this process)."""
