@@ -13,7 +13,8 @@
 #
 # Each step fits in ten minutes alone on an H200 but all four do not: split with STEPS, FORMATS, ROWS.
 set -uo pipefail
-# Wheels the GPU image lacks (gguf, xgrammar), carried in the git-ignored .whl/ (`run`'s carry).
+# Wheels the GPU image lacks (gguf, xgrammar, the server's), carried in the git-ignored .whl/ (`run`'s carry;
+# `bash benchmarks/gpu_wheels.sh` downloads them).
 [ -d .whl ] && python3 -m pip install --no-deps --quiet .whl/*.whl
 OUT=${OUT:-bench-out-quant}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

@@ -13,7 +13,8 @@
 # `python -c "from martlet.testing import load_test_tokenizer; load_test_tokenizer()"` and carried in
 # build/smollm2-tokenizer (see gpu_checks.sh).
 set -uo pipefail
-# Wheels the GPU image lacks (gguf, xgrammar), carried in the git-ignored .whl/ (`run`'s carry).
+# Wheels the GPU image lacks (gguf, xgrammar, the server's), carried in the git-ignored .whl/ (`run`'s carry;
+# `bash benchmarks/gpu_wheels.sh` downloads them).
 [ -d .whl ] && python3 -m pip install --no-deps --quiet .whl/*.whl
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -13,7 +13,8 @@
 #   STEPS=rows bash benchmarks/gpu_w8a8.sh               # nine model loads: likewise
 #   FORMATS="fp16 fp8" ROWS="1,8,256" STEPS=rows bash benchmarks/gpu_w8a8.sh
 set -uo pipefail
-# Wheels the GPU image lacks (gguf, xgrammar), carried in the git-ignored .whl/ (`run`'s carry).
+# Wheels the GPU image lacks (gguf, xgrammar, the server's), carried in the git-ignored .whl/ (`run`'s carry;
+# `bash benchmarks/gpu_wheels.sh` downloads them).
 [ -d .whl ] && python3 -m pip install --no-deps --quiet .whl/*.whl
 OUT=${OUT:-bench-out-w8a8}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
