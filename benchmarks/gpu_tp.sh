@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Tensor parallelism on the GPU machine. Run from the repository root; logs go to $OUT.
 #  - always: the seed rows at TP=1 (gpu_seed_rows.sh), to compare with main's run of the same
-#    script on the same kind of GPU (TP=1 must stay within 2%);
+#    script on the same kind of GPU (TP=1 must stay within 2%). With build/old/martlet (the engine
+#    before tensor parallelism: `mkdir -p build/old && git archive b35fbd2 martlet | tar -x -C build/old`,
+#    carried), the same rows with it first, back to back on this machine;
 #  - with 2+ GPUs: the tensor-parallel tests on CUDA (NCCL inside CUDA graphs), the 7B latency rows
 #    at TP=2, and the one-shot all-reduce (symmetric memory) against NCCL at decode sizes.
 set -uo pipefail
@@ -10,8 +12,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONUNBUFFERED=1
 NGPU=$(nvidia-smi -L | wc -l)
 echo "== $NGPU GPU(s)"
+if [ -d build/old/martlet ]; then
+  echo "== TP=1 seed rows, the engine before tensor parallelism (build/old)"
+  PYTHONPATH=$PWD/build/old OUT=$OUT/tp1_old ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} \
+    SKIP_WORKLOAD=${SKIP_WORKLOAD:-} bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1_old.log" | grep -E "==|tok/s|ms"
+fi
 echo "== TP=1 seed rows"
-OUT=$OUT/tp1 ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
+PYTHONPATH=$PWD OUT=$OUT/tp1 ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
   bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1.log" | grep -E "==|tok/s|ms"
 if [ "$NGPU" -lt 2 ]; then echo "== one GPU: no TP=2 runs"; exit 0; fi
 echo "== TP tests on CUDA"
