@@ -7,7 +7,9 @@ export PYTHONUNBUFFERED=1
 # shared/ does not travel to the GPU machine: benchmarks/ holds copies of its configs and workload
 HERE=$(cd "$(dirname "$0")" && pwd)
 CFG=${CFG:-$HERE/models/llama-2-7b}
-M="python3 -m martlet.cli bench"
+# PYTHON="python3 -P" with PYTHONPATH=<another tree> runs that tree's engine: without -P, `python3 -m` puts
+# the working directory (this tree's martlet/) ahead of PYTHONPATH.
+M="${PYTHON:-python3} -m martlet.cli bench"
 COMMON="--config-dir $CFG --load-format dummy --dtype float16 --max-model-len 2304 --quiet ${EXTRA:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 for row in ${ROWS:-1,8,256 256,8,256 1,1024,1024 32,1024,1024}; do

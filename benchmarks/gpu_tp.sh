@@ -14,7 +14,7 @@ NGPU=$(nvidia-smi -L | wc -l)
 echo "== $NGPU GPU(s)"
 if [ -d build/old/martlet ]; then
   echo "== TP=1 seed rows, the engine before tensor parallelism (build/old)"
-  PYTHONPATH=$PWD/build/old OUT=$OUT/tp1_old ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} \
+  PYTHON="python3 -P" PYTHONPATH=$PWD/build/old OUT=$OUT/tp1_old ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} \
     SKIP_WORKLOAD=${SKIP_WORKLOAD:-} bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1_old.log" | grep -E "==|tok/s|ms"
 fi
 echo "== TP=1 seed rows"
