@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD python3 benchmarks/quant_linear_bench.py [--tokens 1 2 4 8 16 32 64 128 256] [--sweep]
 
-For each Llama-2-7B linear layer (qkv, o, gate_up, down) and token count, one graph holds the
+For each Llama-2-7B linear layer (qkv, o, gate_up, down, and gate_up again as the engine runs it,
+with SiLU(gate) * up fused where the kernels take it) and token count, one graph holds the
 matmul of every decoder layer with its own weight (`gemm_graph.graph_us`). Formats: fp16 (the
 engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per channel), int4
 (groups of 128, asymmetric), and GGUF Q4_0 / Q4_K as they are repacked (groups of 32, symmetric /
@@ -29,8 +30,9 @@ from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels import quant_linear as ql
-from martlet.kernels.linear import MAX_TOKENS, skinny_linear
+from martlet.kernels.linear import MAX_TOKENS, SILU_AND_MUL_MAX_TOKENS, skinny_linear
 from martlet.kernels.quant_linear import GEMV_MAX_TOKENS, QuantLinearConfig, quant_linear, quant_linear_config
+from martlet.layers.activation import silu_and_mul
 from martlet.layers.quantization import packed
 from martlet.layers.quantization.packed import PackedFormat
 
@@ -63,15 +65,23 @@ def nbytes(weight: tuple) -> int:
     return sum(t.numel() * t.element_size() for t in weight if t is not None)
 
 
-def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return skinny_linear(x, w) if x.shape[0] <= MAX_TOKENS else F.linear(x, w)
+def fp16_matmul(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """As the engine's fp16 layers run; `gated`: a [gate; up] weight, SiLU(gate) * up."""
+    if gated and x.shape[0] <= SILU_AND_MUL_MAX_TOKENS:
+        return skinny_linear(x, w, silu_and_mul=True)
+    y = skinny_linear(x, w) if x.shape[0] <= MAX_TOKENS else F.linear(x, w)
+    return silu_and_mul(y) if gated else y
 
 
-def packed_matmul(x: torch.Tensor, w: tuple, fmt: PackedFormat) -> torch.Tensor:
+def packed_matmul(x: torch.Tensor, w: tuple, fmt: PackedFormat, gated: bool = False) -> torch.Tensor:
     """As the engine's packed layers run: the kernel for few tokens, dequantize + cuBLAS beyond."""
+    if gated and x.shape[0] <= min(ql.SILU_AND_MUL_MAX_TOKENS, ql.kernel_max_tokens(fmt)):
+        return quant_linear(x, *w, fmt, silu_and_mul=True)
     if x.shape[0] <= ql.kernel_max_tokens(fmt):
-        return quant_linear(x, *w, fmt)
-    return F.linear(x, ql.dequantize(*w, fmt))
+        y = quant_linear(x, *w, fmt)
+    else:
+        y = F.linear(x, ql.dequantize(*w, fmt))
+    return silu_and_mul(y) if gated else y
 
 
 def main() -> None:
@@ -87,26 +97,31 @@ def main() -> None:
     ceilings = measure_ceilings(torch.device("cuda"), torch.float16)
     print(f"{torch.cuda.get_device_name()}: copy {ceilings.copy_gb_s:.0f} GB/s; {layers} matmuls per graph", flush=True)
     rows = []
-    for name, (n, k) in layer_shapes(config).items():
+    shapes = layer_shapes(config)
+    # gate_up once more as the engine runs it, SiLU(gate) * up fused where the kernels take it.
+    for name, (n, k) in [*shapes.items(), ("gate_up+silu", shapes["gate_up"])]:
+        gated = name.endswith("+silu")
         fp16_ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(layers)]
         weights = {f: packed_weights(n, k, FORMATS[f](k), layers) for f in args.formats}
         for m in args.tokens:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(layers)]
-            fp16_us = graph_us(fp16_matmul, xs, fp16_ws)
+            fp16_us = graph_us(lambda x, w, gated=gated: fp16_matmul(x, w, gated), xs, fp16_ws)
             line = [f"{name:8s} n{n:6d} k{k:6d} m{m:4d}  fp16 {fp16_us:7.1f} us {2 * n * k / fp16_us / 1e3:6.0f} GB/s"]
             for f, ws in weights.items():
                 fmt = FORMATS[f](k)
                 qweight, scales, offsets = ws[0]
                 offsets = None if offsets is None else offsets.float()
                 reference = F.linear(xs[0].float(), packed.dequantize(qweight, scales.float(), offsets, fmt))
-                torch.testing.assert_close(packed_matmul(xs[0], ws[0], fmt).float(), reference, atol=5e-2, rtol=2e-2)
-                kernel_us = graph_us(lambda x, w, fmt=fmt: packed_matmul(x, w, fmt), xs, ws)
+                reference = silu_and_mul(reference) if gated else reference
+                torch.testing.assert_close(packed_matmul(xs[0], ws[0], fmt, gated).float(), reference, atol=5e-2,
+                                           rtol=2e-2)
+                kernel_us = graph_us(lambda x, w, fmt=fmt, gated=gated: packed_matmul(x, w, fmt, gated), xs, ws)
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
                        "gb_s": nbytes(ws[0]) / kernel_us / 1e3}
                 if m <= ql.kernel_max_tokens(fmt):
-                    row["config"] = asdict(quant_linear_config(m, n, fmt))
+                    row["config"] = asdict(quant_linear_config(m, n, fmt, gated))
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
-                if args.sweep and m <= ql.MAX_TOKENS:
+                if args.sweep and m <= ql.MAX_TOKENS and not gated:
                     timed = [(graph_us(lambda x, w, fmt=fmt, c=c: quant_linear(x, *w, fmt, config=c), xs, ws), c)
                              for c in sweep_configs(m, fmt)]
                     best_us, best = min(timed, key=lambda t: t[0])
