@@ -21,6 +21,7 @@ import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +31,13 @@ from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels import quant_linear as ql
-from martlet.kernels.linear import MAX_TOKENS, SILU_AND_MUL_MAX_TOKENS, skinny_linear
 from martlet.kernels.quant_linear import GEMV_MAX_TOKENS, QuantLinearConfig, quant_linear, quant_linear_config
 from martlet.layers.activation import silu_and_mul
+from martlet.layers.linear import UnquantizedLinearMethod
 from martlet.layers.quantization import packed
+from martlet.layers.quantization.base import LinearMethod
 from martlet.layers.quantization.packed import PackedFormat
+from martlet.layers.quantization.rtn import RoundToNearestMethod
 
 FORMATS = {
     "int8": lambda k: PackedFormat(8, k, False),
@@ -66,22 +69,21 @@ def nbytes(weight: tuple) -> int:
 
 
 def fp16_matmul(x: torch.Tensor, w: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """As the engine's fp16 layers run; `gated`: a [gate; up] weight, SiLU(gate) * up."""
-    if gated and x.shape[0] <= SILU_AND_MUL_MAX_TOKENS:
-        return skinny_linear(x, w, silu_and_mul=True)
-    y = skinny_linear(x, w) if x.shape[0] <= MAX_TOKENS else F.linear(x, w)
-    return silu_and_mul(y) if gated else y
+    """As the engine's fp16 layers run (their LinearMethod); `gated`: a [gate; up] weight, SiLU(gate) * up."""
+    return _engine_matmul(UnquantizedLinearMethod(), SimpleNamespace(weight=w, bias=None), x, gated)
 
 
 def packed_matmul(x: torch.Tensor, w: tuple, fmt: PackedFormat, gated: bool = False) -> torch.Tensor:
     """As the engine's packed layers run: the kernel for few tokens, dequantize + cuBLAS beyond."""
-    if gated and x.shape[0] <= min(ql.SILU_AND_MUL_MAX_TOKENS, ql.kernel_max_tokens(fmt)):
-        return quant_linear(x, *w, fmt, silu_and_mul=True)
-    if x.shape[0] <= ql.kernel_max_tokens(fmt):
-        y = quant_linear(x, *w, fmt)
-    else:
-        y = F.linear(x, ql.dequantize(*w, fmt))
-    return silu_and_mul(y) if gated else y
+    method = RoundToNearestMethod("int4", "bench")  # any packed method: `apply` reads only its format
+    method.format = fmt
+    qweight, scales, offsets = w
+    layer = SimpleNamespace(qweight=qweight, scales=scales, offsets=offsets, bias=None, input_perm=None)
+    return _engine_matmul(method, layer, x, gated)
+
+
+def _engine_matmul(method: LinearMethod, layer: SimpleNamespace, x: torch.Tensor, gated: bool) -> torch.Tensor:
+    return method.apply_silu_and_mul(layer, x) if gated else method.apply(layer, x)
 
 
 def main() -> None:

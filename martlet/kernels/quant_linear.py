@@ -141,8 +141,8 @@ def _gemv_step(
     words = _load(w_ptr + rows[:, None, None] * stride_wn + word_cols[None, :, :], w_mask, EVEN)
     cols = word_cols[:, :, None] * PACK + tl.arange(0, PACK)[None, None, :]
     x_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
-    x = tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0)
-    x_by_code = _by_code(x.to(tl.float32), BITS, acc.shape[0], GROUPS, GROUP_WORDS)
+    x = tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0).to(tl.float32)
+    x_by_code = _by_code(x, BITS, acc.shape[0], GROUPS, GROUP_WORDS)
     middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)  # symmetric codes centre in the same subtraction
     dot = tl.zeros(acc.shape, dtype=tl.float32)
     for j in tl.static_range(PACK):
@@ -155,7 +155,7 @@ def _gemv_step(
     acc += dot * tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[None, :, :, None]
     if ASYMMETRIC:
         offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        acc += offsets[None, :, :, None] * tl.sum(x.to(tl.float32), axis=3)[:, None]
+        acc += offsets[None, :, :, None] * tl.sum(x, axis=3)[:, None]
     return acc
 
 
