@@ -28,6 +28,7 @@ Reference: `martlet.layers.quantization.packed.dequantize` followed by `torch.nn
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -121,41 +122,153 @@ def _by_code(x, BITS: tl.constexpr, A: tl.constexpr, B: tl.constexpr, C: tl.cons
 
 
 @triton.jit
+def _half2(value: tl.constexpr):
+    """A 32-bit register holding `value` twice as fp16 (an operand of the f16x2 instructions)."""
+    bits = tl.full((1,), value, tl.float32).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _interleave(a, b):
+    """Registers of fp16 pairs (x_i, x_i+1) from a and (x_j, x_j+1) from b -> (x_i, x_j), (x_i+1, x_j+1)."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        prmt.b32 $0, $2, $3, 0x5410;
+        prmt.b32 $1, $2, $3, 0x7632;
+        }""",
+        constraints="=r,=r,r,r", args=[a, b], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_word_dots(words, x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS: tl.constexpr,
+                     ASYMMETRIC: tl.constexpr):
+    """Each word's sum_j (code_j - centre) / D x_j, [BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS] fp32, for
+    fp16 x, in paired fp16 arithmetic: about two instructions per code where fp32 takes four.
+
+    Codes j and j + pack/2 lie in the two 16-bit halves of a word at the same bits. Masked out (LOP3)
+    and placed under the fp16 exponent bits of 1024 (0x6400), a pair is the two fp16s 1024 + c (or
+    1024 + 16 c for the upper nibble of a byte), and one paired FMA takes it exactly to
+    (c - centre) / D, within [-1, 1]: D = 2^(bits-1) symmetric (centre D), 2^bits asymmetric (centre 0).
+    Paired FMAs against x's inputs in the same pairing sum a word's products in fp16, four to a
+    half at most, so no partial sum passes 4 max|x|; the halves then add in fp32. The caller
+    multiplies by D. (vLLM's Marlin and FasterTransformer unpack int4 this way for tensor cores.)"""
+    D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))
+    CENTRE: tl.constexpr = 0 if ASYMMETRIC else D
+    # x's inputs as fp16 pairs, one int32 each: [BLOCK_M, GROUPS, GROUP_WORDS, pairs as (2, 2) or (2,)]
+    pair_ptrs = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m[:, None, None, None] * (stride_xm // 2)
+    word_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
+    scale, shift = _half2(1.0 / D), _half2(-(1024 + CENTRE) / D)  # 1024 + c -> (c - centre) / D
+    if BITS == 4:  # pairs (0, 1), (4, 5) and (2, 3), (6, 7) of each word
+        pair = tl.arange(0, 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # [half, e] -> pair 2 half + e
+        cols = word_cols[:, :, None, None] * 4 + pair[None, None]
+        x_pairs = tl.load(pair_ptrs[:, :, :, :, None] + cols[None], mask=word_mask[:, :, :, :, None], other=0)
+        pairs_04, pairs_26 = tl.split(x_pairs)
+        x01, x45 = tl.split(pairs_04)
+        x23, x67 = tl.split(pairs_26)
+        x04, x15 = _interleave(x01, x45)
+        x26, x37 = _interleave(x23, x67)
+        high_scale, high_shift = _half2(1.0 / (16 * D)), _half2(-(64 + CENTRE) / D)  # 1024 + 16 c
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, q, acc;
+            .reg .b16 lo, hi;
+            .reg .f32 flo, fhi;
+            lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $6, $7;
+            mul.rn.f16x2 acc, t, $2;
+            lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $8, $9;
+            fma.rn.f16x2 acc, t, $3, acc;
+            shr.u32 q, $1, 8;
+            lop3.b32 t, q, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $6, $7;
+            fma.rn.f16x2 acc, t, $4, acc;
+            lop3.b32 t, q, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $8, $9;
+            fma.rn.f16x2 acc, t, $5, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            constraints="=r,r,r,r,r,r,r,r,r,r",
+            args=[words[None], x04[:, None], x15[:, None], x26[:, None], x37[:, None], scale, shift, high_scale,
+                  high_shift],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:  # pairs (0, 1), (2, 3) of each word
+        cols = word_cols[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
+        x01, x23 = tl.split(tl.load(pair_ptrs + cols[None], mask=word_mask, other=0))
+        x02, x13 = _interleave(x01, x23)
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, q, acc;
+            .reg .b16 lo, hi;
+            .reg .f32 flo, fhi;
+            lop3.b32 t, $1, 0x00FF00FF, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $4, $5;
+            mul.rn.f16x2 acc, t, $2;
+            shr.u32 q, $1, 8;
+            lop3.b32 t, q, 0x00FF00FF, 0x64006400, 0xEA;
+            fma.rn.f16x2 t, t, $4, $5;
+            fma.rn.f16x2 acc, t, $3, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            constraints="=r,r,r,r,r,r", args=[words[None], x02[:, None], x13[:, None], scale, shift],
+            dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK: tl.constexpr):
+    """x's inputs of the tile's words, [BLOCK_M, GROUPS, GROUP_WORDS, pack] fp32, a word's inputs in one thread."""
+    cols = word_cols[:, :, None] * PACK + tl.arange(0, PACK)[None, None, :]
+    x_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
+    return tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_step(
     acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, k0, K, stride_xm, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    EVEN: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
+    EVEN: tl.constexpr, HALF2: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
 ):
     """acc [BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS] += one tile's x @ W[rows]^T, kept apart by word until the end.
 
     The tile's words are [BLOCK_N, GROUPS, GROUP_WORDS]: GROUPS runs of words that share a scale, so a
-    scale is loaded once a run and spread over its words in registers. Codes go on a last axis [.., pack]
-    beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], which load as whole words' runs (16 bytes for
-    int4): a word's products sum in its thread. (Loading x a code position at a time, at stride pack,
-    kept the L1 busy with one 2-byte load per code: results/quant-weight-only-*.)"""
+    scale is loaded once a run and spread over its words in registers. A word's products sum in its
+    thread: in paired fp16 (`_half2_word_dots`) for fp16 x, else in fp32, codes on a last axis [.., pack]
+    beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], loaded as whole words' runs (16 bytes for
+    int4). (Loading x a code position at a time, at stride pack, kept the L1 busy with one 2-byte
+    load per code: results/quant-weight-only-*.)"""
     PACK: tl.constexpr = 32 // BITS
     run = tl.arange(0, GROUPS)[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # [GROUPS, GROUP_WORDS]
     word_cols = k0 // PACK + run
     mask_words = word_cols < K // PACK
     w_mask = mask_rows[:, None, None] & mask_words[None, :, :]
     words = _load(w_ptr + rows[:, None, None] * stride_wn + word_cols[None, :, :], w_mask, EVEN)
-    cols = word_cols[:, :, None] * PACK + tl.arange(0, PACK)[None, None, :]
-    x_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
-    x = tl.load(x_ptr + offs_m[:, None, None, None] * stride_xm + cols[None], mask=x_mask, other=0.0).to(tl.float32)
-    x_by_code = _by_code(x, BITS, acc.shape[0], GROUPS, GROUP_WORDS)
-    middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)  # symmetric codes centre in the same subtraction
-    dot = tl.zeros(acc.shape, dtype=tl.float32)
-    for j in tl.static_range(PACK):
-        dot += _as_float(_code(words, j, BITS), middle)[None] * x_by_code[j][:, None]
+    if HALF2:
+        dot = _half2_word_dots(words, x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS, ASYMMETRIC)
+        unit: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # its codes' divisor D
+    else:
+        x_by_code = _by_code(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), BITS,
+                             acc.shape[0], GROUPS, GROUP_WORDS)
+        middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)  # symmetric codes centre in the same subtraction
+        dot = tl.zeros(acc.shape, dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            dot += _as_float(_code(words, j, BITS), middle)[None] * x_by_code[j][:, None]
+        unit: tl.constexpr = 1
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
-        return acc + dot
+        return acc + dot * unit
     group = (k0 + tl.arange(0, GROUPS) * GROUP_WORDS * PACK) // GROUP
     s_mask = mask_rows[:, None] & (group < tl.cdiv(K, GROUP))[None, :]
     s_offs = rows[:, None] * stride_sn + group[None, :]
-    acc += dot * tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)[None, :, :, None]
+    acc += dot * (tl.load(s_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32) * unit)[None, :, :, None]
     if ASYMMETRIC:
         offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
-        acc += offsets[None, :, :, None] * tl.sum(x, axis=3)[:, None]
+        x_sums = tl.sum(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), axis=3)
+        acc += offsets[None, :, :, None] * x_sums[:, None]
     return acc
 
 
@@ -163,7 +276,7 @@ def _gemv_step(
 def _quant_gemv_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr, HALF2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -179,11 +292,11 @@ def _quant_gemv_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
-                         stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, GROUPS, GROUP_WORDS)
+                         stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, HALF2, GROUPS, GROUP_WORDS)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
-                                stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, GROUPS,
-                                GROUP_WORDS)
+                                stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, HALF2,
+                                GROUPS, GROUP_WORDS)
     # One scale per output channel (not SCALE_IN_LOOP): scales [N, 1], so a channel's is at its index.
     _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), tl.sum(tl.sum(acc_up, axis=3), axis=2), s_ptr, bias_ptr, out_ptr,
               offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
@@ -295,6 +408,13 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     return k
 
 
+def _half2_fits(x: torch.Tensor) -> bool:
+    """Whether the FMA kernel can take x's inputs as fp16 pairs: fp16 rows at 4-byte-aligned addresses,
+    compiled (the interpreter runs no PTX)."""
+    return (x.dtype == torch.float16 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
+            and os.environ.get("TRITON_INTERPRET") != "1")
+
+
 def quant_linear(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
     fmt: PackedFormat, bias: torch.Tensor | None = None, config: QuantLinearConfig | None = None,
@@ -321,9 +441,11 @@ def quant_linear(
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
-        gemv = cfg.block_m < 16
-        kernel, flags = (_quant_gemv_kernel, {}) if gemv else (_quant_linear_kernel, {"FP32": x.dtype == torch.float32})
-        kernel[(triton.cdiv(out_n, cfg.block_n), 1 if gemv else triton.cdiv(m, cfg.block_m))](
+        if cfg.block_m < 16:
+            kernel, flags = _quant_gemv_kernel, {"HALF2": _half2_fits(x)}
+        else:
+            kernel, flags = _quant_linear_kernel, {"FP32": x.dtype == torch.float32}
+        kernel[(triton.cdiv(out_n, cfg.block_n), 1 if cfg.block_m < 16 else triton.cdiv(m, cfg.block_m))](
             x, qweight, scales, offsets, bias, out, m, out_n, k, x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0), BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric,
             SCALE_IN_LOOP=fmt.asymmetric or fmt.group_size < k, HAS_BIAS=bias is not None,
