@@ -52,7 +52,7 @@ def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
                    for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
     if m <= GEMV_MAX_TOKENS:
         return [QuantLinearConfig(triton.next_power_of_2(m), bn, row_bytes * per_byte, w, s)
-                for bn in (16, 32, 64) for row_bytes in (256, 512) for w in (4, 8) for s in (3, 4)]
+                for bn in (8, 16, 32) for row_bytes in (128, 256, 512) for w in (2, 4) for s in (3, 4)]
     return tensor_core
 
 
@@ -128,6 +128,7 @@ def main() -> None:
                              for c in sweep_configs(m, fmt)]
                     best_us, best = min(timed, key=lambda t: t[0])
                     row["best_us"], row["best_config"] = best_us, asdict(best)
+                    row["sweep"] = [(us, asdict(c)) for us, c in sorted(timed, key=lambda t: t[0])]
                     line.append(f"[best {best_us:7.1f} us {best}]")
                 rows.append(row)
             print("  ".join(line), flush=True)
