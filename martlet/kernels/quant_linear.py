@@ -140,24 +140,93 @@ def _interleave(a, b):
 
 
 @triton.jit
-def _half2_word_dots(words, x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS: tl.constexpr,
-                     ASYMMETRIC: tl.constexpr):
-    """Each word's sum_j (code_j - centre) / D x_j, [BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS] fp32, for
-    fp16 x, in paired fp16 arithmetic: about two instructions per code where fp32 takes four.
+def _half2_codes(words, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr):
+    """Words -> their codes as (c - centre) / D, exact, in fp16 pairs: codes (j, j + pack/2) of a word in
+    one int32 each, j = 0 .. pack/2 - 1. D = 2^(bits-1) symmetric (centre D), 2^bits asymmetric
+    (centre 0), so every value lies in [-1, 1].
 
-    Codes j and j + pack/2 lie in the two 16-bit halves of a word at the same bits. Masked out (LOP3)
+    Codes j and j + pack/2 sit in the two 16-bit halves of a word at the same bits. Masked out (LOP3)
     and placed under the fp16 exponent bits of 1024 (0x6400), a pair is the two fp16s 1024 + c (or
-    1024 + 16 c for the upper nibble of a byte), and one paired FMA takes it exactly to
-    (c - centre) / D, within [-1, 1]: D = 2^(bits-1) symmetric (centre D), 2^bits asymmetric (centre 0).
-    Paired FMAs against x's inputs in the same pairing sum a word's products in fp16, four to a
-    half at most, so no partial sum passes 4 max|x|; the halves then add in fp32. The caller
-    multiplies by D. (vLLM's Marlin and FasterTransformer unpack int4 this way for tensor cores.)"""
+    1024 + 16 c for the upper nibble of a byte), and one paired FMA scales and shifts both exactly.
+    (vLLM's Marlin and FasterTransformer unpack int4 this way for tensor cores.)"""
     D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))
     CENTRE: tl.constexpr = 0 if ASYMMETRIC else D
-    # x's inputs as fp16 pairs, one int32 each: [BLOCK_M, GROUPS, GROUP_WORDS, pairs as (2, 2) or (2,)]
+    scale, shift = _half2(1.0 / D), _half2(-(1024 + CENTRE) / D)  # 1024 + c -> (c - centre) / D
+    if BITS == 4:
+        high_scale, high_shift = _half2(1.0 / (16 * D)), _half2(-(64 + CENTRE) / D)  # 1024 + 16 c
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 q;
+            lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $0, $0, $5, $6;
+            lop3.b32 $1, $4, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 $1, $1, $7, $8;
+            shr.u32 q, $4, 8;
+            lop3.b32 $2, q, 0x000F000F, 0x64006400, 0xEA;
+            fma.rn.f16x2 $2, $2, $5, $6;
+            lop3.b32 $3, q, 0x00F000F0, 0x64006400, 0xEA;
+            fma.rn.f16x2 $3, $3, $7, $8;
+            }""",
+            constraints="=r,=r,=r,=r,r,r,r,r,r", args=[words, scale, shift, high_scale, high_shift],
+            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 q;
+            lop3.b32 $0, $2, 0x00FF00FF, 0x64006400, 0xEA;
+            fma.rn.f16x2 $0, $0, $3, $4;
+            shr.u32 q, $2, 8;
+            lop3.b32 $1, q, 0x00FF00FF, 0x64006400, 0xEA;
+            fma.rn.f16x2 $1, $1, $3, $4;
+            }""",
+            constraints="=r,=r,r,r,r", args=[words, scale, shift], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_dot(codes, x, BITS: tl.constexpr):
+    """sum over pairs of codes[i] * x[i], two or four fp16-pair registers each, in fp32: the products sum
+    in fp16 within a half (codes in [-1, 1], so no partial sum passes 4 max|x|), the halves in fp32."""
+    if BITS == 4:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 acc;
+            .reg .b16 lo, hi;
+            .reg .f32 flo, fhi;
+            mul.rn.f16x2 acc, $1, $5;
+            fma.rn.f16x2 acc, $2, $6, acc;
+            fma.rn.f16x2 acc, $3, $7, acc;
+            fma.rn.f16x2 acc, $4, $8, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            constraints="=r,r,r,r,r,r,r,r,r",
+            args=[codes[0], codes[1], codes[2], codes[3], x[0], x[1], x[2], x[3]], dtype=tl.float32, is_pure=True,
+            pack=1)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 acc;
+            .reg .b16 lo, hi;
+            .reg .f32 flo, fhi;
+            mul.rn.f16x2 acc, $1, $3;
+            fma.rn.f16x2 acc, $2, $4, acc;
+            mov.b32 {lo, hi}, acc;
+            cvt.f32.f16 flo, lo;
+            cvt.f32.f16 fhi, hi;
+            add.f32 $0, flo, fhi;
+            }""",
+            constraints="=r,r,r,r,r", args=[codes[0], codes[1], x[0], x[1]], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS: tl.constexpr):
+    """x's inputs of the tile's words as fp16 pairs in `_half2_codes`' order: inputs (j, j + pack/2),
+    [BLOCK_M, 1, GROUPS, GROUP_WORDS] int32 each. Loaded as pairs (2i, 2i + 1), whole words' runs,
+    and interleaved (PRMT) once per thread: the rows of the tile share them."""
     pair_ptrs = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m[:, None, None, None] * (stride_xm // 2)
     word_mask = mask_m[:, None, None, None] & mask_words[None, :, :, None]
-    scale, shift = _half2(1.0 / D), _half2(-(1024 + CENTRE) / D)  # 1024 + c -> (c - centre) / D
     if BITS == 4:  # pairs (0, 1), (4, 5) and (2, 3), (6, 7) of each word
         pair = tl.arange(0, 2)[:, None] * 2 + tl.arange(0, 2)[None, :]  # [half, e] -> pair 2 half + e
         cols = word_cols[:, :, None, None] * 4 + pair[None, None]
@@ -167,57 +236,12 @@ def _half2_word_dots(words, x_ptr, offs_m, mask_m, word_cols, mask_words, stride
         x23, x67 = tl.split(pairs_26)
         x04, x15 = _interleave(x01, x45)
         x26, x37 = _interleave(x23, x67)
-        high_scale, high_shift = _half2(1.0 / (16 * D)), _half2(-(64 + CENTRE) / D)  # 1024 + 16 c
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, q, acc;
-            .reg .b16 lo, hi;
-            .reg .f32 flo, fhi;
-            lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $6, $7;
-            mul.rn.f16x2 acc, t, $2;
-            lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $8, $9;
-            fma.rn.f16x2 acc, t, $3, acc;
-            shr.u32 q, $1, 8;
-            lop3.b32 t, q, 0x000F000F, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $6, $7;
-            fma.rn.f16x2 acc, t, $4, acc;
-            lop3.b32 t, q, 0x00F000F0, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $8, $9;
-            fma.rn.f16x2 acc, t, $5, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            constraints="=r,r,r,r,r,r,r,r,r,r",
-            args=[words[None], x04[:, None], x15[:, None], x26[:, None], x37[:, None], scale, shift, high_scale,
-                  high_shift],
-            dtype=tl.float32, is_pure=True, pack=1)
+        return x04[:, None], x15[:, None], x26[:, None], x37[:, None]
     else:  # pairs (0, 1), (2, 3) of each word
         cols = word_cols[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]
         x01, x23 = tl.split(tl.load(pair_ptrs + cols[None], mask=word_mask, other=0))
         x02, x13 = _interleave(x01, x23)
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, q, acc;
-            .reg .b16 lo, hi;
-            .reg .f32 flo, fhi;
-            lop3.b32 t, $1, 0x00FF00FF, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $4, $5;
-            mul.rn.f16x2 acc, t, $2;
-            shr.u32 q, $1, 8;
-            lop3.b32 t, q, 0x00FF00FF, 0x64006400, 0xEA;
-            fma.rn.f16x2 t, t, $4, $5;
-            fma.rn.f16x2 acc, t, $3, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            constraints="=r,r,r,r,r,r", args=[words[None], x02[:, None], x13[:, None], scale, shift],
-            dtype=tl.float32, is_pure=True, pack=1)
+        return x02[:, None], x13[:, None]
 
 
 @triton.jit
@@ -238,7 +262,7 @@ def _gemv_step(
 
     The tile's words are [BLOCK_N, GROUPS, GROUP_WORDS]: GROUPS runs of words that share a scale, so a
     scale is loaded once a run and spread over its words in registers. A word's products sum in its
-    thread: in paired fp16 (`_half2_word_dots`) for fp16 x, else in fp32, codes on a last axis [.., pack]
+    thread: in paired fp16 (`_half2_codes`, `_half2_dot`) for fp16 x, else in fp32, codes on a last axis [.., pack]
     beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], loaded as whole words' runs (16 bytes for
     int4). (Loading x a code position at a time, at stride pack, kept the L1 busy with one 2-byte
     load per code: results/quant-weight-only-*.)"""
@@ -248,8 +272,9 @@ def _gemv_step(
     mask_words = word_cols < K // PACK
     w_mask = mask_rows[:, None, None] & mask_words[None, :, :]
     words = _load(w_ptr + rows[:, None, None] * stride_wn + word_cols[None, :, :], w_mask, EVEN)
-    if HALF2:
-        dot = _half2_word_dots(words, x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS, ASYMMETRIC)
+    if HALF2:  # each word unpacked once for all tokens
+        codes = _half2_codes(words[None], BITS, ASYMMETRIC)
+        dot = _half2_dot(codes, _half2_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, BITS), BITS)
         unit: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # its codes' divisor D
     else:
         x_by_code = _by_code(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), BITS,
