@@ -98,6 +98,45 @@ class CaptureCost:
         return f"{time.perf_counter() - self.start:.1f} s, {taken / 2**30:.2f} GiB"
 
 
+class StaticInputs:
+    """The buffers a captured step reads, for up to `max_seqs` sequences and `max_tokens` tokens. A step
+    copies its inputs in, and the padding up to its rung is made inert: slots -1 write nowhere,
+    context length 0 reads nothing. `query_start_loc` starts as one token per sequence (decode)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_model_len: int, block_size: int,
+                 device: torch.device) -> None:
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_seqs, -(-max_model_len // block_size), dtype=torch.int32, device=device)
+
+    def metadata(self, num_seqs: int, query_len: int, max_seq_len: int) -> AttentionMetadata:
+        """Views of the buffers for `num_seqs` sequences of `query_len` tokens: decodes when one token
+        each, else prefills (so that every sequence goes through the prefill kernel)."""
+        tokens, decode = num_seqs * query_len, query_len == 1
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[: num_seqs + 1],
+            seq_lens=self.seq_lens[:num_seqs], block_tables=self.block_tables[:num_seqs],
+            num_prefills=0 if decode else num_seqs, num_prefill_tokens=0 if decode else tokens,
+            num_decodes=num_seqs if decode else 0, max_query_len=query_len, max_seq_len=max_seq_len,
+            query_start_loc_cpu=[], seq_lens_cpu=[],
+        )
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, padded_tokens: int,
+             padded_seqs: int) -> None:
+        """Copy a step's inputs in (its sequences' token runs laid out as the captured step's)."""
+        num_tokens, num_seqs = input_ids.shape[0], meta.seq_lens.shape[0]
+        self.input_ids[:num_tokens].copy_(input_ids, non_blocking=True)
+        self.positions[:num_tokens].copy_(positions, non_blocking=True)
+        self.slot_mapping[:num_tokens].copy_(meta.slot_mapping, non_blocking=True)
+        self.slot_mapping[num_tokens:padded_tokens].fill_(-1)
+        self.seq_lens[:num_seqs].copy_(meta.seq_lens, non_blocking=True)
+        self.seq_lens[num_seqs:padded_seqs].fill_(0)
+        self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+
+
 class DecodeGraphs:
     """Static input buffers, and one graph per (rung, launch key) that reads them."""
 
@@ -107,14 +146,7 @@ class DecodeGraphs:
         self.backend = model.attention_layers()[0].backend
         self.num_kv_heads = model.attention_layers()[0].num_kv_heads  # this rank's
         self.ladder = size_ladder(max_batch_size)
-        n = self.ladder[-1]
-        max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.inputs = StaticInputs(self.ladder[-1], self.ladder[-1], max_model_len, block_size, device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pool = pool
         # Largest rung first, so the smaller ones reuse its memory.
@@ -136,27 +168,14 @@ class DecodeGraphs:
         by graph replay."""
         bs = meta.num_decodes
         rung = padded_batch_size(self.ladder, bs)
-        self.input_ids[:bs].copy_(input_ids, non_blocking=True)
-        self.positions[:bs].copy_(positions, non_blocking=True)
-        self.slot_mapping[:bs].copy_(meta.slot_mapping, non_blocking=True)
-        self.slot_mapping[bs:rung].fill_(-1)
-        self.seq_lens[:bs].copy_(meta.seq_lens, non_blocking=True)
-        self.seq_lens[bs:rung].fill_(0)
-        width = meta.block_tables.shape[1]
-        self.block_tables[:bs, :width].copy_(meta.block_tables, non_blocking=True)
+        self.inputs.fill(input_ids, positions, meta, rung, rung)
         graph, (hidden, logits) = self.graphs[self._key(rung, meta.max_seq_len)]
         graph.replay()
         return hidden[:bs], logits[:bs]
 
     def _capture(self, rung: int, max_seq_len: int
                  ) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]:
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:rung], query_start_loc=self.query_start_loc[: rung + 1],
-            seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=0,
-            num_prefill_tokens=0, num_decodes=rung, max_query_len=1, max_seq_len=max_seq_len,
-            query_start_loc_cpu=[], seq_lens_cpu=[],
-        )
-        args = (self.input_ids[:rung], self.positions[:rung], meta)
+        args = (self.inputs.input_ids[:rung], self.inputs.positions[:rung], self.inputs.metadata(rung, 1, max_seq_len))
 
         def step() -> tuple[torch.Tensor, torch.Tensor]:
             hidden = self.model(*args)
@@ -182,29 +201,19 @@ class VerifyGraphs:
         self.model = model
         self.ladder = size_ladder(max_batch_size)
         self.max_query_len = max_query_len
-        n, max_tokens = self.ladder[-1], self.ladder[-1] * max_query_len
-        self.input_ids = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_tokens, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
-        self.query_start_loc = torch.zeros(n + 1, dtype=torch.int32, device=device)
-        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(n, -(-max_model_len // block_size), dtype=torch.int32, device=device)
+        self.inputs = StaticInputs(self.ladder[-1] * max_query_len, self.ladder[-1], max_model_len, block_size,
+                                   device)
         self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {
             (rung, q): self._step(rung, q) for rung in self.ladder for q in range(2, max_query_len + 1)}
 
     def _step(self, rung: int, q: int) -> Callable[[], torch.Tensor]:
         tokens = rung * q
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:tokens], query_start_loc=self.query_start_loc[: rung + 1],
-            seq_lens=self.seq_lens[:rung], block_tables=self.block_tables[:rung], num_prefills=rung,
-            num_prefill_tokens=tokens, num_decodes=0, max_query_len=q, max_seq_len=0,
-            query_start_loc_cpu=[], seq_lens_cpu=[],
-        )
-        return functools.partial(self.model, self.input_ids[:tokens], self.positions[:tokens], meta)
+        return functools.partial(self.model, self.inputs.input_ids[:tokens], self.inputs.positions[:tokens],
+                                 self.inputs.metadata(rung, q, 0))
 
     def capture(self, pool: tuple[int, int]) -> None:
         """Capture every step, largest first so the smaller ones reuse its memory."""
-        cost = CaptureCost(self.input_ids.device)
+        cost = CaptureCost(self.inputs.input_ids.device)
         for key in sorted(self.steps, reverse=True):
             graph, hidden = capture(self.steps[key], pool)
             self.steps[key] = functools.partial(_replay, graph, hidden)
@@ -219,15 +228,9 @@ class VerifyGraphs:
         """Hidden states [T, hidden], as `model(input_ids, positions, meta)`."""
         num_tokens, num_seqs = input_ids.shape[0], len(meta.seq_lens_cpu)
         rung = padded_batch_size(self.ladder, num_seqs)
-        self.input_ids[:num_tokens].copy_(input_ids)
-        self.positions[:num_tokens].copy_(positions)
-        self.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
-        self.slot_mapping[num_tokens : rung * meta.max_query_len].fill_(-1)
-        self.query_start_loc[: num_seqs + 1].copy_(meta.query_start_loc)
-        self.query_start_loc[num_seqs + 1 : rung + 1].fill_(num_tokens)  # padding sequences have no tokens
-        self.seq_lens[:num_seqs].copy_(meta.seq_lens)
-        self.seq_lens[num_seqs:rung].fill_(0)
-        self.block_tables[:num_seqs, : meta.block_tables.shape[1]].copy_(meta.block_tables)
+        self.inputs.fill(input_ids, positions, meta, rung * meta.max_query_len, rung)
+        self.inputs.query_start_loc[: num_seqs + 1].copy_(meta.query_start_loc)
+        self.inputs.query_start_loc[num_seqs + 1 : rung + 1].fill_(num_tokens)  # padding sequences have no tokens
         return self.steps[rung, meta.max_query_len]()[:num_tokens]
 
 
