@@ -173,13 +173,13 @@ class DraftModelProposer(Proposer):
         counts = [len(seq.spec_token_ids) for seq in seqs]
         guesses = torch.empty(len(seqs), max(counts), dtype=torch.int64, device=self.device)
         hidden = self._catch_up(seqs, guesses)
+        tables = block_table_array([seq.block_table for seq in seqs])  # the guesses' slots are allocated
         for i in range(1, max(counts)):
             rows = [j for j, n in enumerate(counts) if n > i]
             active = [seqs[j] for j in rows]
             rows_t = to_device(rows, self.device, torch.int64)
             positions, meta = flat_batch([len(seq) - 1 - self.shift + i for seq in active], [1] * len(active),
-                                         block_table_array([seq.block_table for seq in active]), 0, self.block_size,
-                                         self.device)
+                                         tables[rows], 0, self.block_size, self.device)
             if self.decode_graphs is not None and self.decode_graphs.can_run(meta):
                 out, logits = self.decode_graphs.run(guesses[rows_t, i - 1], positions, meta)
             else:
