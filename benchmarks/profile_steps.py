@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from martlet import LLM
 from martlet.bench.offline import exact_params, random_prompts
 
-CASES = {"b1": (1, 8, 64), "b256": (256, 8, 64), "b32long": (32, 1024, 32)}
+CASES = {"b1": (1, 8, 64), "b256": (256, 8, 64), "b256ctx": (256, 200, 64), "b32long": (32, 1024, 32)}
 
 
 def timed(obj: object, name: str, totals: dict[str, float]) -> None:
