@@ -9,10 +9,9 @@ engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per ch
 (groups of 128, asymmetric), and GGUF Q4_0 / Q4_K as they are repacked (groups of 32, symmetric /
 asymmetric). Printed: us per matmul, GB/s in the format's own bytes (codes + scales + offsets),
 speed-up over fp16. Beyond `quant_linear.kernel_max_tokens` the packed path is dequantize + cuBLAS,
-as in the engine. `--sweep` also times a grid of tiles per row (up to
-32 tokens) and prints the best, against the one `quant_linear_config` picks: slow, so give it few
---tokens and --formats. Each kernel is checked against the
-PyTorch reference first.
+as in the engine. `--sweep` also times a grid of tiles per row (the gated one too) where the engine
+takes the kernel, and prints the best, against the one `quant_linear_config` picks: slow, so give it
+few --tokens and --formats. Each kernel is checked against the PyTorch reference first.
 """
 
 from __future__ import annotations
@@ -121,10 +120,11 @@ def main() -> None:
                 row = {"layer": name, "n": n, "k": k, "m": m, "format": f, "fp16_us": fp16_us, "kernel_us": kernel_us,
                        "gb_s": nbytes(ws[0]) / kernel_us / 1e3}
                 if m <= ql.kernel_max_tokens(fmt):
-                    row["config"] = asdict(quant_linear_config(m, n, fmt, gated))
+                    row["config"] = asdict(quant_linear_config(m, n, k, fmt, gated))
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
-                if args.sweep and m <= ql.MAX_TOKENS and not gated:
-                    timed = [(graph_us(lambda x, w, fmt=fmt, c=c: quant_linear(x, *w, fmt, config=c), xs, ws), c)
+                if args.sweep and m <= ql.kernel_max_tokens(fmt):
+                    timed = [(graph_us(lambda x, w, fmt=fmt, c=c, gated=gated: quant_linear(x, *w, fmt, config=c,
+                                                                                      silu_and_mul=gated), xs, ws), c)
                              for c in sweep_configs(m, fmt)]
                     best_us, best = min(timed, key=lambda t: t[0])
                     row["best_us"], row["best_config"] = best_us, asdict(best)

@@ -59,19 +59,23 @@ class QuantLinearConfig:
     num_stages: int
 
 
-def quant_linear_config(m: int, n: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
-    """The tile for m tokens and an [n, K] weight (n rows of gate and up together when gated).
+def quant_linear_config(m: int, n: int, k: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
+    """The tile for m tokens and an [n, k] weight (n rows of gate and up together when gated).
 
-    The FMA kernel reads 256 contiguous bytes of each row a step at one token, 128 at two to four, in
-    3 stages of 32 rows (16 when N is 4096 or less: more programs, about one per SM is too few), the
-    best of 24 tiles for int4 at one token on an H200 for every Llama-2-7B projection (0.7-0.85x the
-    time of the previous 512-byte, 4-stage tile: results/quant-weight-only-*). The tensor-core kernel
-    reads 128 bytes, which leaves each code position of a tile 16 to 32 inputs. Larger tiles spill
-    registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
+    At one token, the best of 36 FMA tiles on an H200 for the Llama-2-7B projections
+    (results/quant-weight-only-*, session 6, the paired-fp16 kernel): 8-bit codes in 8-row tiles of
+    512 bytes a row, 2 warps, 4 stages (the four projections 61 against 79 µs before); 4-bit in 256
+    bytes a row, 3 stages, 4 warps, with 8 rows when K is long (down: 18.2 against 22.7 µs), 16
+    when N is 4096 or less (more programs: about one per SM is too few) or gated (a program reads as
+    many gate rows as up rows), else 32. At two to four tokens 128 bytes a row. The tensor-core
+    kernel reads 128 bytes, which leaves each code position of a tile 16 to 32 inputs. Larger tiles
+    spill registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
     inputs_per_byte = 8 // fmt.bits
+    if m == 1 and fmt.bits == 8:
+        return QuantLinearConfig(1, 8, 512, 2, 4)
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(max(m, 1))
-        rows = 16 if n <= 4096 or silu_and_mul else 32  # gated, a program reads as many gate rows as up rows
+        rows = 8 if k > 4096 and m == 1 else 16 if n <= 4096 or silu_and_mul else 32
         return QuantLinearConfig(block_m, rows, (256 if block_m == 1 else 128) * inputs_per_byte, 4, 3)
     if m <= 16:
         return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
@@ -462,7 +466,7 @@ def quant_linear(
         raise ValueError("x needs contiguous rows and the scales' dtype")
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
-    cfg = config or quant_linear_config(m, n, fmt, silu_and_mul)
+    cfg = config or quant_linear_config(m, n, k, fmt, silu_and_mul)
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:

@@ -28,11 +28,12 @@ def compile_defaults() -> None:
     from martlet.layers.quantization.packed import PackedFormat
 
     fp16, fp32 = torch.float16, torch.float32
-    cases = [(1, PackedFormat(4, 128, True), False, fp16), (3, PackedFormat(8, 4096, False), True, fp16),
+    cases = [(1, PackedFormat(4, 128, True), False, fp16), (1, PackedFormat(8, 4096, False), True, fp16),
+             (3, PackedFormat(8, 4096, False), True, fp16),
              (16, PackedFormat(4, 32, False), True, fp16), (24, PackedFormat(8, 16, True), False, fp16),
              (32, PackedFormat(4, 64, True), True, fp32)]
     for m, fmt, silu, x_dtype in cases:
-        cfg = ql.quant_linear_config(m, 4096 * (3 if silu else 1), fmt, silu)
+        cfg = ql.quant_linear_config(m, 4096 * (3 if silu else 1), 4096, fmt, silu)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
         in_loop = fmt.asymmetric or fmt.group_size < 4096  # K = 4096
         const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=in_loop,
