@@ -105,10 +105,14 @@ def _skinny_linear_kernel(
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # This program's slice of K: whole BLOCK_K steps, the last slice ending at K.
-    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_start = tl.program_id(1) * k_per_split
-    for k0 in tl.range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K, num_stages=NUM_STAGES):
+    # This program's slice of K: whole BLOCK_K steps, the last slice ending at K. Unsplit, the bounds
+    # are plainly 0 and K: computed ones compiled to 3-10% more instructions (sm_90).
+    k_start, k_end = 0, K
+    if SPLIT_K > 1:
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :],

@@ -78,8 +78,12 @@ def _rotary_kv_kernel(
         k1, k2, kv_mask = _rotate(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, kv_heads, offs_d, d_mask, cos,
                                   sin, HALF)
         tiles = (slot // BLOCK_SIZE) * stride_block + kv_heads[:, None] * stride_head
-        k_cache = k_cache_ptr + tiles + (slot % BLOCK_SIZE) * stride_slot + offs_d[None, :]
-        v_cache = v_cache_ptr + tiles + (slot % BLOCK_SIZE) * stride_v_slot + offs_d[None, :] * stride_v_d
+        k_offs = tiles + (slot % BLOCK_SIZE) * stride_slot + offs_d[None, :]
+        k_cache = k_cache_ptr + k_offs
+        if QUANT:
+            v_cache = v_cache_ptr + tiles + (slot % BLOCK_SIZE) * stride_v_slot + offs_d[None, :] * stride_v_d
+        else:  # a 16-bit cache's V is laid out as its K (`cache_strides`): K's offsets
+            v_cache = v_cache_ptr + k_offs
         # Round to k's dtype before the cache's, as the reference does (rotary output, then the write).
         k_dtype = k_ptr.dtype.element_ty
         k1, k2 = k1.to(k_dtype), k2.to(k_dtype)
@@ -94,7 +98,7 @@ def _rotary_kv_kernel(
                              HALF * stride_v_d, MAX_CODE)
         else:
             _store_halves(k_cache, k1, k2, kv_mask, HALF)
-            _store_halves(v_cache, v1, v2, kv_mask, HALF * stride_v_d)
+            _store_halves(v_cache, v1, v2, kv_mask, HALF)
 
 
 def rotary_kv_write(
