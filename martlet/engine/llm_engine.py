@@ -329,18 +329,14 @@ class LLMEngine:
         for seq, slot, drafts, row in zip(launched.seqs, slots, launched.drafts, rows):
             if seq.is_finished:  # finished or aborted while the step ran: its tokens are dropped
                 continue
-            sampled, parents = token_ids[row : row + len(drafts) + 1], seq.spec_parents[: len(drafts)]
-            if parents:
-                new_tokens, last_row, num_in_place = accepted_path(drafts, parents, sampled)
-            else:
-                new_tokens = accepted_prefix(drafts, sampled)
-                last_row = num_in_place = len(new_tokens) - 1
             if drafts:
-                self._roll_back(seq, drafts, new_tokens, num_in_place)
+                new_tokens, last_row = self._accept(seq, drafts, token_ids[row : row + len(drafts) + 1])
+            else:
+                new_tokens, last_row = token_ids[row : row + 1], 0
             # A verifying step is collected before the next one launches: its placeholder is the last
             # token, and the accepted run takes its place.
             seq.token_ids[slot : slot + 1] = new_tokens
-            seq.guessed_token_ids = [] if guesses is None else guesses[row + last_row]
+            seq.guessed_token_ids = () if guesses is None else guesses[row + last_row]  # () is no new object
             if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
                 seq.output_logprobs.append(logprobs[row])
                 seq.cumulative_logprob += logprobs[row][new_tokens[0]]
@@ -363,7 +359,18 @@ class LLMEngine:
                 self._forget(request_id)
         return outputs
 
-    def _roll_back(self, seq: Sequence, drafts: list[int], new_tokens: list[int], num_in_place: int) -> None:
+    def _accept(self, seq: Sequence, drafts: tuple[int, ...], sampled: list[int]) -> tuple[list[int], int]:
+        """The tokens a verification step makes for `seq`, and the sampler row of the last one."""
+        parents = seq.spec_parents[: len(drafts)]
+        if parents:
+            new_tokens, last_row, num_in_place = accepted_path(drafts, parents, sampled)
+        else:
+            new_tokens = accepted_prefix(drafts, sampled)
+            last_row = num_in_place = len(new_tokens) - 1
+        self._roll_back(seq, drafts, new_tokens, num_in_place)
+        return new_tokens, last_row
+
+    def _roll_back(self, seq: Sequence, drafts: tuple[int, ...], new_tokens: list[int], num_in_place: int) -> None:
         """Count only the accepted proposals at their own positions as computed (all accepted ones in a
         chain; in a tree, those along its first branch, the others are computed again next step): the
         K/V of the others stay in the sequence's blocks beyond its computed tokens, to be overwritten."""

@@ -62,7 +62,7 @@ class Sequence:
         self.spec_parents: list[int] = []
         self.num_draft_computed_tokens = 0  # tokens whose K/V a draft model has in its pool (ditto)
         # What the proposer guessed, when the last token was sampled, the tokens after it are (Medusa).
-        self.guessed_token_ids: list[int] = []
+        self.guessed_token_ids: list[int] | tuple[int, ...] = ()
         # A seeded request owns its RNG, so its samples do not depend on its batch-mates.
         self.generator = generator
         self.output_logprobs: list[dict[int, float]] = []

@@ -320,7 +320,7 @@ def tree_rows(parents: list[int], num_own: int) -> tuple[list[int], list[int]]:
     return offsets, [b - (1 << 64) if b >> 63 else b for b in bits]  # as int64
 
 
-def accepted_path(drafts: list[int], parents: list[int], sampled: list[int]) -> tuple[list[int], int, int]:
+def accepted_path(drafts: tuple[int, ...], parents: list[int], sampled: list[int]) -> tuple[list[int], int, int]:
     """A tree verification step's tokens, the row the last one was sampled at, and how many of the
     accepted proposals sit at their own position (rows 1, 2, ... in order). `sampled[r]` is the
     target's token after row r (row 0 the root, row i the proposal `drafts[i - 1]`): from the root,
@@ -336,7 +336,7 @@ def accepted_path(drafts: list[int], parents: list[int], sampled: list[int]) -> 
         row = child
 
 
-def accepted_prefix(drafts: list[int], sampled: list[int]) -> list[int]:
+def accepted_prefix(drafts: tuple[int, ...], sampled: list[int]) -> list[int]:
     """The tokens a verification step makes. `sampled[i]` is the sampler's token for the position
     after `drafts[:i]`: the draft itself where the sampler accepted it, its own choice otherwise.
     The drafts up to the first one not accepted stand, then the sampler's token there (or after the
