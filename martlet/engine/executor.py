@@ -146,18 +146,14 @@ def spawn_ranks(config: EngineConfig, model_config: ModelConfig, first_rank: int
 def run_worker(config: EngineConfig, model_config: ModelConfig, rank: int, log_level: int) -> None:
     """A worker's main: join the group, build this rank's share of the model and its KV pool, serve steps."""
     from martlet.engine.model_runner import ModelRunner
-    from martlet.layers.backends import get_attention_backend
-    from martlet.models.loader import build_model
+    from martlet.models.loader import build_engine_model
 
     logging.basicConfig(level=log_level, format=f"rank {rank}: %(message)s")
     device = rank_device(config, rank)
     config = replace(config, device=device)
     distributed.init(rank, config.tensor_parallel_size, _init_method(config), device)
     torch.manual_seed(config.seed)
-    model = build_model(config.model, model_config, get_attention_backend(config.attention_backend),
-                        dtype=config.dtype, device=device, max_positions=config.max_model_len,
-                        load_format=config.load_format, quantization=config.quantization, quiet=True)
-    ModelRunner(config, model_config, model).serve_steps()
+    ModelRunner(config, model_config, build_engine_model(config, model_config, quiet=True)).serve_steps()
     distributed.shutdown()
 
 

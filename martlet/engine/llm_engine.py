@@ -30,7 +30,7 @@ from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_path, accepted_prefix, make_proposer
 from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
-from martlet.models.loader import build_model, is_gguf, load_tokenizer, read_model_config
+from martlet.models.loader import build_engine_model, is_gguf, load_tokenizer, read_model_config
 from martlet.outputs import CompletionOutput, RequestOutput
 from martlet.sampling_params import SamplingParams
 
@@ -57,11 +57,7 @@ class LLMEngine:
         # With tensor parallelism the other ranks start first: the model is built as this rank's share.
         self.workers = Workers(config, model_config) if config.tensor_parallel_size > 1 else None
         try:
-            model = build_model(
-                config.model, model_config, backend, dtype=config.dtype, device=config.device,
-                max_positions=config.max_model_len, load_format=config.load_format,
-                quantization=config.quantization, quiet=quiet,
-            )
+            model = build_engine_model(config, model_config, quiet)
             spec = config.speculative_config
             self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
             self.runner = ModelRunner(config, model_config, model, self.proposer)

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from martlet import distributed
-from martlet.config import ModelConfig
+from martlet.config import EngineConfig, ModelConfig
 from martlet.layers.attention import AttentionBackend
 from martlet.layers.linear import Linear
 from martlet.layers.norm import RMSNorm
@@ -95,6 +95,16 @@ def quantization_config(
         raise ValueError("load_format='dummy' cannot fill a pre-quantized checkpoint's packed weights; "
                          "quantization='int4' runs the same kernels on random weights")
     return from_checkpoint(checkpoint)
+
+
+def build_engine_model(config: EngineConfig, model_config: ModelConfig, quiet: bool = False) -> LlamaForCausalLM:
+    """The engine's model as `config` asks for it (this rank's share with tensor parallelism): the
+    driver and every worker build it the same way."""
+    from martlet.layers.backends import get_attention_backend
+
+    return build_model(config.model, model_config, get_attention_backend(config.attention_backend),
+                       dtype=config.dtype, device=config.device, max_positions=config.max_model_len,
+                       load_format=config.load_format, quantization=config.quantization, quiet=quiet)
 
 
 def build_model(
