@@ -21,7 +21,7 @@ from martlet.cli import build_parser, main
 from martlet.config import EngineArgs, SpeculativeConfig
 from martlet.engine.cuda_graphs import VerifyGraphs
 from martlet.engine.sequence import Sequence
-from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_prefix, find_continuation
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, NgramProposer, accepted_prefix, find_continuation
 from martlet.layers.sampler import Sampler
 from martlet.testing import make_tiny_model
 
@@ -155,6 +155,19 @@ def test_the_lookup_agrees_with_a_plain_search():
         k, min_n = rng.randrange(1, 6), rng.randrange(1, 4)
         max_n = rng.randrange(min_n, 6)
         assert find_continuation(np.array(tokens), k, min_n, max_n) == plain_search(tokens, k, min_n, max_n)
+
+
+def test_the_ngram_proposer_keeps_each_sequence_as_an_array():
+    """Grown by appended tokens and by the last token's replacement (a placeholder sampled meanwhile)."""
+    proposer = NgramProposer(SpeculativeConfig(method="ngram", num_speculative_tokens=2), max_model_len=100)
+    seq = Sequence("r", [7, 1, 2], SamplingParams(), eos_token_ids=[0])
+    rng = random.Random(0)
+    for _ in range(40):
+        assert proposer._tokens(seq).tolist() == seq.token_ids
+        seq.token_ids[-1:] = [rng.randrange(5) for _ in range(rng.randrange(1, 4))]
+    assert len(proposer.arrays) == 1
+    del seq
+    assert len(proposer.arrays) == 0  # a finished sequence's array goes with it
 
 
 def test_the_accepted_prefix_ends_at_the_first_disagreement():

@@ -17,6 +17,8 @@ for a greedy request (`tree_rows`, `accepted_path`)."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -95,9 +97,25 @@ class Proposer:
 
 
 class NgramProposer(Proposer):
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        super().__init__(config, max_model_len)
+        # Per sequence, its tokens as an array and how many of them are final: converting the whole
+        # list each step cost 58 us at 2,000 tokens (284 at 8,000), 6x the search itself.
+        self.arrays: weakref.WeakKeyDictionary[Sequence, tuple[np.ndarray, int]] = weakref.WeakKeyDictionary()
+
     def _guess(self, seq: Sequence, k: int) -> list[int]:
-        return find_continuation(np.asarray(seq.token_ids), k, self.config.prompt_lookup_min,
-                                 self.config.prompt_lookup_max)
+        return find_continuation(self._tokens(seq), k, self.config.prompt_lookup_min, self.config.prompt_lookup_max)
+
+    def _tokens(self, seq: Sequence) -> np.ndarray:
+        """`seq`'s tokens as an array, extended by the ones new since the last call. All but the last
+        are final; the last may be a placeholder for a token still being sampled, so it is copied again."""
+        tokens = seq.token_ids
+        array, num_final = self.arrays.get(seq, (np.empty(0, np.int64), 0))
+        if len(array) < len(tokens):  # room to grow, so that appending stays amortized O(1)
+            array = np.concatenate([array[:num_final], np.empty(2 * len(tokens) - num_final, np.int64)])
+        array[num_final : len(tokens)] = tokens[num_final:]
+        self.arrays[seq] = (array, len(tokens) - 1)
+        return array[: len(tokens)]
 
 
 class MedusaProposer(Proposer):
