@@ -190,38 +190,26 @@ def _half2_codes(words, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr):
 def _half2_dot(codes, x, BITS: tl.constexpr):
     """sum over pairs of codes[i] * x[i], two or four fp16-pair registers each, in fp32: the products sum
     in fp16 within a half (codes in [-1, 1], so no partial sum passes 4 max|x|), the halves in fp32."""
-    if BITS == 4:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 acc;
-            .reg .b16 lo, hi;
-            .reg .f32 flo, fhi;
-            mul.rn.f16x2 acc, $1, $5;
-            fma.rn.f16x2 acc, $2, $6, acc;
-            fma.rn.f16x2 acc, $3, $7, acc;
-            fma.rn.f16x2 acc, $4, $8, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            constraints="=r,r,r,r,r,r,r,r,r",
-            args=[codes[0], codes[1], codes[2], codes[3], x[0], x[1], x[2], x[3]], dtype=tl.float32, is_pure=True,
-            pack=1)
-    else:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 acc;
-            .reg .b16 lo, hi;
-            .reg .f32 flo, fhi;
-            mul.rn.f16x2 acc, $1, $3;
-            fma.rn.f16x2 acc, $2, $4, acc;
-            mov.b32 {lo, hi}, acc;
-            cvt.f32.f16 flo, lo;
-            cvt.f32.f16 fhi, hi;
-            add.f32 $0, flo, fhi;
-            }""",
-            constraints="=r,r,r,r,r", args=[codes[0], codes[1], x[0], x[1]], dtype=tl.float32, is_pure=True, pack=1)
+    acc = _half2_fma(codes[0], x[0], 0)
+    for i in tl.static_range(1, 16 // BITS):
+        acc = _half2_fma(codes[i], x[i], acc)
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 {lo, hi}, $1;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }""",
+        constraints="=r,r", args=[acc], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_fma(a, b, c):
+    """a * b + c on fp16 pairs (int32 registers)."""
+    return tl.inline_asm_elementwise(asm="fma.rn.f16x2 $0, $1, $2, $3;", constraints="=r,r,r,r", args=[a, b, c],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
