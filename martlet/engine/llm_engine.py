@@ -327,24 +327,28 @@ class LLMEngine:
                 continue
             if drafts:
                 new_tokens, last_row = self._accept(seq, drafts, token_ids[row : row + len(drafts) + 1])
+                # A verifying step is collected before the next one launches: its placeholder is the
+                # last token, and the accepted run takes its place.
+                seq.token_ids[slot : slot + 1] = new_tokens
+                num_new = len(new_tokens)
             else:
-                new_tokens, last_row = token_ids[row : row + 1], 0
-            # A verifying step is collected before the next one launches: its placeholder is the last
-            # token, and the accepted run takes its place.
-            seq.token_ids[slot : slot + 1] = new_tokens
-            seq.guessed_token_ids = () if guesses is None else guesses[row + last_row]  # () is no new object
+                seq.token_ids[slot] = token_ids[row]
+                last_row, num_new = 0, 1
+            if guesses is not None or seq.guessed_token_ids:
+                seq.guessed_token_ids = () if guesses is None else guesses[row + last_row]
             if logprobs is not None and seq.params.logprobs is not None:  # never with drafts
                 seq.output_logprobs.append(logprobs[row])
-                seq.cumulative_logprob += logprobs[row][new_tokens[0]]
+                seq.cumulative_logprob += logprobs[row][token_ids[row]]
             if seq.grammar is not None:  # never with drafts
-                seq.grammar.accept_token(new_tokens[0])
+                seq.grammar.accept_token(token_ids[row])
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             end = slot
-            while not seq.is_finished and end < slot + len(new_tokens):
+            while not seq.is_finished and end < slot + num_new:
                 self._check_finished(seq, end)  # a stop drops the tokens after it
                 end += 1
-            got.setdefault(seq.request_id, {})[seq] = slice(slot, end)
+            if seq.is_finished or output_kind != "final":  # else nothing is reported yet
+                got.setdefault(seq.request_id, {})[seq] = slice(slot, end)
         outputs = []
         for request_id, slots_of in got.items():
             seqs = self.requests[request_id]
