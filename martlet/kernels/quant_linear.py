@@ -187,12 +187,24 @@ def _half2_codes(words, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr):
 
 
 @triton.jit
+def _word_pairs(t):
+    """t [.., W] -> its even and odd words [.., W / 2] (in one thread: a thread holds runs of words)."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] // 2, 2)))
+
+
+@triton.jit
 def _half2_dot(codes, x, BITS: tl.constexpr):
-    """sum over pairs of codes[i] * x[i], two or four fp16-pair registers each, in fp32: the products sum
-    in fp16 within a half (codes in [-1, 1], so no partial sum passes 4 max|x|), the halves in fp32."""
-    acc = _half2_fma(codes[0], x[0], 0)
+    """For each two neighbouring words, sum over pairs of codes[i] * x[i] (two or four fp16-pair
+    registers a word), in fp32: [.., W / 2]. The products sum in fp16 within a half, eight or four of
+    them (codes in [-1, 1], so no partial sum passes 8 max|x|), the halves in fp32: one conversion per
+    two words."""
+    code_0, code_1 = _word_pairs(codes[0])
+    x_0, x_1 = _word_pairs(x[0])
+    acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, 0))
     for i in tl.static_range(1, 16 // BITS):
-        acc = _half2_fma(codes[i], x[i], acc)
+        code_0, code_1 = _word_pairs(codes[i])
+        x_0, x_1 = _word_pairs(x[i])
+        acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, acc))
     return tl.inline_asm_elementwise(
         asm="""{
         .reg .b16 lo, hi;
@@ -285,6 +297,8 @@ def _gemv_step(
     if ASYMMETRIC:
         offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
         x_sums = tl.sum(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), axis=3)
+        if HALF2:  # per two words, as `dot`
+            x_sums = tl.sum(tl.reshape(x_sums, (x_sums.shape[0], GROUPS, GROUP_WORDS // 2, 2)), axis=3)
         acc += offsets[None, :, :, None] * x_sums[:, None]
     return acc
 
@@ -305,8 +319,9 @@ def _quant_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS), dtype=tl.float32)
+    SUMS: tl.constexpr = GROUP_WORDS // 2 if HALF2 else GROUP_WORDS  # paired fp16 sums two words at once
+    acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
                          stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, HALF2, GROUPS, GROUP_WORDS)
@@ -425,11 +440,13 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     return k
 
 
-def _half2_fits(x: torch.Tensor) -> bool:
+def _half2_fits(x: torch.Tensor, fmt: PackedFormat, block_k: int, k: int) -> bool:
     """Whether the FMA kernel can take x's inputs as fp16 pairs: fp16 rows at 4-byte-aligned addresses,
-    compiled (the interpreter runs no PTX)."""
+    runs of words that share a scale even (they sum in pairs), compiled (the interpreter runs no PTX)."""
+    in_loop = fmt.asymmetric or fmt.group_size < k
+    run = fmt.group_size if in_loop and fmt.group_size < block_k else block_k
     return (x.dtype == torch.float16 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
-            and os.environ.get("TRITON_INTERPRET") != "1")
+            and run // fmt.pack % 2 == 0 and os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def quant_linear(
@@ -459,7 +476,7 @@ def quant_linear(
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
         if cfg.block_m < 16:
-            kernel, flags = _quant_gemv_kernel, {"HALF2": _half2_fits(x)}
+            kernel, flags = _quant_gemv_kernel, {"HALF2": _half2_fits(x, fmt, cfg.block_k, k)}
         else:
             kernel, flags = _quant_linear_kernel, {"FP32": x.dtype == torch.float32}
         kernel[(triton.cdiv(out_n, cfg.block_n), 1 if cfg.block_m < 16 else triton.cdiv(m, cfg.block_m))](
