@@ -7,10 +7,13 @@ their contiguous words along K, unpacking in registers. Groups hold a multiple o
 so all codes of a word share their group's scale and offset.
 
 - Up to GEMV_MAX_TOKENS tokens, `_quant_gemv_kernel` (CUDA-core FMAs: at one to four tokens a
-  tensor-core tile would be mostly padding) takes code j of a word to a float by placing it under
-  the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add: int-to-float
-  conversions run at a quarter of the FMA rate), against x's inputs loaded as whole words' runs;
-  each word's sum over its codes, sum_j code_j x_j, is scaled once: + offset * sum_j x_j for the offset.
+  tensor-core tile would be mostly padding). For fp16 x it unpacks and multiplies two codes per
+  instruction in paired fp16 (`_half2_codes`, `_half2_dot`: about two instructions a code, which
+  took int4 from 1.5 to 2 TB/s on an H200); otherwise it takes code j of a word to a float by
+  placing it under the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add:
+  int-to-float conversions run at a quarter of the FMA rate). x's inputs load as whole words' runs;
+  a word's (or two words') sum over its codes, sum_j code_j x_j, is scaled once, + offset * sum_j x_j
+  for the offset.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
   are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
   side), so x's columns load contiguous and one dot takes the tile. On an H200 it beats fp16 for
@@ -262,13 +265,14 @@ def _gemv_step(
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
     EVEN: tl.constexpr, HALF2: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
 ):
-    """acc [BLOCK_M, BLOCK_N, GROUPS, GROUP_WORDS] += one tile's x @ W[rows]^T, kept apart by word until the end.
+    """acc [BLOCK_M, BLOCK_N, GROUPS, sums] += one tile's x @ W[rows]^T, kept apart by word (by two words
+    in paired fp16) until the end.
 
     The tile's words are [BLOCK_N, GROUPS, GROUP_WORDS]: GROUPS runs of words that share a scale, so a
     scale is loaded once a run and spread over its words in registers. A word's products sum in its
-    thread: in paired fp16 (`_half2_codes`, `_half2_dot`) for fp16 x, else in fp32, codes on a last axis [.., pack]
-    beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], loaded as whole words' runs (16 bytes for
-    int4). (Loading x a code position at a time, at stride pack, kept the L1 busy with one 2-byte
+    thread: in paired fp16 (`_half2_codes`, `_half2_dot`) for fp16 x, else in fp32, codes on a last
+    axis [.., pack] beside x's inputs [BLOCK_M, GROUPS, GROUP_WORDS, pack], loaded as whole words' runs
+    (16 bytes for int4). (Loading x a code position at a time, at stride pack, kept the L1 busy with one 2-byte
     load per code: results/quant-weight-only-*.)"""
     PACK: tl.constexpr = 32 // BITS
     run = tl.arange(0, GROUPS)[:, None] * GROUP_WORDS + tl.arange(0, GROUP_WORDS)[None, :]  # [GROUPS, GROUP_WORDS]
