@@ -3,7 +3,7 @@
 #  - always: the seed rows at TP=1 (gpu_seed_rows.sh), to compare with main's run of the same
 #    script on the same kind of GPU (TP=1 must stay within 2%). With build/old/martlet (the engine
 #    before tensor parallelism: `mkdir -p build/old && git archive b35fbd2 martlet | tar -x -C build/old`,
-#    carried), the same rows with it first, back to back on this machine;
+#    carried), the same rows with it first, back to back on this machine, alternating REPEAT times;
 #  - with 2+ GPUs: the tensor-parallel tests on CUDA (NCCL inside CUDA graphs), the 7B latency rows
 #    at TP=2, and the one-shot all-reduce (symmetric memory) against NCCL at decode sizes.
 set -uo pipefail
@@ -12,14 +12,21 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export PYTHONUNBUFFERED=1
 NGPU=$(nvidia-smi -L | wc -l)
 echo "== $NGPU GPU(s)"
-if [ -d build/old/martlet ]; then
-  echo "== TP=1 seed rows, the engine before tensor parallelism (build/old)"
-  PYTHON="python3 -P" PYTHONPATH=$PWD/build/old OUT=$OUT/tp1_old ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} \
-    SKIP_WORKLOAD=${SKIP_WORKLOAD:-} bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1_old.log" | grep -E "==|tok/s|ms"
-fi
-echo "== TP=1 seed rows"
-PYTHONPATH=$PWD OUT=$OUT/tp1 ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024} SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
-  bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1.log" | grep -E "==|tok/s|ms"
+# With build/old, old and new alternate REPEAT times (default 2): one b256 run varies by a few percent
+# between calls, much less within one, so the pairs tell a 2% difference apart.
+TP1_ROWS=${ROWS:-1,8,256 256,8,256 32,1024,1024}
+for i in $(seq "${REPEAT:-2}"); do
+  if [ -d build/old/martlet ]; then
+    echo "== TP=1 seed rows, the engine before tensor parallelism (build/old), run $i"
+    PYTHON="python3 -P" PYTHONPATH=$PWD/build/old OUT=$OUT/tp1_old_$i ROWS=$TP1_ROWS \
+      SKIP_WORKLOAD=${SKIP_WORKLOAD:-} bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1_old_$i.log" | grep -E "==|tok/s|ms"
+  elif [ "$i" -gt 1 ]; then
+    break
+  fi
+  echo "== TP=1 seed rows, run $i"
+  PYTHON="python3 -P" PYTHONPATH=$PWD OUT=$OUT/tp1_$i ROWS=$TP1_ROWS SKIP_WORKLOAD=${SKIP_WORKLOAD:-} \
+    bash "$HERE/gpu_seed_rows.sh" 2>&1 | tee "$OUT/tp1_$i.log" | grep -E "==|tok/s|ms"
+done
 if [ "$NGPU" -lt 2 ]; then echo "== one GPU: no TP=2 runs"; exit 0; fi
 echo "== TP tests on CUDA"
 python3 -m pytest tests/test_tensor_parallel.py -k gpus -q -rf 2>&1 | tee "$OUT/tp_tests.log" | tail -5
