@@ -95,6 +95,10 @@ def compile_w8a8() -> None:
                          SPLIT_K=split_k, PDL=True, bias_ptr=None)
             types = {"partial_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": x_type}
             compile_kernel(linear._skinny_reduce_kernel, const, types, num_warps=4)
+    from martlet.kernels import quantize
+
+    types = {"sums_ptr": "*i32", "row_scales_ptr": "*fp32", "col_scales_ptr": "*fp32", "out_ptr": "*fp16"}
+    compile_kernel(quantize._scale_sums_kernel, dict(BLOCK=1024), types, num_warps=4)
     for code_type, max_code in (("*fp8e4nv", 448.0), ("*i8", 127.0)):
         const = dict(NUM_ROWS=1, N=4096, BLOCK_H=1, BLOCK_N=4096, HAS_RESIDUAL=True, MAX_CODE=max_code, PDL=True)
         types = {"x_ptr": "*fp16", "residual_ptr": "*fp16", "weight_ptr": "*fp16", "out_ptr": code_type,

@@ -1,10 +1,11 @@
-"""Per-token activation quantization (W8A8) against `kv_cache.quantize` with fp32 scales."""
+"""Per-token activation quantization (W8A8) against `kv_cache.quantize` with fp32 scales, and the int8
+product's scaling back."""
 
 import pytest
 import torch
 from kernel_helpers import DEVICE, ON_GPU, assert_codes_close
 
-from martlet.kernels.quantize import quantize_rows
+from martlet.kernels.quantize import quantize_rows, scale_sums
 from martlet.layers.kv_cache import KV_FORMATS, quantize
 
 
@@ -24,3 +25,15 @@ def test_quantize_rows_matches_reference(fmt, dtype, num_rows, width):
         assert_codes_close(codes, scales, ref_codes, ref_scales)
     else:
         assert torch.equal(scales, ref_scales) and torch.equal(codes.float(), ref_codes.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("num_rows, n", [(1, 7), (3, 1000), (5, 2500)])  # one and several column blocks
+def test_scale_sums_is_the_pytorch_expression(dtype, num_rows, n):
+    gen = torch.Generator().manual_seed(0)
+    padded = torch.randint(-(2**20), 2**20, (num_rows + 2, n), generator=gen, dtype=torch.int32)
+    sums = padded[:num_rows]  # as the engine passes _int_mm's padded result
+    row_scales, col_scales = torch.rand(num_rows, generator=gen) / 100, torch.rand(n, generator=gen) / 100
+    out = scale_sums(sums.to(DEVICE), row_scales.to(DEVICE), col_scales.to(DEVICE), dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out.cpu(), (sums.float() * row_scales[:, None] * col_scales).to(dtype))

@@ -201,5 +201,6 @@ class W8A8Method(LinearMethod):
         num_rows = codes.shape[0]
         if num_rows < INT_MM_MIN_ROWS:
             codes = torch.cat([codes, codes.new_zeros(INT_MM_MIN_ROWS - num_rows, codes.shape[1])])
-        sums = torch._int_mm(codes, weight)[:num_rows]
-        return (sums.float() * scales[:, None] * layer.weight_scale).to(out_dtype)
+        from martlet.kernels.quantize import scale_sums
+
+        return scale_sums(torch._int_mm(codes, weight)[:num_rows], scales, layer.weight_scale[0], out_dtype)
