@@ -28,7 +28,6 @@ from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, accepted_path, accepted_prefix, make_proposer
-from martlet.layers.backends import get_attention_backend
 from martlet.layers.sampler import has_penalty
 from martlet.models.loader import build_engine_model, is_gguf, load_tokenizer, read_model_config
 from martlet.outputs import CompletionOutput, RequestOutput
@@ -53,12 +52,12 @@ class LLMEngine:
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
-        backend = get_attention_backend(config.attention_backend)
         # With tensor parallelism the other ranks start first: the model is built as this rank's share.
         self.workers = Workers(config, model_config) if config.tensor_parallel_size > 1 else None
         try:
             model = build_engine_model(config, model_config, quiet)
             spec = config.speculative_config
+            backend = model.attention_layers()[0].backend  # a draft model attends the same way
             self.proposer = None if spec is None else make_proposer(config, model_config, model, backend, quiet)
             self.runner = ModelRunner(config, model_config, model, self.proposer)
         except BaseException as exc:

@@ -273,9 +273,8 @@ class ModelRunner:
         # Prompt logprobs score every prompt position, so they need all hidden states, not one per sequence.
         prompt_logprobs = sample and any(s.wants_prompt_logprobs for s in seqs)
         return StepInput(input_ids, starts, counts, block_table_array([seq.block_table for seq in seqs]),
-                         batch.num_prefills,
-                         *self._trees(seqs, counts), pending_at, pending_rows, logits_indices, sample,
-                         prompt_logprobs)
+                         batch.num_prefills, *self._trees(seqs, counts), pending_at, pending_rows, logits_indices,
+                         sample, prompt_logprobs)
 
     def _tensors(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """The step's input ids, positions and attention metadata on the device."""

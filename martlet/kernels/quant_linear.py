@@ -31,7 +31,6 @@ Reference: `martlet.layers.quantization.packed.dequantize` followed by `torch.nn
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ import triton.language as tl
 
 from martlet.kernels.linear import _dot, _epilogue
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
+from martlet.kernels.quantize import INTERPRETED
 from martlet.layers.quantization.packed import PackedFormat
 
 # Untuned first guesses (no GPU at hand when written), except MAX_TOKENS: quant_linear_bench.py measures them.
@@ -201,10 +201,8 @@ def _half2_dot(codes, x, BITS: tl.constexpr):
     registers a word), in fp32: [.., W / 2]. The products sum in fp16 within a half, eight or four of
     them (codes in [-1, 1], so no partial sum passes 8 max|x|), the halves in fp32: one conversion per
     two words."""
-    code_0, code_1 = _word_pairs(codes[0])
-    x_0, x_1 = _word_pairs(x[0])
-    acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, 0))
-    for i in tl.static_range(1, 16 // BITS):
+    acc = 0  # fp16 pairs (+0, +0)
+    for i in tl.static_range(16 // BITS):
         code_0, code_1 = _word_pairs(codes[i])
         x_0, x_1 = _word_pairs(x[i])
         acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, acc))
@@ -311,7 +309,7 @@ def _gemv_step(
 def _quant_gemv_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr, HALF2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr, X_PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -323,7 +321,11 @@ def _quant_gemv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
-    SUMS: tl.constexpr = GROUP_WORDS // 2 if HALF2 else GROUP_WORDS  # paired fp16 sums two words at once
+    # Paired fp16 (`_half2_dot`) for fp16 x that loads as 32-bit pairs (X_PAIRS: aligned), compiled (the
+    # interpreter runs no PTX), in runs of an even number of words (it sums two at once).
+    HALF2: tl.constexpr = (X_PAIRS and x_ptr.dtype.element_ty == tl.float16 and GROUP_WORDS % 2 == 0
+                           and not INTERPRETED)
+    SUMS: tl.constexpr = GROUP_WORDS // 2 if HALF2 else GROUP_WORDS
     acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
@@ -444,13 +446,9 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     return k
 
 
-def _half2_fits(x: torch.Tensor, fmt: PackedFormat, block_k: int, k: int) -> bool:
-    """Whether the FMA kernel can take x's inputs as fp16 pairs: fp16 rows at 4-byte-aligned addresses,
-    runs of words that share a scale even (they sum in pairs), compiled (the interpreter runs no PTX)."""
-    in_loop = fmt.asymmetric or fmt.group_size < k
-    run = fmt.group_size if in_loop and fmt.group_size < block_k else block_k
-    return (x.dtype == torch.float16 and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
-            and run // fmt.pack % 2 == 0 and os.environ.get("TRITON_INTERPRET") != "1")
+def _pairs_aligned(x: torch.Tensor) -> bool:
+    """Whether x's rows load as 32-bit pairs: a 4-byte-aligned start and an even row stride."""
+    return x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0
 
 
 def quant_linear(
@@ -480,7 +478,7 @@ def quant_linear(
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
         if cfg.block_m < 16:
-            kernel, flags = _quant_gemv_kernel, {"HALF2": _half2_fits(x, fmt, cfg.block_k, k)}
+            kernel, flags = _quant_gemv_kernel, {"X_PAIRS": _pairs_aligned(x)}
         else:
             kernel, flags = _quant_linear_kernel, {"FP32": x.dtype == torch.float32}
         kernel[(triton.cdiv(out_n, cfg.block_n), 1 if cfg.block_m < 16 else triton.cdiv(m, cfg.block_m))](

@@ -18,7 +18,7 @@ import triton.language as tl
 from martlet.layers.kv_cache import KVFormat
 
 # The interpreter runs no PTX: there the 8-bit codes widen with a plain conversion.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def widen(codes, dtype: tl.constexpr):
     code, so instead each code c is XORed to the byte c + 128 and placed under fp16 exponent bits 0x64
     (the number 1024 + c + 128), two codes a register, and 1152 is subtracted: per two codes, a PRMT
     and a SUB, all full rate."""
-    if codes.dtype != tl.int8 or dtype != tl.float16 or _INTERPRETED:
+    if codes.dtype != tl.int8 or dtype != tl.float16 or INTERPRETED:
         wide = codes.to(dtype)
     else:
         wide = tl.inline_asm_elementwise(

@@ -41,8 +41,8 @@ def compile_defaults() -> None:
                      BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, PDL=True, bias_ptr=None)
         if kernel is ql._quant_linear_kernel:
             const["FP32"] = x_dtype == fp32
-        else:  # fp16 x: the paired-fp16 inline assembly, which the interpreter never runs
-            const["HALF2"] = x_dtype == fp16
+        else:  # aligned fp16 x: the paired-fp16 inline assembly, which the interpreter never runs
+            const["X_PAIRS"] = True
         if not fmt.asymmetric:
             const["o_ptr"] = None
         x_type = "*fp32" if x_dtype == fp32 else "*fp16"
