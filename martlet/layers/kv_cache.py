@@ -6,11 +6,11 @@ stores each row of `head_dim` channels as 8-bit codes and one fp16 scale per (to
 
     x ~= code * scale,   scale = max|x| / max_code   (127 for int8, 448 for fp8 e4m3)
 
-A block keeps its scales next to its codes: every head's code tile (V's channel-major: see
-martlet/kernels/__init__.py), then every head's 16 scales. That is 2,080 bytes a (block, head) for
-16 x 128, against 4,096 in fp16: 1.97x the tokens in the same memory. Scales are computed as the
-row is written, from the row alone: no calibration, and a prefix-cache hit or a recomputed
-sequence gets exactly the codes it had.
+The scale of a (block, head) tile's 16 rows sits right after its codes, so the tile and its scales
+are one contiguous run of memory (V's codes channel-major within it: see martlet/kernels/__init__.py;
+2,080 bytes for 16 x 128, against 4,096 in fp16: 1.97x the
+tokens in the same memory). Scales are computed as the row is written, from the row alone: no
+calibration, and a prefix-cache hit or a recomputed sequence gets exactly the codes it had.
 """
 
 from __future__ import annotations
@@ -71,24 +71,21 @@ def allocate_kv_cache(
 
     Zeroed so that padding reads of never-written slots see numbers (and scale 0), not NaN patterns.
     """
+    shape = (2, num_layers, num_blocks, num_kv_heads)
     if fmt is None:
-        shape = (2, num_layers, num_blocks, num_kv_heads, block_size, head_dim)
-        pool = torch.zeros(shape, dtype=model_dtype, device=device)
+        pool = torch.zeros(*shape, block_size, head_dim, dtype=model_dtype, device=device)
         return pool, [LayerKV(pool[0, i], pool[1, i]) for i in range(num_layers)]
-    # Per block: the heads' code tiles, then the heads' scales. Each code tile starts 2 KiB after the
-    # last, 128-byte aligned, where 2,080-byte (block, head) tiles would put rows across cache lines.
-    codes_bytes = num_kv_heads * block_size * head_dim * fmt.dtype.itemsize
-    block_bytes = num_kv_heads * tile_bytes(block_size, head_dim, model_dtype, fmt)
-    pool = torch.zeros(2, num_layers, num_blocks, block_bytes, dtype=torch.uint8, device=device)
+    codes_bytes = block_size * head_dim * fmt.dtype.itemsize
+    pool = torch.zeros(*shape, tile_bytes(block_size, head_dim, model_dtype, fmt), dtype=torch.uint8, device=device)
 
-    def codes(blocks: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
-        flat = blocks[:, :codes_bytes].view(fmt.dtype)
+    def codes(tiles: torch.Tensor, channel_major: bool = False) -> torch.Tensor:
+        flat = tiles[..., :codes_bytes].view(fmt.dtype)
         if channel_major:  # stored [head_dim, block_size], seen as [block_size, head_dim]
-            return flat.unflatten(-1, (num_kv_heads, head_dim, block_size)).transpose(-1, -2)
-        return flat.unflatten(-1, (num_kv_heads, block_size, head_dim))
+            return flat.unflatten(-1, (head_dim, block_size)).transpose(-1, -2)
+        return flat.unflatten(-1, (block_size, head_dim))
 
-    def scales(blocks: torch.Tensor) -> torch.Tensor:
-        return blocks[:, codes_bytes:].view(SCALE_DTYPE).unflatten(-1, (num_kv_heads, block_size))
+    def scales(tiles: torch.Tensor) -> torch.Tensor:
+        return tiles[..., codes_bytes:].view(SCALE_DTYPE)
 
     return pool, [
         LayerKV(codes(pool[0, i]), codes(pool[1, i], channel_major=True), scales(pool[0, i]), scales(pool[1, i]))
