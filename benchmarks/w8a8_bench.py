@@ -1,7 +1,7 @@
 """W8A8's matmul paths at few tokens, to place `w8a8.SKINNY_MAX_TOKENS`, and its fused activation
 quantization against the unfused kernels, timed as the engine runs them: inside a CUDA graph.
 
-    PYTHONPATH=$PWD python3 benchmarks/w8a8_bench.py [--tokens 1 2 4 8 16 32 64] [--json out.json]
+    PYTHONPATH=$PWD python3 benchmarks/w8a8_bench.py [--tokens 1 2 4 8 16 32 64] [--json out.json] [--only SECTION]
 
 1. For each Llama-2-7B projection (qkv, o, gate_up, down) and token count, one graph holds the matmul
    of every decoder layer with its own weight (`gemm_graph.graph_us`). Paths: fp16 as the engine runs
@@ -12,8 +12,8 @@ quantization against the unfused kernels, timed as the engine runs them: inside 
    bytes, and which path is faster. The threshold is the largest token count up to which
    skinny wins on every projection. Each path is checked against the CPU-side reference first.
 2. The skinny kernel's tile for 8-bit weights (`skinny_config`'s choice) against the fp16 tile and its
-   K doubled and quadrupled at 3 to 5 stages, and against the chosen tile with K split in 2 to 4
-   slices, at 1 and 16 tokens, fp8.
+   K doubled and quadrupled at 3 to 5 stages, against the chosen tile with K split in 2 to 4
+   slices, and with 16 rows instead of 32, at 1 and 16 tokens, fp8.
 3. RMSNorm (residual fused) over 4096 with the per-token quantization fused (`rms_norm_quantized`)
    against the norm followed by `quantize_rows`. (SiLU*mul with the quantization fused was measured
    too, slower: benchmarks/results/w8a8-H200-2026-12-02.md.)
@@ -123,7 +123,9 @@ def skinny_tiles(config: dict, layers: int) -> list[dict]:
             chosen = skinny_config(n, torch.float16, xs[0].device, torch.float8_e4m3fn)
             candidates = [chosen] + [
                 replace(fp16_tile, block_k=fp16_tile.block_k * f, num_stages=s) for f in (1, 2, 4) for s in (3, 4, 5)
-            ] + [replace(chosen, split_k=s) for s in (2, 3, 4)]
+            ] + [replace(chosen, split_k=s) for s in (2, 3, 4)] + [
+                replace(chosen, block_n=16, num_stages=s) for s in (4, 5)  # twice the programs of 32 rows
+            ]
             timed = []
             for cfg in candidates:
                 try:
@@ -161,13 +163,18 @@ def main() -> None:
     ap.add_argument("--config-dir", default="benchmarks/models/llama-2-7b")
     ap.add_argument("--tokens", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64])
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", choices=["matmuls", "skinny_tiles", "fused_quantization"])
     args = ap.parse_args()
     config = json.loads((Path(args.config_dir) / "config.json").read_text())
     layers = config["num_hidden_layers"]
     print(f"{torch.cuda.get_device_name()}: {layers} matmuls per graph", flush=True)
-    results = {"gpu": torch.cuda.get_device_name(), "matmuls": matmuls(config, args.tokens, layers),
-               "skinny_tiles": skinny_tiles(config, layers),
-               "fused_quantization": fused_quantization([16, 64, 256, 2048], layers)}
+    sections = {"matmuls": lambda: matmuls(config, args.tokens, layers),
+                "skinny_tiles": lambda: skinny_tiles(config, layers),
+                "fused_quantization": lambda: fused_quantization([16, 64, 256, 2048], layers)}
+    results = {"gpu": torch.cuda.get_device_name()}
+    for name, run in sections.items():
+        if args.only in (None, name):
+            results[name] = run()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
