@@ -12,8 +12,8 @@ so all codes of a word share their group's scale and offset.
   took int4 from 1.5 to 2 TB/s on an H200); otherwise it takes code j of a word to a float by
   placing it under the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add:
   int-to-float conversions run at a quarter of the FMA rate). x's inputs load as whole words' runs;
-  a word's (or two words') sum over its codes, sum_j code_j x_j, is scaled once, + offset * sum_j x_j
-  for the offset.
+  a word's sum over its codes (two words' for 8-bit codes in paired fp16), sum_j code_j x_j, is
+  scaled once, + offset * sum_j x_j for the offset.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
   are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
   side), so x's columns load contiguous and one dot takes the tile. On an H200 it beats fp16 for
@@ -197,15 +197,19 @@ def _word_pairs(t):
 
 @triton.jit
 def _half2_dot(codes, x, BITS: tl.constexpr):
-    """For each two neighbouring words, sum over pairs of codes[i] * x[i] (two or four fp16-pair
-    registers a word), in fp32: [.., W / 2]. The products sum in fp16 within a half, eight or four of
-    them (codes in [-1, 1], so no partial sum passes 8 max|x|), the halves in fp32: one conversion per
-    two words."""
+    """Sums over pairs of codes[i] * x[i] (four or two fp16-pair registers a word), in fp32, of each
+    4-bit word, or of each two neighbouring 8-bit words ([.., W / 2]): four products sum in fp16 within
+    a half (codes in [-1, 1], so no partial sum passes 4 max|x|), the halves in fp32. (Two 4-bit words
+    a sum, eight products a half, took 20% fewer instructions but made int4 b1 8/256 16% slower in the
+    engine on an H200: results/quant-weight-only-*.)"""
     acc = 0  # fp16 pairs (+0, +0)
     for i in tl.static_range(16 // BITS):
-        code_0, code_1 = _word_pairs(codes[i])
-        x_0, x_1 = _word_pairs(x[i])
-        acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, acc))
+        if BITS == 8:
+            code_0, code_1 = _word_pairs(codes[i])
+            x_0, x_1 = _word_pairs(x[i])
+            acc = _half2_fma(code_1, x_1, _half2_fma(code_0, x_0, acc))
+        else:
+            acc = _half2_fma(codes[i], x[i], acc)
     return tl.inline_asm_elementwise(
         asm="""{
         .reg .b16 lo, hi;
@@ -263,8 +267,8 @@ def _gemv_step(
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
     EVEN: tl.constexpr, HALF2: tl.constexpr, GROUPS: tl.constexpr, GROUP_WORDS: tl.constexpr,
 ):
-    """acc [BLOCK_M, BLOCK_N, GROUPS, sums] += one tile's x @ W[rows]^T, kept apart by word (by two words
-    in paired fp16) until the end.
+    """acc [BLOCK_M, BLOCK_N, GROUPS, sums] += one tile's x @ W[rows]^T, kept apart by word (by two 8-bit
+    words in paired fp16) until the end.
 
     The tile's words are [BLOCK_N, GROUPS, GROUP_WORDS]: GROUPS runs of words that share a scale, so a
     scale is loaded once a run and spread over its words in registers. A word's products sum in its
@@ -299,7 +303,7 @@ def _gemv_step(
     if ASYMMETRIC:
         offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
         x_sums = tl.sum(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), axis=3)
-        if HALF2:  # per two words, as `dot`
+        if HALF2 and BITS == 8:  # per two words, as `dot`
             x_sums = tl.sum(tl.reshape(x_sums, (x_sums.shape[0], GROUPS, GROUP_WORDS // 2, 2)), axis=3)
         acc += offsets[None, :, :, None] * x_sums[:, None]
     return acc
@@ -322,10 +326,11 @@ def _quant_gemv_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
     # Paired fp16 (`_half2_dot`) for fp16 x that loads as 32-bit pairs (X_PAIRS: aligned), compiled (the
-    # interpreter runs no PTX), in runs of an even number of words (it sums two at once).
-    HALF2: tl.constexpr = (X_PAIRS and x_ptr.dtype.element_ty == tl.float16 and GROUP_WORDS % 2 == 0
+    # interpreter runs no PTX), in runs of whole sums (two 8-bit words a sum).
+    WORDS_PER_SUM: tl.constexpr = BITS // 4
+    HALF2: tl.constexpr = (X_PAIRS and x_ptr.dtype.element_ty == tl.float16 and GROUP_WORDS % WORDS_PER_SUM == 0
                            and not INTERPRETED)
-    SUMS: tl.constexpr = GROUP_WORDS // 2 if HALF2 else GROUP_WORDS
+    SUMS: tl.constexpr = GROUP_WORDS // WORDS_PER_SUM if HALF2 else GROUP_WORDS
     acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
