@@ -113,22 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_node_if_not_first(args: argparse.Namespace) -> int | None:
-    """On node k > 0 of a multi-node engine (`--node-rank k`), run only this node's tensor-parallel
-    ranks, whatever the command, and return their exit status; under torchrun, rank k > 0 runs its
-    worker alone. None on node 0 and rank 0: they run the command."""
-    from martlet.engine.executor import launched_rank, run_node, run_worker
-
-    rank = launched_rank()
-    if getattr(args, "node_rank", 0) == 0 and not rank:
+def _run_node_if_not_first(args: argparse.Namespace) -> int | None:
+    """`llm_engine.run_node_if_not_first` for a command with engine flags; None for the others."""
+    if not hasattr(args, "node_rank"):
         return None
-    from martlet.engine.llm_engine import resolve_config
+    from martlet.engine.llm_engine import run_node_if_not_first
 
-    config, model_config = resolve_config(EngineArgs.from_cli_args(args))
-    if rank:
-        run_worker(config, model_config, rank, logging.getLogger().level)
-        return 0
-    return run_node(config, model_config)
+    return run_node_if_not_first(EngineArgs.from_cli_args(args))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     try:
-        code = run_node_if_not_first(args)
+        code = _run_node_if_not_first(args)
         code = args.func(args) if code is None else code
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"martlet: error: {e}")

@@ -23,7 +23,7 @@ from martlet import distributed
 from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
-from martlet.engine.executor import Workers
+from martlet.engine.executor import Workers, launched_rank, run_node, run_worker
 from martlet.engine.model_runner import LaunchedStep, ModelRunner
 from martlet.engine.scheduler import ScheduledBatch, Scheduler
 from martlet.engine.sequence import PLACEHOLDER, Sequence
@@ -465,6 +465,20 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, max_model_
     bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab_size)]
     if bad:
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+
+
+def run_node_if_not_first(args: EngineArgs) -> int | None:
+    """On node k > 0 of a multi-node engine (`node_rank` k), run only this node's tensor-parallel ranks,
+    whatever the command, and return their exit status; under torchrun, rank k > 0 runs its worker
+    alone. None on node 0 and rank 0: they run the command."""
+    rank = launched_rank()
+    if args.node_rank == 0 and not rank:
+        return None
+    config, model_config = resolve_config(args)
+    if rank:
+        run_worker(config, model_config, rank, logging.getLogger().level)
+        return 0
+    return run_node(config, model_config)
 
 
 def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:

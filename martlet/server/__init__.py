@@ -78,9 +78,9 @@ def _exit_cleanly(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from martlet.cli import run_node_if_not_first
+    from martlet.engine.llm_engine import run_node_if_not_first
 
     parser = add_cli_args(argparse.ArgumentParser(prog="martlet serve", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    code = run_node_if_not_first(args)
+    code = run_node_if_not_first(EngineArgs.from_cli_args(args))
     return run(args) if code is None else code
