@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,16 +19,15 @@ from martlet import distributed
 from martlet.config import EngineConfig, ModelConfig
 from martlet.device import to_device
 from martlet.engine.cuda_graphs import MIXED_GRAPH_MAX_TOKENS, DecodeGraphs, MixedStepGraphs, VerifyGraphs
+from martlet.engine.flat_batch import block_table_array, flat_batch
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
+from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, Proposer, tree_rows
 from martlet.layers.attention import AttentionMetadata
 from martlet.layers.kv_cache import allocate_kv_cache, kv_format, tile_bytes
 from martlet.layers.sampler import Sampler, SamplerOutput, logprob_rows, record_prompt_logprobs
 from martlet.models.llama import LlamaForCausalLM
 from martlet.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from martlet.engine.speculative import Proposer
 
 CPU_KV_CACHE_BYTES = 4 << 30  # the default pool on a CPU when num_kv_blocks is not given
 
@@ -75,8 +73,6 @@ class ModelRunner:
             # Workers have no proposer, so their steps take the mixed-step graphs or none: the driver
             # does the same with tensor parallelism, to run the same collectives.
             if proposer is not None and self.tp_size == 1:
-                from martlet.engine.speculative import MAX_SPECULATIVE_BATCH  # imports this module
-
                 max_query_len = config.speculative_config.num_speculative_tokens + 1
                 self.verify_graphs = VerifyGraphs(model, min(config.max_num_seqs, MAX_SPECULATIVE_BATCH), max_query_len,
                                                   config.max_model_len, config.block_size, self.device)
@@ -292,8 +288,6 @@ class ModelRunner:
         is behind its place in the chunk, and its tree mask (`flat_batch`); (None, None) in any other."""
         if not any(seq.spec_parents[: len(seq.spec_token_ids)] for seq in seqs):
             return None, None
-        from martlet.engine.speculative import tree_rows  # imports this module
-
         offsets, bits = [], []
         for seq, n in zip(seqs, counts):
             parents = seq.spec_parents[: len(seq.spec_token_ids)]
@@ -386,49 +380,3 @@ def num_sampled(seq: Sequence, num_new_tokens: int) -> int:
     if seq.num_computed_tokens + num_new_tokens != len(seq) + len(seq.spec_token_ids):
         return 0
     return 1 + len(seq.spec_token_ids)
-
-
-def block_table_array(block_tables: list[list[int]]) -> np.ndarray:
-    """Sequences' block tables as one int32 array, rows padded with block 0: built in numpy, not by
-    torch.tensor over nested lists (at 256 sequences that was a millisecond a step), and pickled to
-    tensor-parallel workers as one buffer, not as lists of ints."""
-    tables = np.zeros((len(block_tables), max(map(len, block_tables))), dtype=np.int32)
-    for row, table in zip(tables, block_tables):
-        row[: len(table)] = table
-    return tables
-
-
-def flat_batch(starts: list[int], counts: list[int], tables: np.ndarray, num_prefills: int,
-               block_size: int, device: torch.device, position_offsets: list[int] | None = None,
-               tree_mask: list[int] | None = None) -> tuple[torch.Tensor, AttentionMetadata]:
-    """Positions and attention metadata of a flat batch: sequence i's `counts[i]` new tokens start at
-    position `starts[i]`, its blocks are row i of `tables` (`block_table_array`), and the first
-    `num_prefills` sequences have more than one new token. A tree of
-    proposals takes cache slots in order but positions by depth: `position_offsets` per token."""
-    query_start_loc = [0, *itertools.accumulate(counts)]
-    seq_lens = [start + n for start, n in zip(starts, counts)]
-    # Each new token's position and the cache slot its K/V go to, for the whole batch at once.
-    positions = np.repeat(np.subtract(starts, query_start_loc[:-1]), counts) + np.arange(query_start_loc[-1])
-    bs = block_size
-    slots = tables[np.repeat(np.arange(len(starts)), counts), positions // bs].astype(np.int64) * bs + positions % bs
-
-    def tensor(values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        return to_device(values, device, dtype)
-
-    meta = AttentionMetadata(
-        slot_mapping=tensor(slots, torch.int64),
-        query_start_loc=tensor(query_start_loc, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        block_tables=tensor(tables, torch.int32),
-        num_prefills=num_prefills,
-        num_prefill_tokens=query_start_loc[num_prefills],
-        num_decodes=len(starts) - num_prefills,
-        max_query_len=max(counts),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=query_start_loc,
-        seq_lens_cpu=seq_lens,
-        tree_mask=None if tree_mask is None else tensor(tree_mask, torch.int64),
-    )
-    if position_offsets is not None:
-        positions = positions - np.asarray(position_offsets)
-    return tensor(positions, torch.int64), meta

@@ -25,7 +25,7 @@ import torch
 from martlet.config import EngineConfig, ModelConfig, SpeculativeConfig
 from martlet.device import to_device
 from martlet.engine.cuda_graphs import DecodeGraphs
-from martlet.engine.model_runner import block_table_array, flat_batch
+from martlet.engine.flat_batch import block_table_array, flat_batch
 from martlet.engine.scheduler import ScheduledBatch
 from martlet.engine.sequence import PLACEHOLDER, Sequence
 from martlet.layers.attention import AttentionBackend, AttentionMetadata
