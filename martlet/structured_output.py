@@ -16,12 +16,15 @@ import json
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 import xgrammar as xgr
 
 from martlet.engine.sequence import Sequence
-from martlet.sampling_params import StructuredOutputsParams
+
+if TYPE_CHECKING:  # sampling_params calls build_grammar: the params are only named here
+    from martlet.sampling_params import StructuredOutputsParams
 
 # Compiled grammars kept, most recently used first: one is 35-300 KB with SmolLM2's 49,152 tokens
 # (a token mask cache per grammar state), so the cache stays under some tens of MB.

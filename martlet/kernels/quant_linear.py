@@ -32,6 +32,7 @@ Reference: `martlet.layers.quantization.packed.dequantize` followed by `torch.nn
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -40,7 +41,9 @@ import triton.language as tl
 from martlet.kernels.linear import _dot, _epilogue
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.kernels.quantize import INTERPRETED
-from martlet.layers.quantization.packed import PackedFormat
+
+if TYPE_CHECKING:  # packed.py calls these kernels: the format is only named here
+    from martlet.layers.quantization.packed import PackedFormat
 
 # Untuned first guesses (no GPU at hand when written), except MAX_TOKENS: quant_linear_bench.py measures them.
 GEMV_MAX_TOKENS = 4  # the FMA kernel up to here
