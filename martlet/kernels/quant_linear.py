@@ -306,8 +306,9 @@ def _gemv_step(
     if ASYMMETRIC:
         offsets = tl.load(o_ptr + s_offs, mask=s_mask, other=0.0).to(tl.float32)
         x_sums = tl.sum(_load_x(x_ptr, offs_m, mask_m, word_cols, mask_words, stride_xm, PACK), axis=3)
-        if HALF2 and BITS == 8:  # per two words, as `dot`
-            x_sums = tl.sum(tl.reshape(x_sums, (x_sums.shape[0], GROUPS, GROUP_WORDS // 2, 2)), axis=3)
+        if acc.shape[3] < GROUP_WORDS:  # per sum of several words, as `dot`
+            words_per_sum: tl.constexpr = GROUP_WORDS // acc.shape[3]
+            x_sums = tl.sum(tl.reshape(x_sums, (x_sums.shape[0], GROUPS, acc.shape[3], words_per_sum)), axis=3)
         acc += offsets[None, :, :, None] * x_sums[:, None]
     return acc
 
