@@ -38,7 +38,9 @@ def check_roofline(result: dict) -> None:
     assert result["ceilings"]["copy_gb_s"] > 0 and result["ceilings"]["gemm_tflops"] > 0
 
 
-def test_bench_latency(config_dir, tmp_path, capsys):
+def test_bench_latency(config_dir, tmp_path, capsys, monkeypatch):
+    # A GPU machine has no default model installed: --config-dir must not look for it.
+    monkeypatch.setattr("martlet.models.gguf.default_model_path", lambda: pytest.fail("looked up the default model"))
     result = run_bench(["latency", "--config-dir", str(config_dir), "--batch-size", "3", "--input-len", "40",
                         "--output-len", "6", "--num-iters", "2"], tmp_path)
     assert result["output_tokens"] == 18 and result["input_tokens"] == 120

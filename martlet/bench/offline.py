@@ -24,15 +24,14 @@ from martlet.sampling_params import SamplingParams
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-dir", default=None, help="a model directory with only config.json (use "
-                        "--load-format dummy); same as --model")
+    # An alias of --model, so that the flags resolve to an EngineArgs before the command runs.
+    parser.add_argument("--config-dir", dest="model", default=None, help="a model directory with only config.json "
+                        "(use --load-format dummy); same as --model")
     parser.add_argument("--json", default=None, help="write the results to this file")
     EngineArgs.add_cli_args(parser)
 
 
 def load_llm(args: argparse.Namespace) -> LLM:
-    if args.config_dir:
-        args.model = args.config_dir
     engine_args = EngineArgs.from_cli_args(args)
     return LLM(engine_args.model, **engine_args.engine_kwargs())
 
