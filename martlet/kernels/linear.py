@@ -41,7 +41,7 @@ class SkinnyConfig:
     num_warps: int = 2
     num_stages: int = 5
     # K cut into this many slices, each its own program, and their fp32 sums added by a second kernel:
-    # more programs for a narrow weight (N 4096 fills only 128 programs of 32 rows). Not yet timed.
+    # more programs for a narrow weight (N 4096 fills only 128 programs of 32 rows).
     split_k: int = 1
 
 
@@ -53,12 +53,13 @@ def skinny_config(
     fp32 takes half the K tile, so a pipeline stage holds the same bytes and fits in shared memory.
     8-bit weights (fp8 timed at 1 and 16 tokens, one run: benchmarks/results/w8a8-H200-2026-12-02.md)
     keep o's, down's and gate_up's fp16 K tile, qkv doubles it, and all take one stage more than fp16
-    where it fits: 4-17% faster than the fp16 tile with K doubled.
+    where it fits: 4-17% faster than the fp16 tile with K doubled. o and down (fp8, 2026-12-03) split K in
+    two: at 1 and 16 tokens, o 9.3 -> 7.8 us and 11.5 -> 8.3 us, down 20.0 -> 14.6 us and 25.7 -> 15.2 us.
     """
     columns_of_32 = triton.cdiv(n, 32)
     eight_bit = weight_dtype in CODE_DTYPES
     if columns_of_32 <= 2 * num_sms(device):  # o, down (N 4096): one program per SM
-        cfg = SkinnyConfig(32, 256, 2, 5)
+        cfg = SkinnyConfig(32, 256, 2, 5, split_k=2 if eight_bit else 1)
     elif columns_of_32 <= 4 * num_sms(device):  # qkv (N 12288)
         cfg = SkinnyConfig(32, 256, 2, 5) if eight_bit else SkinnyConfig(32, 128, 2, 4)
     else:
