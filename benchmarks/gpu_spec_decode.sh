@@ -16,6 +16,7 @@
 # build/smollm2-tokenizer): the speculative tests on CUDA (graphs, Triton kernels; draft, Medusa, EAGLE),
 # then on dummy Llama-2-7B fp16 the verification step's cost at b1 and b8 for k = 0..6 and a 2-layer
 # draft model's speedup at b1 and b8 for k = 0..6.
+# Each step runs under a timeout, so that PART=1 fits in one ten-minute command.
 # PART=2 (carry build/spec/smollm2.gguf.part.01 and the gguf wheel): n-gram on SmolLM2 at b1 on
 # copy-heavy prompts, then the ShareGPT-like workload (dummy Llama-2-7B fp16) with n-gram speculation
 # off and on (issue 22: on within 3% of off).
@@ -31,13 +32,13 @@ case "${PART:-1}" in
 1)
   mkdir -p ~/.cache/martlet && cp -r build/smollm2-tokenizer ~/.cache/martlet/
   echo "== speculative tests on CUDA"
-  python3 -m pytest -q -rf tests/test_speculative_heads.py tests/test_speculative.py -k "cuda_graphs or triton_backend" \
+  timeout 270 python3 -m pytest -q -rf tests/test_speculative_heads.py tests/test_speculative.py -k "cuda_graphs or triton_backend" \
     2>&1 | tee "$OUT/spec_tests.log" | tail -5
   echo "== verification cost (dummy 7B)"
-  python3 benchmarks/spec_decode.py verify-cost --config-dir "$CFG" --json "$OUT/spec_verify_cost.json" 2>&1 \
+  timeout 150 python3 benchmarks/spec_decode.py verify-cost --config-dir "$CFG" --json "$OUT/spec_verify_cost.json" 2>&1 \
     | tee "$OUT/spec_verify_cost.log"
   echo "== draft model (dummy 7B, 2-layer dummy draft)"
-  python3 benchmarks/spec_decode.py draft --config-dir "$CFG" --draft-layers 2 --json "$OUT/spec_draft.json" 2>&1 \
+  timeout 150 python3 benchmarks/spec_decode.py draft --config-dir "$CFG" --draft-layers 2 --json "$OUT/spec_draft.json" 2>&1 \
     | tee "$OUT/spec_draft.log"
   ;;
 2)
