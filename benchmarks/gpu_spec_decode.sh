@@ -22,7 +22,7 @@
 # off and on (issue 22: on within 3% of off).
 set -uo pipefail
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 HERE=$(cd "$(dirname "$0")" && pwd)
 CFG=$HERE/models/llama-2-7b
 P=/tmp/specparts; mkdir -p $P

@@ -458,8 +458,9 @@ def test_the_triton_backend_verifies_alike(tiny_model, hf_reference, monkeypatch
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs, graph_steps = [], []
     for config in (None, NGRAM, draft_config(tiny_model)):
+        # A pool of its own size: on a GPU, the engine before this one still holds its pool here.
         llm = LLM(tiny_model, device=device, dtype="float32", attention_backend="triton", block_size=8, quiet=True,
-                  speculative_config=config)
+                  num_kv_blocks=128, speculative_config=config)
         runner = llm.engine.runner
         if config is NGRAM and runner.verify_graphs is None:
             runner.verify_graphs = VerifyGraphs(runner.model, 4, NGRAM["num_speculative_tokens"] + 1,

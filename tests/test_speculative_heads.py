@@ -182,7 +182,9 @@ def test_cuda_graphs_and_triton_kernels_give_the_same_tokens(heads, tiny_model, 
     requests, _ = requests_and_plain
 
     def run(config: dict | None) -> list[list[int]]:
-        llm = LLM(tiny_model, device="cuda", dtype="float32", max_num_seqs=8, quiet=True, speculative_config=config)
+        # A pool of its own size: the GPU may still hold the engine before this one (not yet collected).
+        llm = LLM(tiny_model, device="cuda", dtype="float32", max_num_seqs=8, num_kv_blocks=256, quiet=True,
+                  speculative_config=config)
         return [o.outputs[0].token_ids for o in llm.generate(requests, GREEDY, use_tqdm=False)]
 
     plain = run(None)
