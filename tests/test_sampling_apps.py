@@ -14,6 +14,7 @@ import torch
 from martlet.engine.sequence import Sequence
 from martlet.layers import sampler
 from martlet.layers.sampler import apply_logit_bias, apply_token_bitmask
+from martlet.llm import LLM
 from martlet.sampling_params import SamplingParams, StructuredOutputsParams
 
 PROMPT = "A long shared prompt, long enough to fill more than one block of sixteen tokens: one two three four"
@@ -25,8 +26,8 @@ def test_logit_bias_and_bitmask_on_logits():
             Sequence("b", [1], SamplingParams(), [])]
     biased = apply_logit_bias(logits, seqs)
     assert biased[0, 3] == 100 and biased[0, 39] == -100 and biased[1].abs().sum() == 0
-    bitmask = torch.tensor([[1 << 5, 1 << 2]], dtype=torch.int32)  # tokens 5 and 34, for row 1 alone
-    masked = apply_token_bitmask(logits, bitmask, torch.tensor([1]))
+    bitmask = torch.tensor([[-1, -1], [1 << 5, 1 << 2]], dtype=torch.int32)  # row 1: tokens 5 and 34 alone
+    masked = apply_token_bitmask(logits.clone(), bitmask)
     assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [5, 34]
     assert torch.isfinite(masked[0]).all()
 
@@ -98,7 +99,10 @@ def test_prompt_logprobs_agree_with_sampled_logprobs(tiny_llm, tokenizer, monkey
         assert max(lps[i].values()) == pytest.approx(max(top.values()), abs=1e-4)
 
 
-def test_structured_outputs_follow_their_grammar(tiny_llm, assert_idle):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_structured_outputs_follow_their_grammar(device, tiny_llm, tiny_model, assert_idle):
+    """On a GPU too: the mask goes through xgrammar's Triton kernel, after the decode graphs."""
+    llm = tiny_llm if device == "cpu" else LLM(tiny_model, device="cuda", dtype="float32", num_kv_blocks=64, quiet=True)
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                                "b": {"enum": ["x", "y"]}}, "required": ["a", "b"]}
     kinds = [
@@ -111,11 +115,11 @@ def test_structured_outputs_follow_their_grammar(tiny_llm, assert_idle):
     # The tiny model's weights are random: whatever it picks, the grammar decides what it may pick.
     params = [SamplingParams(temperature=1.0, seed=i, max_tokens=40, n=2, structured_outputs=s)
               for i, (s, _) in enumerate(kinds)]
-    outs = tiny_llm.generate([PROMPT] * len(kinds), params, use_tqdm=False)
+    outs = llm.generate([PROMPT] * len(kinds), params, use_tqdm=False)
     for (_, check), out in zip(kinds, outs):
         for choice in out.outputs:
             assert choice.finish_reason == "stop" and check(choice.text), choice
-    assert_idle(tiny_llm)
+    assert_idle(llm)
 
 
 def test_a_compiling_grammar_does_not_hold_up_the_batch(tiny_llm, assert_idle):

@@ -302,7 +302,7 @@ class LLMEngine:
                 self._queue(seqs)
         return outputs
 
-    def _grammar_bitmask(self, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """The sampler's grammar hook. A matcher must take the previous step's token before it can say
         what may follow, so the step in flight is collected here: the device is busy with this step's
         logits meanwhile, and the host fills the mask while it is (the sampler launches after)."""

@@ -52,10 +52,10 @@ def logprob_rows(top_ids: list[list[int]], top_logprobs: list[list[float]], toke
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        # Set by the engine: for a batch where some sequence follows a grammar, the rows that do and
-        # their allowed-token bitmask (host, int32 [rows, ceil(vocab / 32)]). Called after the logits
-        # are launched, so the host fills it while the device computes them.
-        self.grammar_bitmask: Callable[[list[Sequence]], tuple[list[int], torch.Tensor]] | None = None
+        # Set by the engine: for a batch where some sequence follows a grammar, each row's allowed tokens
+        # (host, int32 [rows, ceil(vocab / 32)]), or None if no row follows one now. Called after the
+        # logits are launched, so the host fills it while the device computes them.
+        self.grammar_bitmask: Callable[[list[Sequence]], torch.Tensor | None] | None = None
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], drafts: torch.Tensor | None = None
@@ -73,9 +73,9 @@ class Sampler:
         if any(s.num_output_tokens < s.params.min_tokens for s in seqs):
             logits = mask_stop_tokens(logits, seqs)
         if self.grammar_bitmask is not None and any(s.grammar is not None for s in seqs):
-            rows, bitmask = self.grammar_bitmask(seqs)
-            logits = apply_token_bitmask(logits, to_device(bitmask, logits.device),
-                                         to_device(rows, logits.device, torch.int64))
+            bitmask = self.grammar_bitmask(seqs)
+            if bitmask is not None:
+                logits = apply_token_bitmask(logits, to_device(bitmask, logits.device))
         if all(s.params.greedy for s in seqs):
             tokens = logits.argmax(dim=-1)
         else:
@@ -195,11 +195,13 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     return logits.index_put(index, to_device(values, device, logits.dtype), accumulate=True)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """-inf in `rows` where the row's bit is 0 (bit j of word w stands for token 32 * w + j)."""
-    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, : logits.shape[1]]
-    return logits.index_put((rows,), logits[rows].masked_fill(allowed == 0, float("-inf")))
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf where a row's bit is 0 (bit j of word w stands for token 32 * w + j), in place, by
+    xgrammar's kernel (Triton on a GPU, C++ on a CPU)."""
+    import xgrammar  # loaded only once a request follows a grammar
+
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+    return logits
 
 
 def mask_stop_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
