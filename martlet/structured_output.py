@@ -6,15 +6,14 @@ worker thread, since xgrammar lets go of the GIL while it compiles, and cached b
 text), and one `GrammarMatcher` per sequence, which takes each token the sequence gets.
 
 Each step, the sampler asks for the batch's bitmask (bit j of word w allows token 32 * w + j) after
-the step's logits are launched: the host fills the constrained rows, some microseconds each, on
-several threads while the device computes the logits, and the sampler masks the logits with it on
-the device, in one kernel of xgrammar's.
+the step's logits are launched: the host fills the constrained rows, some microseconds each, while
+the device computes the logits, and the sampler masks the logits with it on the device, in one
+kernel of xgrammar's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,7 +34,6 @@ XGRAMMAR_CACHE_BYTES = 64 << 20
 # Whitespace allowed between two JSON tokens: room for any indentation, but a model that falls into
 # writing blanks cannot spend its whole max_tokens on one gap.
 MAX_JSON_WHITESPACE = 64
-FILL_THREADS = 8
 
 
 def build_grammar(params: StructuredOutputsParams) -> xgr.Grammar:
@@ -77,8 +75,10 @@ class StructuredOutputs:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="martlet-grammar")
         self.cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
         self.mask = xgr.allocate_token_bitmask(max_num_seqs, vocab_size)
-        # Fills the batch's rows on several threads (xgrammar lets go of the GIL): about 15 us a row on one.
-        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=min(FILL_THREADS, max(1, (os.cpu_count() or 1) // 2)))
+        # One call fills the batch's rows, on one thread: on an H200's host 8 threads saved 0.2 ms of 0.6 at 64
+        # rows (benchmarks/grammar_mask_bench.py), but served at 64 in flight they took a token 16 ms, against
+        # 10 ms for a loop of one-row fills (cause not measured; suspect: torch's spinning thread pool).
+        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
 
     def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar, now or later; the same future for the same grammar while it is cached."""
@@ -112,7 +112,7 @@ class StructuredOutputs:
         if not rows:
             return None
         mask = self.mask[: len(seqs)]
-        mask.fill_(-1)
+        mask.numpy().fill(-1)  # numpy's fill: torch's would wake its thread pool, which then spins on every core
         self.batch_matcher.batch_fill_next_token_bitmask([seqs[row].grammar for row in rows], mask, rows)
         return mask
 
