@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Download, on the CPU machine, the wheels the GPU image lacks (Python 3.12, x86_64) into the git-ignored
-# .whl/, for `run`'s carry: gguf (GGUF models), xgrammar (structured output) and the server's FastAPI,
-# uvicorn and pydantic, jsonschema (the structured-output tests), with what they need that the image does not
-# have. The GPU scripts install
-# whatever .whl/ holds (`pip install --no-deps .whl/*.whl`).
+# .whl/, for `run`'s carry: gguf (GGUF models), xgrammar (structured output), the server's FastAPI,
+# uvicorn and pydantic, and jsonschema (the structured-output tests), with what they need that the image
+# does not have. The GPU scripts install whatever .whl/ holds (`pip install --no-deps .whl/*.whl`).
 #
 #   bash benchmarks/gpu_wheels.sh       # then carry ".whl" in the device command
 set -euo pipefail
