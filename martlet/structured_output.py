@@ -111,6 +111,8 @@ class StructuredOutputs:
                 if seq.grammar is not None and not seq.is_finished and not seq.grammar.is_terminated()]
         if not rows:
             return None
+        if len(seqs) > len(self.mask):  # rows of other sequences' proposals can outnumber max_num_seqs
+            self.mask = xgr.allocate_token_bitmask(len(seqs), self.vocab_size)
         mask = self.mask[: len(seqs)]
         mask.numpy().fill(-1)  # numpy's fill: torch's would wake its thread pool, which then spins on every core
         self.batch_matcher.batch_fill_next_token_bitmask([seqs[row].grammar for row in rows], mask, rows)

@@ -23,6 +23,7 @@ from martlet.engine.cuda_graphs import VerifyGraphs
 from martlet.engine.sequence import Sequence
 from martlet.engine.speculative import MAX_SPECULATIVE_BATCH, NgramProposer, accepted_prefix, find_continuation
 from martlet.layers.sampler import Sampler
+from martlet.sampling_params import StructuredOutputsParams
 from martlet.testing import make_tiny_model
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -493,3 +494,14 @@ def test_every_decode_step_speculates_while_proposals_are_found(spec_llm):
     steps = list(spec_llm.stream({"prompt_token_ids": [1465] * 40}, SamplingParams(temperature=0, max_tokens=24)))
     assert len(set(steps[-1].outputs[0].token_ids)) == 1
     assert steps[-1].metrics.num_spec_steps >= len(steps) - 3  # all but the prefill and the first two decodes
+
+
+def test_a_grammar_beside_proposals_in_one_batch(tiny_model, plain_llm):
+    """A request with a grammar never speculates, but its batch-mates' proposals give the batch more
+    sampled rows than max_num_seqs: the grammar's bitmask must cover all of them."""
+    llm = LLM(tiny_model, device="cpu", dtype="float32", quiet=True, max_num_seqs=2, speculative_config=NGRAM)
+    prompt = "one two three four one two three four one two three four one two three"
+    choice = SamplingParams(temperature=0, max_tokens=24, structured_outputs=StructuredOutputsParams(choice=["red"]))
+    spec, constrained = llm.generate([prompt, prompt], [GREEDY, choice], use_tqdm=False)
+    assert spec.metrics.num_draft_tokens > 0 and constrained.outputs[0].text == "red"
+    assert token_ids([spec]) == token_ids(plain_llm.generate([prompt], GREEDY, use_tqdm=False))
