@@ -50,8 +50,12 @@ def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
     tensor_core = [QuantLinearConfig(16 if m <= 16 else 32, bn, row_bytes * per_byte, w, s)
                    for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
     if m <= GEMV_MAX_TOKENS:
-        return [QuantLinearConfig(triton.next_power_of_2(m), bn, row_bytes * per_byte, w, s)
-                for bn in (8, 16, 32) for row_bytes in (128, 256, 512) for w in (2, 4) for s in (3, 4)]
+        block_m = triton.next_power_of_2(m)
+        # K split in 2 or 4 as well: twice or four times the programs, for the narrow weights (o, down).
+        return [QuantLinearConfig(block_m, bn, row_bytes * per_byte, w, s)
+                for bn in (8, 16, 32) for row_bytes in (128, 256, 512) for w in (2, 4) for s in (3, 4)] + [
+                QuantLinearConfig(block_m, bn, row_bytes * per_byte, 4, 3, split_k)
+                for split_k in (2, 4) for bn in (8, 16, 32) for row_bytes in (256, 512)]
     return tensor_core
 
 

@@ -106,13 +106,7 @@ def _skinny_linear_kernel(
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # This program's slice of K: whole BLOCK_K steps, the last slice ending at K. Unsplit, the bounds
-    # are plainly 0 and K: computed ones compiled to 3-10% more instructions (sm_90).
-    k_start, k_end = 0, K
-    if SPLIT_K > 1:
-        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_start = tl.program_id(1) * k_per_split
-        k_end = tl.minimum(K, k_start + k_per_split)
+    k_start, k_end = split_k_range(K, BLOCK_K, SPLIT_K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -127,11 +121,32 @@ def _skinny_linear_kernel(
     if SPLIT_K == 1:
         _epilogue(acc, acc_up, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N, stride_om,
                   HAS_SCALE, HAS_BIAS, SILU_AND_MUL)
-    else:  # raw sums to partial [SPLIT_K, 2 (gate or plain, up), BLOCK_M, N]; _skinny_reduce_kernel ends it
-        tile = partial_ptr + tl.program_id(1) * 2 * BLOCK_M * N + offs_m[:, None] * N + offs_n[None, :]
-        tl.store(tile, acc, mask=mask_n[None, :])
-        if SILU_AND_MUL:
-            tl.store(tile + BLOCK_M * N, acc_up, mask=mask_n[None, :])
+    else:
+        store_partial_sums(partial_ptr, acc, acc_up, offs_m, offs_n, mask_n, N, SILU_AND_MUL)
+
+
+@triton.jit
+def split_k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's slice of K (program axis 1 is the slice): whole BLOCK_K steps, the last slice
+    ending at K. Unsplit, the bounds are plainly 0 and K: computed ones compiled to 3-10% more
+    instructions (sm_90)."""
+    k_start, k_end = 0, K
+    if SPLIT_K > 1:
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
+    return k_start, k_end
+
+
+@triton.jit
+def store_partial_sums(partial_ptr, acc, acc_up, offs_m, offs_n, mask_n, N, SILU_AND_MUL: tl.constexpr):
+    """A K slice's raw sums [BLOCK_M, BLOCK_N] to partial [SPLIT_K, 2 (gate or plain, up), BLOCK_M, N],
+    for `_skinny_reduce_kernel` to add up and finish."""
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    tile = partial_ptr + tl.program_id(1) * 2 * BLOCK_M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(tile, acc, mask=mask_n[None, :])
+    if SILU_AND_MUL:
+        tl.store(tile + BLOCK_M * N, acc_up, mask=mask_n[None, :])
 
 
 @triton.jit

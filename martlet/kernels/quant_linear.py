@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.linear import _dot, _epilogue
+from martlet.kernels.linear import _dot, _epilogue, _skinny_reduce_kernel, split_k_range, store_partial_sums
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.kernels.quantize import INTERPRETED
 
@@ -63,6 +63,9 @@ class QuantLinearConfig:
     block_k: int  # inputs per step, a multiple of 16 * pack for the tensor-core kernel
     num_warps: int
     num_stages: int
+    # The FMA kernel only: K cut into this many slices, each its own program, and their fp32 sums added
+    # by a second kernel (more programs in flight for a narrow weight).
+    split_k: int = 1
 
 
 def quant_linear_config(m: int, n: int, k: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
@@ -315,10 +318,11 @@ def _gemv_step(
 
 @triton.jit
 def _quant_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, EVEN: tl.constexpr, X_PAIRS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     PACK: tl.constexpr = 32 // BITS
@@ -337,16 +341,21 @@ def _quant_gemv_kernel(
     SUMS: tl.constexpr = GROUP_WORDS // WORDS_PER_SUM if HALF2 else GROUP_WORDS
     acc = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N, GROUPS, SUMS), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    k_start, k_end = split_k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         acc = _gemv_step(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
                          stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, HALF2, GROUPS, GROUP_WORDS)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             acc_up = _gemv_step(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
                                 stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, EVEN, HALF2,
                                 GROUPS, GROUP_WORDS)
-    # One scale per output channel (not SCALE_IN_LOOP): scales [N, 1], so a channel's is at its index.
-    _epilogue(tl.sum(tl.sum(acc, axis=3), axis=2), tl.sum(tl.sum(acc_up, axis=3), axis=2), s_ptr, bias_ptr, out_ptr,
-              offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    acc, acc_up = tl.sum(tl.sum(acc, axis=3), axis=2), tl.sum(tl.sum(acc_up, axis=3), axis=2)
+    if SPLIT_K == 1:
+        # One scale per output channel (not SCALE_IN_LOOP): scales [N, 1], so a channel's is at its index.
+        _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n, N, stride_om,
+                  not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    else:
+        store_partial_sums(partial_ptr, acc, acc_up, offs_m, rows, mask_n, N, SILU_AND_MUL)
 
 
 @triton.jit
@@ -485,19 +494,32 @@ def quant_linear(
     cfg = config or quant_linear_config(m, n, k, fmt, silu_and_mul)
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
-    if m:
-        if cfg.block_m < 16:
-            kernel, flags = _quant_gemv_kernel, {"X_PAIRS": _pairs_aligned(x)}
-        else:
-            kernel, flags = _quant_linear_kernel, {"FP32": x.dtype == torch.float32}
-        kernel[(triton.cdiv(out_n, cfg.block_n), 1 if cfg.block_m < 16 else triton.cdiv(m, cfg.block_m))](
-            x, qweight, scales, offsets, bias, out, m, out_n, k, x.stride(0), qweight.stride(0), scales.stride(0),
-            out.stride(0), BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric,
-            SCALE_IN_LOOP=fmt.asymmetric or fmt.group_size < k, HAS_BIAS=bias is not None,
-            SILU_AND_MUL=silu_and_mul, EVEN=k % cfg.block_k == 0 and out_n % cfg.block_n == 0, BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
-            **flags, **pdl_launch(x.device),
-        )
+    if not m:
+        return out
+    scale_in_loop = fmt.asymmetric or fmt.group_size < k
+    flags = dict(HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=cfg.block_m, **pdl_launch(x.device))
+    if cfg.block_m < 16:
+        partial = None
+        if cfg.split_k > 1:
+            partial = torch.empty(cfg.split_k, 2, cfg.block_m, out_n, dtype=torch.float32, device=x.device)
+        kernel, grid = _quant_gemv_kernel, (triton.cdiv(out_n, cfg.block_n), cfg.split_k)
+        kernel_flags = dict(partial_ptr=partial, X_PAIRS=_pairs_aligned(x), SPLIT_K=cfg.split_k)
+    elif cfg.split_k > 1:
+        raise ValueError("split_k is the FMA kernel's (block_m below 16)")
+    else:
+        kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+        kernel_flags = dict(FP32=x.dtype == torch.float32)
+    kernel[grid](
+        x_ptr=x, w_ptr=qweight, s_ptr=scales, o_ptr=offsets, bias_ptr=bias, out_ptr=out, M=m, N=out_n, K=k,
+        stride_xm=x.stride(0), stride_wn=qweight.stride(0), stride_sn=scales.stride(0), stride_om=out.stride(0),
+        BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=scale_in_loop,
+        EVEN=k % cfg.block_k == 0 and out_n % cfg.block_n == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **kernel_flags, **flags,
+    )
+    if cfg.split_k > 1:  # the slices' sums added; per-channel scales (not in the loop) and bias applied there
+        _skinny_reduce_kernel[(triton.cdiv(out_n, 128),)](
+            partial, scales, bias, out, m, out_n, out.stride(0), HAS_SCALE=not scale_in_loop, BLOCK_N=128,
+            SPLIT_K=cfg.split_k, num_warps=4, **flags)
     return out
 
 

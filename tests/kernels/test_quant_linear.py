@@ -47,6 +47,9 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
         (1, 48, 128, None),  # FMA kernel: one partial K tile
         (3, 50, 320, QuantLinearConfig(4, 32, 128, 4, 2)),  # FMA kernel: ragged N and K, groups straddle tiles
         (2, 64, 512, QuantLinearConfig(2, 32, 256, 4, 2)),  # FMA kernel, tiles that fit exactly: no masks
+        (1, 50, 320, QuantLinearConfig(1, 32, 128, 4, 2, split_k=2)),  # K in two slices, the second ragged
+        (3, 64, 512, QuantLinearConfig(4, 32, 128, 4, 2, split_k=3)),  # slices of whole steps: the last is short
+        pytest.param(1, 4096, 11008, QuantLinearConfig(1, 8, 512, 4, 3, split_k=2), marks=pytest.mark.gpu),  # down
         (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # tensor cores: ragged N, K ends mid-tile
         (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
@@ -68,9 +71,14 @@ def test_quant_linear_silu_and_mul(m, name, dtype):
     half, k = 40, 192
     qweight, scales, offsets, fmt = packed_weight(2 * half, k, FORMATS[name], dtype)
     x = random((m, k), 1, dtype)
+    expected = silu_and_mul(reference(x, qweight, scales, offsets, fmt))
     out = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True)
     assert out.shape == (m, half)
-    assert_close(out.cpu(), silu_and_mul(reference(x, qweight, scales, offsets, fmt)), dtype)
+    assert_close(out.cpu(), expected, dtype)
+    if m <= 4:  # K split in two: the up rows' sums go through the reduce kernel too
+        split = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True,
+                             config=QuantLinearConfig(4, 32, 64, 4, 2, split_k=2))
+        assert_close(split.cpu(), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", dtypes())
@@ -92,6 +100,9 @@ def test_quant_linear_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="must cover"):
         quant_linear(torch.zeros(3, 64, device=DEVICE), qweight, scales, offsets, fmt,
                      config=QuantLinearConfig(2, 32, 128, 4, 2))
+    with pytest.raises(ValueError, match="split_k"):
+        quant_linear(torch.zeros(20, 64, device=DEVICE), qweight, scales, offsets, fmt,
+                     config=QuantLinearConfig(32, 32, 64, 4, 2, split_k=2))
     with pytest.raises(ValueError, match="group size"):
         quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, offsets, PackedFormat(4, 12, True))
 
