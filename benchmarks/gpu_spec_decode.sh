@@ -49,7 +49,7 @@ case "${PART:-1}" in
   env -u PYTHONPATH python3 -m pip install -q --no-index --no-deps --target /tmp/gguf-site build/spec/gguf-*.whl || exit 4
   export PYTHONPATH=$PWD:/tmp/gguf-site
   echo "== n-gram on SmolLM2, b1, copy-heavy prompts"
-  python3 benchmarks/spec_decode.py ngram --model /tmp/smollm2.gguf --json "$OUT/spec_ngram.json" 2>&1 \
+  python3 benchmarks/spec_decode.py ngram --model /tmp/smollm2.gguf --k 4 6 8 --json "$OUT/spec_ngram.json" 2>&1 \
     | tee "$OUT/spec_ngram.log"
   NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
   COMMON="--config-dir $CFG --load-format dummy --dtype float16 --max-model-len 2304 --quiet"
