@@ -7,8 +7,7 @@ text), and one `GrammarMatcher` per sequence, which takes each token the sequenc
 
 Each step, the sampler asks for the batch's bitmask (bit j of word w allows token 32 * w + j) after
 the step's logits are launched: the host fills the constrained rows, some microseconds each, while
-the device computes the logits, and the sampler masks the logits with it on the device, in one
-kernel of xgrammar's.
+the device computes the logits, and the sampler masks the logits with it on the device.
 """
 
 from __future__ import annotations
