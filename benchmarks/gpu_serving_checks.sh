@@ -4,6 +4,8 @@
 #   n       n=4 against the same prompts as 4 separate requests (prompt sharing), at saturation
 #   latency TTFT and ITL p99 at 4 requests/s, plain and with a quarter json_schema and a quarter n=2
 #   soak    benchmarks/soak.py at saturation (SOAK_SECONDS, default 600), its report in $OUT/soak.json
+#   offline json_schema against unconstrained in the engine alone (benchmarks/structured_offline.py), with a
+#           profile of ten steps of each
 # Run from the repository root: PARTS="json n latency" (about 6 minutes with the start), then PARTS=soak with
 # SOAK_SECONDS under the per-command limit (the server takes a minute or two to start). Results go to $OUT.
 #
@@ -40,6 +42,11 @@ bench() {  # name, then bench serve options
   $BENCH --json "$OUT/$name.json" "$@" 2>&1 | grep -v "it/s\]" | grep -E "Successful|Failed|Output token|TTFT p99|ITL p99|error"
 }
 
+if [[ " $PARTS " =~ " offline " ]]; then
+  echo "== offline: structured output in the engine alone"
+  PYTHONPATH=$PWD python3 benchmarks/structured_offline.py --model $MODEL --json "$OUT/structured_offline.json" \
+    --trace "$OUT/structured_offline_trace" 2>&1 | tee "$OUT/structured_offline.log" | grep -E "tok/s|=="
+fi
 if [[ " $PARTS " =~ " json " || " $PARTS " =~ " n " || " $PARTS " =~ " latency " ]]; then
   python3 -m martlet.cli serve --model $MODEL $ENGINE --port 8000 --disable-access-log >"$OUT/server.log" 2>&1 &
   SERVER=$!
