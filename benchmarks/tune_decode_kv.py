@@ -1,15 +1,21 @@
 """Decode tile configs per KV cache format: GB/s (bytes as stored) of each candidate on a few shapes.
 
-    PYTHONPATH=$PWD python3 benchmarks/tune_decode_kv.py [FORMAT ...]   (default: auto int8 fp8)
+    PYTHONPATH=$PWD [BLOCK_SIZE=16] python3 benchmarks/tune_decode_kv.py [FORMAT ...]   (default: auto int8 fp8)
 
 The kernel's default config was tuned on bf16 (martlet/kernels/decode.py); an 8-bit tile is half the
 bytes per key, so it may want more keys per tile or more warps. Queries are fp16, as in the seed rows'
 model: the query dtype decides how 8-bit codes are widened (benchmarks/decode_ptx.py). The first runs,
 in raw-2026-12-02-h200-kv/, used bf16 queries.
+
+BLOCK_SIZE sets the cache's block size (tokens). An 8-bit V tile is stored channel-major in its
+block, so a channel's codes are one run of BLOCK_SIZE bytes: 16 gives 64-byte pieces of 128-byte
+lines per load instruction (twice the L2 requests of whole lines), 128 whole lines. Timing 16
+against 128 tells whether that is what holds the 8-bit decode at 70% of copy bandwidth.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -19,6 +25,7 @@ from martlet.bench.roofline import measure_ceilings
 from martlet.kernels.decode import DecodeConfig
 
 SHAPES = [(16, 32768), (32, 2048), (256, 2048), (64, 512)]
+BLOCK_SIZE = int(os.environ.get("BLOCK_SIZE", 16))
 # With 4 stages or fewer, the pipeliner keeps one K/V tile in flight (decode_ptx.py prints the
 # buffers: num_stages - 3, at least 1), which every candidate before session 3's look had; an 8-bit
 # tile is half the bytes, so half the bytes in flight. Deeper pipelines come last.
@@ -29,11 +36,11 @@ CANDIDATES = [None] + [DecodeConfig(*c) for c in [
 
 def main() -> None:
     copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
-    print(f"copy {copy:.0f} GB/s")
+    print(f"copy {copy:.0f} GB/s; cache blocks of {BLOCK_SIZE} tokens")
     formats = sys.argv[1:] or ["auto", "int8", "fp8"]
     totals: dict[str, list[float]] = {}
     for kv_cache_dtype in formats:
-        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, 16, torch.float16,
+        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, BLOCK_SIZE, torch.float16,
                            kv_cache_dtype)
         scores = {}
         for cfg in CANDIDATES:

@@ -15,6 +15,7 @@ CASES = [
     ([1, 16, 17, 100], 4, 4, 64, 16, 3),  # a 1-token context leaves splits empty
     ([33, 64, 250], 8, 2, 80, 8, 4),
     ([129], 4, 1, 128, 32, 8),  # MQA; splits past the context's end are empty
+    ([300, 129], 4, 2, 64, 128, 2),  # blocks of 128: a tile of 128 keys is one block
     pytest.param([1, 511, 4096, 9000, 33], 32, 8, 128, 16, 16, marks=gpu),
     pytest.param([2000, 70], 16, 2, 96, 16, 7, marks=gpu),
     pytest.param([1500, 3], 8, 1, 256, 16, 5, marks=gpu),
