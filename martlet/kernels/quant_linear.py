@@ -13,7 +13,8 @@ so all codes of a word share their group's scale and offset.
   placing it under the exponent bits of 2^23 and subtracting 2^23 (a shift, an OR and an add:
   int-to-float conversions run at a quarter of the FMA rate). x's inputs load as whole words' runs;
   a word's sum over its codes (two words' for 8-bit codes in paired fp16), sum_j code_j x_j, is
-  scaled once, + offset * sum_j x_j for the offset.
+  scaled once, + offset * sum_j x_j for the offset. K may be split over programs (`split_k`), for
+  more programs on a narrow weight; the skinny kernel's reduce kernel adds the slices' fp32 sums.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
   are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
   side), so x's columns load contiguous and one dot takes the tile. On an H200 it beats fp16 for
