@@ -14,8 +14,8 @@
 #
 # PART=1 (carry build/spec/smollm2.gguf.part.00, build/spec/SHA256SUMS, build/spec/GGUF.sha256 and
 # build/smollm2-tokenizer): the speculative tests on CUDA (graphs, Triton kernels; draft, Medusa, EAGLE),
-# then on dummy Llama-2-7B fp16 the verification step's cost at b1 and b8 for k = 0..6 and a 2-layer
-# draft model's speedup at b1 and b8 for k = 0..6.
+# then on dummy Llama-2-7B fp16 the verification step's cost at b1, b8, b16 and b32 for k = 0..6 and a 2-layer
+# draft model's speedup at the same batches for k = 0..6.
 # Each step runs under a timeout, so that PART=1 fits in one ten-minute command.
 # PART=2 (carry build/spec/smollm2.gguf.part.01 and the gguf wheel): n-gram on SmolLM2 at b1 on
 # copy-heavy prompts, then the ShareGPT-like workload (dummy Llama-2-7B fp16) with n-gram speculation

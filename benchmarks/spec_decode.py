@@ -6,7 +6,7 @@
 
 (benchmarks/gpu_spec_decode.sh runs all three and the ShareGPT-like workload with speculation on and off.)
 
-`verify-cost` (issue 22's first GPU check): dummy weights, batch 1 and 8, every sequence verifying k
+`verify-cost` (issue 22's first GPU check): dummy weights, batch 1, 8, 16 and 32, every sequence verifying k
 proposals per step for k = 0..6 (k = 0 is a plain decode step); the proposals are random tokens,
 so nearly all are rejected and each step makes one token per sequence. Prints ms per step and, from
 it, the speedup a given acceptance rate would bring: a step that verifies k proposals accepted
@@ -17,7 +17,7 @@ passage of public text, workloads/copy_passages.txt), greedy, without n-gram spe
 for each --k: output tok/s, the speedup, and the acceptance. Issue 22 asks for 1.8x or more.
 
 `draft`: the dummy target drafted for by a dummy model of the target's shape cut to --draft-layers
-layers (its config is written to a temporary directory), batch 1 and 8, greedy, k = 0..6: ms per
+layers (its config is written to a temporary directory), batch 1, 8, 16 and 32, greedy, k = 0..6: ms per
 step, output tokens per step, the acceptance (dummy weights guess whatever they guess), ms per output
 token against plain decoding, and the speedup a given acceptance rate would bring at the step's
 measured cost (the draft's k decode steps run eagerly, without CUDA graphs).
@@ -41,7 +41,7 @@ from martlet.engine.sequence import Sequence
 from martlet.engine.speculative import Proposer
 
 KS = range(7)
-BATCHES = (1, 8)
+BATCHES = (1, 8, 16, 32)  # 32: speculative.MAX_SPECULATIVE_BATCH, above which no step speculates
 STEPS = 64
 ACCEPTANCE_RATES = (0.5, 0.7, 0.9)
 
