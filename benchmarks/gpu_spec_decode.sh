@@ -32,13 +32,13 @@ case "${PART:-1}" in
 1)
   mkdir -p ~/.cache/martlet && cp -r build/smollm2-tokenizer ~/.cache/martlet/
   echo "== speculative tests on CUDA"
-  timeout 270 python3 -m pytest -q -rf tests/test_speculative_heads.py tests/test_speculative.py -k "cuda_graphs or triton_backend" \
+  timeout 150 python3 -m pytest -q -rf tests/test_speculative_heads.py tests/test_speculative.py -k "cuda_graphs or triton_backend" \
     2>&1 | tee "$OUT/spec_tests.log" | tail -5
   echo "== verification cost (dummy 7B)"
-  timeout 150 python3 benchmarks/spec_decode.py verify-cost --config-dir "$CFG" --json "$OUT/spec_verify_cost.json" 2>&1 \
+  timeout 200 python3 benchmarks/spec_decode.py verify-cost --config-dir "$CFG" --json "$OUT/spec_verify_cost.json" 2>&1 \
     | tee "$OUT/spec_verify_cost.log"
   echo "== draft model (dummy 7B, 2-layer dummy draft)"
-  timeout 150 python3 benchmarks/spec_decode.py draft --config-dir "$CFG" --draft-layers 2 --json "$OUT/spec_draft.json" 2>&1 \
+  timeout 200 python3 benchmarks/spec_decode.py draft --config-dir "$CFG" --draft-layers 2 --json "$OUT/spec_draft.json" 2>&1 \
     | tee "$OUT/spec_draft.log"
   ;;
 2)
