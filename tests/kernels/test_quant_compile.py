@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -28,12 +29,13 @@ def compile_defaults() -> None:
     from martlet.layers.quantization.packed import PackedFormat
 
     fp16, fp32 = torch.float16, torch.float32
-    cases = [(1, PackedFormat(4, 128, True), False, fp16), (1, PackedFormat(8, 4096, False), True, fp16),
-             (3, PackedFormat(8, 4096, False), True, fp16),
-             (16, PackedFormat(4, 32, False), True, fp16), (24, PackedFormat(8, 16, True), False, fp16),
-             (32, PackedFormat(4, 64, True), True, fp32)]
-    for m, fmt, silu, x_dtype in cases:
-        cfg = ql.quant_linear_config(m, 4096 * (3 if silu else 1), 4096, fmt, silu)
+    cases = [(1, PackedFormat(4, 128, True), False, fp16, 1), (1, PackedFormat(8, 4096, False), True, fp16, 1),
+             (3, PackedFormat(8, 4096, False), True, fp16, 1),
+             (16, PackedFormat(4, 32, False), True, fp16, 1), (24, PackedFormat(8, 16, True), False, fp16, 1),
+             (32, PackedFormat(4, 64, True), True, fp32, 1),
+             (1, PackedFormat(4, 128, True), False, fp16, 2), (1, PackedFormat(8, 4096, False), True, fp16, 2)]
+    for m, fmt, silu, x_dtype, split_k in cases:
+        cfg = replace(ql.quant_linear_config(m, 4096 * (3 if silu else 1), 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
         in_loop = fmt.asymmetric or fmt.group_size < 4096  # K = 4096
         const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=in_loop,
@@ -42,11 +44,14 @@ def compile_defaults() -> None:
         if kernel is ql._quant_linear_kernel:
             const["FP32"] = x_dtype == fp32
         else:  # aligned fp16 x: the paired-fp16 inline assembly, which the interpreter never runs
-            const["X_PAIRS"] = True
+            const.update(X_PAIRS=True, SPLIT_K=split_k)
+            if split_k == 1:
+                const["partial_ptr"] = None
         if not fmt.asymmetric:
             const["o_ptr"] = None
         x_type = "*fp32" if x_dtype == fp32 else "*fp16"
-        pointers = {"w_ptr": "*i32", "x_ptr": x_type, "s_ptr": x_type, "o_ptr": x_type, "out_ptr": x_type}
+        pointers = {"w_ptr": "*i32", "x_ptr": x_type, "s_ptr": x_type, "o_ptr": x_type, "out_ptr": x_type,
+                    "partial_ptr": "*fp32"}
         names = kernel.arg_names
         signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
         # 16-aligned pointers and strides, as Triton specializes them at run time: the tiles' shared memory
