@@ -2,7 +2,8 @@
 # The quantized KV cache on one GPU (issue P5), dummy Llama-2-7B fp16. Run from the repository root.
 #   PART=tests: the GPU tests of the kernels and the engine, then `bench kernels` decode over bf16,
 #               int8 and fp8 caches.
-#   PART=rows:  b32 1024/1024 and the ShareGPT-like workload with an fp16, an int8 and an fp8 cache.
+#   PART=rows:  b32 1024/1024 and the ShareGPT-like workload with an fp16, an int8 and an fp8 cache
+#               (KV_DTYPES picks some; EXTRA adds engine flags to every run, e.g. "--block-size 128").
 # Logs and JSON go to $OUT, packed into one results.tgz (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-bench-out}; WORK=$(mktemp -d); mkdir -p "$OUT"
@@ -16,9 +17,9 @@ if [ "${PART:-tests}" = tests ]; then
   timeout 200 python3 -m martlet.cli bench kernels --only decode --quick --json "$WORK/kernels_decode.json" 2>&1 \
     | tee "$WORK/kernels_decode.log" | tail -32
 else
-  for kv in auto int8 fp8; do
+  for kv in ${KV_DTYPES:-auto int8 fp8}; do
     echo "=== kv_cache_dtype $kv"
-    OUT=$WORK/$kv EXTRA="--kv-cache-dtype $kv" ROWS="${ROWS:-32,1024,1024}" ITERS=${ITERS:-2} bash benchmarks/gpu_seed_rows.sh 2>&1 \
+    OUT=$WORK/$kv EXTRA="--kv-cache-dtype $kv ${EXTRA:-}" ROWS="${ROWS:-32,1024,1024}" ITERS=${ITERS:-2} bash benchmarks/gpu_seed_rows.sh 2>&1 \
       | tee "$WORK/rows_$kv.log" | grep -E "^==|output throughput|roofline|KV cache|Error|error"
   done
 fi
