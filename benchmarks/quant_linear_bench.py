@@ -10,8 +10,9 @@ engine's: the skinny Triton kernel up to 32 tokens, cuBLAS beyond), int8 (per ch
 asymmetric). Printed: us per matmul, GB/s in the format's own bytes (codes + scales + offsets),
 speed-up over fp16. Beyond `quant_linear.kernel_max_tokens` the packed path is dequantize + cuBLAS,
 as in the engine. `--sweep` also times a grid of tiles per row (the gated one too) where the engine
-takes the kernel, and prints the best, against the one `quant_linear_config` picks: slow, so give it
-few --tokens and --formats. Each kernel is checked against the PyTorch reference first.
+takes the kernel, and prints the best, against the one `quant_linear_config` picks; past MAX_TOKENS,
+GEMM-sized tiles of the tensor-core kernel against dequantize + cuBLAS. Slow: give it few --tokens
+and --formats. Each kernel is checked against the PyTorch reference first.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ from gemm_sweep import layer_shapes
 
 from martlet.bench.roofline import measure_ceilings
 from martlet.kernels import quant_linear as ql
-from martlet.kernels.quant_linear import GEMV_MAX_TOKENS, QuantLinearConfig, quant_linear, quant_linear_config
+from martlet.kernels.quant_linear import (
+    GEMV_MAX_TOKENS,
+    MAX_TOKENS,
+    QuantLinearConfig,
+    quant_linear,
+    quant_linear_config,
+)
 from martlet.layers.activation import silu_and_mul
 from martlet.layers.linear import UnquantizedLinearMethod
 from martlet.layers.quantization import packed
@@ -45,10 +52,14 @@ FORMATS = {
     "q4_k": lambda k: PackedFormat(4, 32, True),
 }
 def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
-    """Tiles to try at m tokens (up to 32): up to GEMV_MAX_TOKENS the FMA kernel's, else tensor cores'."""
+    """Tiles to try at m tokens: up to GEMV_MAX_TOKENS the FMA kernel's, else tensor cores' (GEMM-sized
+    ones past MAX_TOKENS)."""
     per_byte = 8 // fmt.bits
     tensor_core = [QuantLinearConfig(16 if m <= 16 else 32, bn, row_bytes * per_byte, w, s)
                    for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+    if m > MAX_TOKENS:  # where the engine dequantizes for cuBLAS: GEMM tiles that unpack in registers
+        return [QuantLinearConfig(bm, bn, row_bytes * per_byte, w, s) for bm in (64, 128) for bn in (64, 128)
+                for row_bytes in (32, 64) for w in (4, 8) for s in (3, 4)]
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(m)
         # K split in 2 or 4 as well: twice or four times the programs, for the narrow weights (o, down).
@@ -126,10 +137,14 @@ def main() -> None:
                 if m <= ql.kernel_max_tokens(fmt):
                     row["config"] = asdict(quant_linear_config(m, n, k, fmt, gated))
                 line.append(f"{f} {kernel_us:7.1f} us {row['gb_s']:6.0f} GB/s {fp16_us / kernel_us:4.2f}x")
-                if args.sweep and m <= ql.kernel_max_tokens(fmt):
-                    timed = [(graph_us(lambda x, w, fmt=fmt, c=c, gated=gated: quant_linear(x, *w, fmt, config=c,
-                                                                                      silu_and_mul=gated), xs, ws), c)
-                             for c in sweep_configs(m, fmt)]
+                if args.sweep:
+                    timed = []
+                    for c in sweep_configs(m, fmt):
+                        try:
+                            timed.append((graph_us(lambda x, w, fmt=fmt, c=c, gated=gated: quant_linear(
+                                x, *w, fmt, config=c, silu_and_mul=gated), xs, ws), c))
+                        except Exception as e:  # a tile over shared memory or registers: skip it
+                            print(f"  {c}: {type(e).__name__}", flush=True)
                     best_us, best = min(timed, key=lambda t: t[0])
                     row["best_us"], row["best_config"] = best_us, asdict(best)
                     row["sweep"] = [(us, asdict(c)) for us, c in sorted(timed, key=lambda t: t[0])]

@@ -475,7 +475,8 @@ def quant_linear(
     fmt: PackedFormat, bias: torch.Tensor | None = None, config: QuantLinearConfig | None = None,
     silu_and_mul: bool = False,
 ) -> torch.Tensor:
-    """x [M, K], M <= MAX_TOKENS, rows contiguous; the packed weight [N, K] -> [M, N].
+    """x [M, K], rows contiguous; the packed weight [N, K] -> [M, N]. M <= MAX_TOKENS, unless `config`
+    is a tensor-core tile (block_m 16 or more), whose grid covers any M.
 
     With `silu_and_mul`, the weight is a gated MLP's merged [gate; up] and the result
     SiLU(x gate^T) * (x up^T), [M, N / 2], the activation applied to the accumulators.
@@ -484,8 +485,8 @@ def quant_linear(
     n, m = qweight.shape[0], x.shape[0]
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} does not fit a [{n}, {k}] weight")
-    if m > MAX_TOKENS:
-        raise ValueError(f"quant_linear takes at most {MAX_TOKENS} tokens, got {m}")
+    if m > MAX_TOKENS and (config is None or config.block_m < 16):
+        raise ValueError(f"quant_linear takes at most {MAX_TOKENS} tokens without a tensor-core tile, got {m}")
     if config is not None and config.block_m < 16 and m > config.block_m:
         raise ValueError(f"the FMA kernel's block_m {config.block_m} must cover all {m} tokens")
     if x.stride(1) != 1 or x.dtype != scales.dtype:

@@ -53,6 +53,8 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
         (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # tensor cores: ragged N, K ends mid-tile
         (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
+        (70, 40, 256, QuantLinearConfig(32, 32, 128, 4, 2)),  # beyond MAX_TOKENS: three row tiles
+        (40, 64, 256, QuantLinearConfig(64, 64, 128, 4, 2)),  # a GEMM-sized tile, rows ending inside it
         (32, 24, 256, None),  # the default 32-row tile
     ],
 )
