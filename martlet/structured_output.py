@@ -74,9 +74,10 @@ class StructuredOutputs:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="martlet-grammar")
         self.cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
         self.mask = xgr.allocate_token_bitmask(max_num_seqs, vocab_size)
-        # One call fills the batch's rows, on one thread: on an H200's host 8 threads saved 0.2 ms of 0.6 at 64
-        # rows (benchmarks/grammar_mask_bench.py), but served at 64 in flight they took a token 16 ms, against
-        # 10 ms for a loop of one-row fills (cause not measured; suspect: torch's spinning thread pool).
+        # One call fills the batch's rows, on one thread. On an H200's host 8 threads saved 0.2 ms of 0.6 at 64
+        # rows (benchmarks/grammar_mask_bench.py), but served at 64 in flight a build with them (and torch's
+        # fill_ for the mask) took 16 ms a token, against 10 ms for a loop of one-row fills. The cause is not
+        # measured; the suspect is torch's thread pool spinning on every core.
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads=1)
 
     def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
