@@ -4,13 +4,7 @@
 # The SmolLM2 GGUF (98 MB) is more than one command may carry (64 MiB), so it travels in two parts, one
 # per command, gathered in /tmp/specparts on the device (the machine must stay warm between the two);
 # the gguf wheel (the GPU image has no gguf package) and SmolLM2's tokenizer (for the tiny test models)
-# travel with the second and first. Prepare them on the CPU machine, from the repository root:
-#
-#   mkdir -p build/spec && G=$(python3 -c "from martlet.models.gguf import default_model_path as p; print(p())")
-#   split -n 2 -d "$G" build/spec/smollm2.gguf.part. && (cd build/spec && sha256sum -b smollm2.gguf.part.* >SHA256SUMS)
-#   echo "$(sha256sum "$G" | cut -d' ' -f1)  smollm2.gguf" >build/spec/GGUF.sha256 && cp /opt/pypi/files/gguf-*.whl build/spec/
-#   python3 -c "from martlet.testing import load_test_tokenizer; load_test_tokenizer()" && \
-#     cp -r ~/.cache/martlet/smollm2-tokenizer build/
+# travel with the second and first. `bash benchmarks/prepare_carry.sh` prepares them on the CPU machine.
 #
 # PART=1 (carry build/spec/smollm2.gguf.part.00, build/spec/SHA256SUMS, build/spec/GGUF.sha256 and
 # build/smollm2-tokenizer): the speculative tests on CUDA (graphs, Triton kernels; draft, Medusa, EAGLE),
