@@ -140,8 +140,8 @@ def split_k_range(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 @triton.jit
 def store_partial_sums(partial_ptr, acc, acc_up, offs_m, offs_n, mask_n, N, SILU_AND_MUL: tl.constexpr):
-    """A K slice's raw sums [BLOCK_M, BLOCK_N] to partial [SPLIT_K, 2 (gate or plain, up), BLOCK_M, N],
-    for `_skinny_reduce_kernel` to add up and finish."""
+    """A K slice's raw sums [BLOCK_M, BLOCK_N] to partial [SPLIT_K, 2 (gate or plain, up), BLOCK_M, N]
+    (`partial_sums`), for `reduce_partial_sums` to add up and finish."""
     BLOCK_M: tl.constexpr = acc.shape[0]
     tile = partial_ptr + tl.program_id(1) * 2 * BLOCK_M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(tile, acc, mask=mask_n[None, :])
@@ -205,17 +205,30 @@ def skinny_linear(
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if m:
         block_m = 16 if m <= 16 else 32
-        partial = None
-        if cfg.split_k > 1:
-            partial = torch.empty(cfg.split_k, 2, block_m, out_n, dtype=torch.float32, device=x.device)
-        flags = dict(HAS_SCALE=codes, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=block_m,
-                     SPLIT_K=cfg.split_k, **pdl_launch(x.device))
+        partial = partial_sums(cfg.split_k, block_m, out) if cfg.split_k > 1 else None
         _skinny_linear_kernel[(triton.cdiv(out_n, block_n), cfg.split_k)](
             x, weight, weight_scale, bias, out, partial, m, out_n, k, x.stride(0), weight.stride(0), out.stride(0),
-            FP32=x.dtype == torch.float32, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, **flags,
+            HAS_SCALE=codes, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, FP32=x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, SPLIT_K=cfg.split_k,
+            num_warps=cfg.num_warps, **pdl_launch(x.device),
         )
         if partial is not None:
-            _skinny_reduce_kernel[(triton.cdiv(out_n, 128),)](
-                partial, weight_scale, bias, out, m, out_n, out.stride(0), BLOCK_N=128, num_warps=4, **flags)
+            reduce_partial_sums(partial, weight_scale, bias, out, has_scale=codes, silu_and_mul=silu_and_mul)
     return out
+
+
+def partial_sums(split_k: int, block_m: int, out: torch.Tensor) -> torch.Tensor:
+    """The fp32 scratch a split-K launch writes its slices' sums to (`store_partial_sums`), for `out`
+    [M, N]: [split_k, 2 (gate or plain, up), block_m, N]."""
+    return torch.empty(split_k, 2, block_m, out.shape[1], dtype=torch.float32, device=out.device)
+
+
+def reduce_partial_sums(partial: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                        out: torch.Tensor, has_scale: bool, silu_and_mul: bool) -> None:
+    """Add up a split-K launch's slices (`partial_sums`) into `out`, with the epilogue a single slice
+    applies itself: per-channel `scale` (if `has_scale`), bias, SiLU(gate) * up."""
+    split_k, _, block_m, n = partial.shape
+    _skinny_reduce_kernel[(triton.cdiv(n, 128),)](
+        partial, scale, bias, out, out.shape[0], n, out.stride(0), HAS_SCALE=has_scale, HAS_BIAS=bias is not None,
+        SILU_AND_MUL=silu_and_mul, BLOCK_M=block_m, BLOCK_N=128, SPLIT_K=split_k, num_warps=4,
+        **pdl_launch(out.device))

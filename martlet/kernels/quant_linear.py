@@ -14,7 +14,7 @@ so all codes of a word share their group's scale and offset.
   int-to-float conversions run at a quarter of the FMA rate). x's inputs load as whole words' runs;
   a word's sum over its codes (two words' for 8-bit codes in paired fp16), sum_j code_j x_j, is
   scaled once, + offset * sum_j x_j for the offset. K may be split over programs (`split_k`), for
-  more programs on a narrow weight; the skinny kernel's reduce kernel adds the slices' fp32 sums.
+  more programs on a narrow weight; `linear.reduce_partial_sums` adds the slices' fp32 sums.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
   are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
   side), so x's columns load contiguous and one dot takes the tile. On an H200 it beats fp16 for
@@ -39,7 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
-from martlet.kernels.linear import _dot, _epilogue, _skinny_reduce_kernel, split_k_range, store_partial_sums
+from martlet.kernels.linear import (
+    _dot,
+    _epilogue,
+    partial_sums,
+    reduce_partial_sums,
+    split_k_range,
+    store_partial_sums,
+)
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.kernels.quantize import INTERPRETED
 
@@ -494,20 +501,17 @@ def quant_linear(
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
     cfg = config or quant_linear_config(m, n, k, fmt, silu_and_mul)
+    if cfg.split_k > 1 and cfg.block_m >= 16:
+        raise ValueError("split_k is the FMA kernel's (block_m below 16)")
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if not m:
         return out
     scale_in_loop = fmt.asymmetric or fmt.group_size < k
-    flags = dict(HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=cfg.block_m, **pdl_launch(x.device))
+    partial = partial_sums(cfg.split_k, cfg.block_m, out) if cfg.split_k > 1 else None
     if cfg.block_m < 16:
-        partial = None
-        if cfg.split_k > 1:
-            partial = torch.empty(cfg.split_k, 2, cfg.block_m, out_n, dtype=torch.float32, device=x.device)
         kernel, grid = _quant_gemv_kernel, (triton.cdiv(out_n, cfg.block_n), cfg.split_k)
         kernel_flags = dict(partial_ptr=partial, X_PAIRS=_pairs_aligned(x), SPLIT_K=cfg.split_k)
-    elif cfg.split_k > 1:
-        raise ValueError("split_k is the FMA kernel's (block_m below 16)")
     else:
         kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), triton.cdiv(m, cfg.block_m))
         kernel_flags = dict(FP32=x.dtype == torch.float32)
@@ -516,12 +520,11 @@ def quant_linear(
         stride_xm=x.stride(0), stride_wn=qweight.stride(0), stride_sn=scales.stride(0), stride_om=out.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=scale_in_loop,
         EVEN=k % cfg.block_k == 0 and out_n % cfg.block_n == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, **kernel_flags, **flags,
+        NUM_STAGES=cfg.num_stages, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=cfg.block_m,
+        num_warps=cfg.num_warps, **kernel_flags, **pdl_launch(x.device),
     )
-    if cfg.split_k > 1:  # the slices' sums added; per-channel scales (not in the loop) and bias applied there
-        _skinny_reduce_kernel[(triton.cdiv(out_n, 128),)](
-            partial, scales, bias, out, m, out_n, out.stride(0), HAS_SCALE=not scale_in_loop, BLOCK_N=128,
-            SPLIT_K=cfg.split_k, num_warps=4, **flags)
+    if partial is not None:  # per-channel scales (not in the loop) and bias go on as the slices are added
+        reduce_partial_sums(partial, scales, bias, out, has_scale=not scale_in_loop, silu_and_mul=silu_and_mul)
     return out
 
 
