@@ -119,7 +119,7 @@ def _run_node_if_not_first(args: argparse.Namespace) -> int | None:
         return None
     from martlet.engine.llm_engine import run_node_if_not_first
 
-    return run_node_if_not_first(EngineArgs.from_cli_args(args))
+    return run_node_if_not_first(args.node_rank, lambda: EngineArgs.from_cli_args(args))
 
 
 def main(argv: list[str] | None = None) -> None:

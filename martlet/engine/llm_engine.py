@@ -467,14 +467,15 @@ def validate_request(token_ids: list[int], params: SamplingParams, *, max_model_
         raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
 
 
-def run_node_if_not_first(args: EngineArgs) -> int | None:
+def run_node_if_not_first(node_rank: int, engine_args: Callable[[], EngineArgs]) -> int | None:
     """On node k > 0 of a multi-node engine (`node_rank` k), run only this node's tensor-parallel ranks,
     whatever the command, and return their exit status; under torchrun, rank k > 0 runs its worker
-    alone. None on node 0 and rank 0: they run the command."""
+    alone. None on node 0 and rank 0: they run the command, and `engine_args` is not called (making
+    them can look for the default model, which the command does itself)."""
     rank = launched_rank()
-    if args.node_rank == 0 and not rank:
+    if node_rank == 0 and not rank:
         return None
-    config, model_config = resolve_config(args)
+    config, model_config = resolve_config(engine_args())
     if rank:
         run_worker(config, model_config, rank, logging.getLogger().level)
         return 0

@@ -82,5 +82,5 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = add_cli_args(argparse.ArgumentParser(prog="martlet serve", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    code = run_node_if_not_first(EngineArgs.from_cli_args(args))
+    code = run_node_if_not_first(args.node_rank, lambda: EngineArgs.from_cli_args(args))
     return run(args) if code is None else code
