@@ -208,7 +208,8 @@ class EngineArgs:
     max_model_len: int | None = _option(None, "longest prompt + output (default: the model's limit)")
     max_num_seqs: int = _option(256, "sequences in one step at most")
     max_num_batched_tokens: int = _option(8192, "tokens in one step at most (longer prompts go in chunks)")
-    block_size: int = _option(16, "tokens per KV cache block")
+    block_size: int | None = _option(None, "tokens per KV cache block (default: 16, or 128 with an 8-bit "
+                                           "kv_cache_dtype, whose V channels then load as whole 128-byte lines)")
     num_kv_blocks: int | None = _option(None, "KV cache blocks (default: what fits in gpu_memory_utilization)")
     gpu_memory_utilization: float = _option(0.9, "share of the GPU's memory the engine may take")
     seed: int = _option(0, "seed of the engine's sampling")

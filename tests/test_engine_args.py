@@ -31,3 +31,12 @@ def test_an_unknown_engine_argument_is_a_type_error(tiny_model):
 def test_a_speculative_model_with_tensor_parallelism_is_refused_before_any_rank_starts(tiny_model):
     with pytest.raises(ValueError, match="tensor parallelism"):
         LLM(tiny_model, tensor_parallel_size=2, speculative_config={"model": tiny_model, "num_speculative_tokens": 2})
+
+
+@pytest.mark.parametrize("kv_cache_dtype, block_size, expected", [("auto", None, 16), ("int8", None, 128),
+                                                                   ("fp8", None, 128), ("int8", 32, 32)])
+def test_an_8bit_cache_takes_128_token_blocks_unless_told(tiny_model, kv_cache_dtype, block_size, expected):
+    from martlet.engine.llm_engine import resolve_config
+
+    args = EngineArgs(model=tiny_model, device="cpu", kv_cache_dtype=kv_cache_dtype, block_size=block_size)
+    assert resolve_config(args)[0].block_size == expected

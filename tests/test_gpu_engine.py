@@ -102,9 +102,9 @@ def test_8bit_kv_cache_on_the_gpu(tiny, kv_cache_dtype):
                           kv_cache_dtype=kv_cache_dtype)
     assert greedy_tokens(path, prompts, device="cuda", dtype="float16", kv_cache_dtype=kv_cache_dtype) == eager
     expected = greedy_tokens(path, prompts, device="cpu", dtype="float32", kv_cache_dtype=kv_cache_dtype)
-    for num_kv_blocks in (256, 12):
+    for num_kv_blocks, block_size in ((256, None), (12, 16)):  # the small pool preempts
         assert greedy_tokens(path, prompts, device="cuda", dtype="float32", kv_cache_dtype=kv_cache_dtype,
-                             num_kv_blocks=num_kv_blocks) == expected
+                             num_kv_blocks=num_kv_blocks, block_size=block_size) == expected
 
 
 def compiled_kernel_variants() -> dict[str, int]:

@@ -510,10 +510,11 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
     if speculative is not None and speculative.method != "ngram" and args.tensor_parallel_size > 1:
         raise ValueError(f"speculative method {speculative.method!r} does not run with tensor parallelism yet "
                          "(its model would be sharded without the workers); n-gram speculation does")
+    block_size = args.block_size or default_block_size(args.kv_cache_dtype)
     limit = max_model_len = model_config.max_position_embeddings
     if args.max_model_len is None:
         if args.num_kv_blocks is not None:  # a pool chosen by hand bounds the context too
-            max_model_len = min(limit, args.num_kv_blocks * args.block_size)
+            max_model_len = min(limit, args.num_kv_blocks * block_size)
     elif args.max_model_len > limit:
         raise ValueError(f"max_model_len={args.max_model_len} exceeds the model's limit of {limit} positions")
     else:
@@ -523,6 +524,7 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
         dtype=_resolve_dtype(args.dtype, model_config, device),
         device=device,
         max_model_len=max_model_len,
+        block_size=block_size,
         attention_backend=args.attention_backend or ("triton" if device.type == "cuda" else "torch"),
         speculative_config=speculative,
     )
@@ -530,9 +532,17 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
 
 
 # EngineArgs that EngineConfig takes unchanged (checked above where they need it).
-_TAKEN_AS_GIVEN = ("model", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
+_TAKEN_AS_GIVEN = ("model", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
                    "gpu_memory_utilization", "seed", "load_format", "enforce_eager", "kv_cache_dtype", "quantization",
                    "tensor_parallel_size", "nnodes", "node_rank", "master_addr", "master_port")
+
+
+def default_block_size(kv_cache_dtype: str) -> int:
+    """16 tokens, or 128 over an 8-bit cache: its V tile is channel-major, so a channel's codes in a block are
+    one run of block_size bytes, and only 128 fills the 128-byte lines a load asks for (16 left each load
+    instruction half-line pieces; decode over int8 rose from 70% to 90% of copy bandwidth at batch 256,
+    benchmarks/results/kv-cache-H200-2026-12-02.md)."""
+    return 16 if kv_cache_dtype == "auto" else 128
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
