@@ -62,11 +62,13 @@ def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
                 for row_bytes in (32, 64) for w in (4, 8) for s in (3, 4)]
     if m <= GEMV_MAX_TOKENS:
         block_m = triton.next_power_of_2(m)
-        # K split in 2 or 4 as well: twice or four times the programs, for the narrow weights (o, down).
+        # K split in 2 or 4 as well: twice or four times the programs, for the narrow weights (o, down);
+        # past one token, tensor-core tiles too (rows padded to 16: the FMA kernel's work grows with m).
         return [QuantLinearConfig(block_m, bn, row_bytes * per_byte, w, s)
                 for bn in (8, 16, 32) for row_bytes in (128, 256, 512) for w in (2, 4) for s in (3, 4)] + [
                 QuantLinearConfig(block_m, bn, row_bytes * per_byte, 4, 3, split_k)
-                for split_k in (2, 4) for bn in (8, 16, 32) for row_bytes in (256, 512)]
+                for split_k in (2, 4) for bn in (8, 16, 32) for row_bytes in (256, 512)] + [
+                c for c in tensor_core if m > 1 and c.num_warps == 4 and c.num_stages > 2]
     return tensor_core
 
 
