@@ -79,24 +79,43 @@ class QuantLinearConfig:
 def quant_linear_config(m: int, n: int, k: int, fmt: PackedFormat, silu_and_mul: bool = False) -> QuantLinearConfig:
     """The tile for m tokens and an [n, k] weight (n rows of gate and up together when gated).
 
-    At one token, the best of 36 FMA tiles on an H200 for the Llama-2-7B projections
-    (results/quant-weight-only-*, session 6, the paired-fp16 kernel): 8-bit codes in 8-row tiles of
-    512 bytes a row, 2 warps, 4 stages (the four projections 61 against 79 µs before); 4-bit in 256
-    bytes a row, 3 stages, 4 warps, with 8 rows when K is long (down: 18.2 against 22.7 µs), 16
-    when N is 4096 or less (more programs: about one per SM is too few) or gated (a program reads as
-    many gate rows as up rows), else 32. At two to four tokens 128 bytes a row. The tensor-core
-    kernel reads 128 bytes, which leaves each code position of a tile 16 to 32 inputs. Larger tiles
-    spill registers (compiled for sm_90); quant_linear_bench.py --sweep times the alternatives."""
-    inputs_per_byte = 8 // fmt.bits
+    From sweeps on an H200 over the Llama-2-7B projections (quant_linear_bench.py --sweep;
+    results/quant-weight-only-*, sessions 6 and 9), µs per layer in brackets:
+    - one token, 8-bit codes: 512 bytes a row in 8-row tiles, 2 warps, 4 stages where N is 4096 or
+      less (o, down); a wide weight wants shorter rows: 256 bytes in 16-row tiles (qkv 13.5 against
+      16.0), or 128 bytes in 8-row tiles when gated (gate_up 23.1 against 26.3);
+    - one token, 4-bit: 256 bytes a row, 3 stages, 4 warps; 16 rows when N is 4096 or less or gated
+      (a program reads as many gate rows as up rows), else 32; a long K in 8-row tiles, split in 4
+      over a narrow N (down) for the programs it lacks (15.4 against 18.2 unsplit);
+    - two to four tokens: 128 bytes a row for 4-bit codes, 256 for 8-bit, whose narrow weights are
+      split in 2 when K is long (down 18.3 against 32.5) and whose wide ungated qkv takes the tensor-core
+      tile (18.8 against 21.1).
+    The tensor-core kernel reads 128 bytes a row, which leaves each code position of a tile 16 to 32
+    inputs. Larger tiles spill registers (compiled for sm_90)."""
+    per_byte = 8 // fmt.bits
+    narrow, long_k = n <= 4096, k > 4096
     if m == 1 and fmt.bits == 8:
-        return QuantLinearConfig(1, 8, 512, 2, 4)
+        if narrow:
+            return QuantLinearConfig(1, 8, 512, 2, 4)
+        return QuantLinearConfig(1, 8, 128, 2, 4) if silu_and_mul else QuantLinearConfig(1, 16, 256, 2, 4)
+    if m == 1:
+        if long_k:
+            return QuantLinearConfig(1, 32, 256 * per_byte, 4, 3, split_k=4) if narrow else \
+                QuantLinearConfig(1, 8, 256 * per_byte, 4, 3)
+        return QuantLinearConfig(1, 16 if narrow or silu_and_mul else 32, 256 * per_byte, 4, 3)
     if m <= GEMV_MAX_TOKENS:
-        block_m = triton.next_power_of_2(max(m, 1))
-        rows = 8 if k > 4096 and m == 1 else 16 if n <= 4096 or silu_and_mul else 32
-        return QuantLinearConfig(block_m, rows, (256 if block_m == 1 else 128) * inputs_per_byte, 4, 3)
+        block_m = triton.next_power_of_2(m)
+        if fmt.bits == 4:
+            return QuantLinearConfig(block_m, 16 if narrow or silu_and_mul else 32, 128 * per_byte, 4, 3)
+        if narrow:
+            return QuantLinearConfig(block_m, 32, 256, 4, 3, split_k=2) if long_k else \
+                QuantLinearConfig(block_m, 16, 256, 4, 4)
+        if not silu_and_mul:
+            return QuantLinearConfig(16, 32, 256, 4, 3)
+        return QuantLinearConfig(block_m, 16, 128, 4, 3)
     if m <= 16:
-        return QuantLinearConfig(16, 32, 128 * inputs_per_byte, 4, 3)
-    return QuantLinearConfig(32, 64, 128 * inputs_per_byte, 8, 3)
+        return QuantLinearConfig(16, 32, 128 * per_byte, 4, 3)
+    return QuantLinearConfig(32, 64, 128 * per_byte, 8, 3)
 
 
 @triton.jit

@@ -83,6 +83,22 @@ def test_quant_linear_silu_and_mul(m, name, dtype):
         assert_close(split.cpu(), expected, dtype)
 
 
+@pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
+@pytest.mark.parametrize("m, n, k, silu", [
+    (1, 32, 4224, False),  # a narrow N over a long K: split in 4 (int4)
+    (3, 32, 4224, False),  # the same at a few tokens: split in 2 (int8)
+    (3, 4160, 64, False),  # a wide N at a few tokens: the tensor-core tile (int8)
+    (1, 4160, 64, True),  # a wide gated N at one token
+])
+def test_default_tiles_of_the_7b_shape_classes(m, n, k, silu, name):
+    """The tiles `quant_linear_config` picks by N and K's size, at sizes the interpreter runs."""
+    qweight, scales, offsets, fmt = packed_weight(n, k, FORMATS[name], torch.float32)
+    x = random((m, k), m, torch.float32)
+    expected = reference(x, qweight, scales, offsets, fmt)
+    expected = silu_and_mul(expected) if silu else expected
+    assert_close(quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=silu).cpu(), expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", dtypes())
 @pytest.mark.parametrize("name", FORMATS)
 def test_dequantize(name, dtype):
