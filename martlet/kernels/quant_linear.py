@@ -16,10 +16,12 @@ so all codes of a word share their group's scale and offset.
   scaled once, + offset * sum_j x_j for the offset. K may be split over programs (`split_k`), for
   more programs on a narrow weight; `linear.reduce_partial_sums` adds the slices' fp32 sums.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
-  are unpacked into input order (`_unpack`: every code position shifted out at once, laid side by
-  side), so x's columns load contiguous and one dot takes the tile. On an H200 it beats fp16 for
-  8-bit codes (1.18x on the 7B qkv at 16 tokens) but not for 4-bit ones (0.23x), so 4-bit weights
-  take it only where asked (`kernel_max_tokens`).
+  are unpacked into input order (`_in_input_order`: a word's codes laid side by side), so x's columns
+  load contiguous and one dot takes the tile. On an H200 it beat fp16 for 8-bit codes (1.18x on the
+  7B qkv at 16 tokens) but not for 4-bit ones (0.23x), unpacking in fp32, so 4-bit weights take it
+  only where asked (`kernel_max_tokens`). For fp16 x it now unpacks in paired fp16 as the FMA kernel
+  does (`_half2_weights`), which cuts the compiled int4 loop from 618 to 336 instructions (sm_90,
+  16 x 32 x 256 tile) and moves the weights into the MMA by ldmatrix; not yet timed on a GPU.
 - Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS. At 64
   and 256 tokens that beat a GEMM dequantizing inside (this kernel with one M tile of all the tokens)
   for int4 on every Llama-2-7B projection, and for int8 over the four together (results/quant-weight-only-*).
@@ -387,18 +389,67 @@ def _quant_gemv_kernel(
 
 @triton.jit
 def _unpack(words, BITS: tl.constexpr):
-    """Words [R, W] -> their codes [R, W * pack] in input order (code j of word w is input w * pack + j).
-    Joined pairwise, a word's codes stay in its thread, side by side, so the tile reaches shared
-    memory (for the dot) in wide stores. Each join adds a last axis of 2, and the flattening reads
-    the first-added axis slowest: so code 0 pairs with code pack/2, then 2 with 6, and so on."""
+    """Words [R, W] -> their codes [R, W * pack] in input order (code j of word w is input w * pack + j)."""
     if BITS == 4:
-        c0, c1, c2, c3 = _code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS), _code(words, 3, BITS)
-        c4, c5, c6, c7 = _code(words, 4, BITS), _code(words, 5, BITS), _code(words, 6, BITS), _code(words, 7, BITS)
-        codes = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+        codes = _in_input_order((_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
+                                 _code(words, 3, BITS), _code(words, 4, BITS), _code(words, 5, BITS),
+                                 _code(words, 6, BITS), _code(words, 7, BITS)))
     else:
-        c0, c1, c2, c3 = _code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS), _code(words, 3, BITS)
-        codes = tl.join(tl.join(c0, c2), tl.join(c1, c3))
-    return tl.reshape(codes, (words.shape[0], words.shape[1] * (32 // BITS)))
+        codes = _in_input_order((_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
+                                 _code(words, 3, BITS)))
+    return codes
+
+
+@triton.jit
+def _in_input_order(codes):
+    """Each word's codes 0 .. pack-1, a tuple of [R, W] -> [R, W * pack] in input order. Joined pairwise,
+    a word's codes stay in its thread, side by side, so the tile reaches shared memory (for the dot)
+    in wide stores. Each join adds a last axis of 2, and the flattening reads the first-added axis
+    slowest: so code 0 pairs with code pack/2, then 2 with 6, and so on."""
+    if len(codes) == 8:
+        c0, c1, c2, c3, c4, c5, c6, c7 = codes
+        joined = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    else:
+        c0, c1, c2, c3 = codes
+        joined = tl.join(tl.join(c0, c2), tl.join(c1, c3))
+    return tl.reshape(joined, (c0.shape[0], c0.shape[1] * len(codes)))
+
+
+@triton.jit
+def _half2_split(pair, scale, offset, SCALED: tl.constexpr):
+    """An fp16-pair register -> its two fp16s, times `scale` plus `offset` (fp16 each) when SCALED: one
+    paired FMA, rounded once, as the reference rounds its fp32 dequantization."""
+    if SCALED:
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 s2, o2, t;
+            mov.b32 s2, {$3, $3};
+            mov.b32 o2, {$4, $4};
+            fma.rn.f16x2 t, $2, s2, o2;
+            mov.b32 {$0, $1}, t;
+            }""",
+            constraints="=h,=h,r,h,h", args=[pair, scale, offset], dtype=(tl.float16, tl.float16), is_pure=True,
+            pack=1)
+    return tl.inline_asm_elementwise(asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[pair],
+                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _half2_weights(words, scale, offset, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALED: tl.constexpr):
+    """Words [R, W] -> fp16 weights [R, W * pack] in input order, unpacked in paired fp16 (`_half2_codes`:
+    (c - centre) / D exactly, then (c - centre) * scale + offset with `scale` [R, W] already times D), about
+    two instructions a pair of codes where the fp32 path (`_dequantize_words`) takes some six a code.
+    Unscaled (SCALED false) the weights stay divided by D."""
+    pairs = _half2_codes(words, BITS, ASYMMETRIC)
+    lo0, hi0 = _half2_split(pairs[0], scale, offset, SCALED)  # codes j and j + pack/2 of register j
+    lo1, hi1 = _half2_split(pairs[1], scale, offset, SCALED)
+    if BITS == 4:
+        lo2, hi2 = _half2_split(pairs[2], scale, offset, SCALED)
+        lo3, hi3 = _half2_split(pairs[3], scale, offset, SCALED)
+        w = _in_input_order((lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3))
+    else:
+        w = _in_input_order((lo0, lo1, hi0, hi1))
+    return w
 
 
 @triton.jit
@@ -436,16 +487,28 @@ def _dequant_dot(
     FP32: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W unpacked to input order and
-    dequantized in registers, so x's columns load contiguous and one dot takes the whole tile."""
+    dequantized in registers, so x's columns load contiguous and one dot takes the whole tile. For fp16 x
+    (compiled: the interpreter runs no PTX) in paired fp16, else in fp32."""
     PACK: tl.constexpr = 32 // BITS
     word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     w_mask = mask_rows[:, None] & (word_cols < K // PACK)[None, :]
     words = _load(w_ptr + rows[:, None] * stride_wn + word_cols[None, :], w_mask, EVEN)
-    w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
-                          SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
     cols = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & (cols < K)[None, :],
                 other=0.0)
+    if x_ptr.dtype.element_ty == tl.float16 and not INTERPRETED:
+        D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # `_half2_codes`' divisor
+        s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
+        scale = tl.zeros(words.shape, tl.float16)
+        offset = tl.zeros(words.shape, tl.float16)
+        if SCALE_IN_LOOP:
+            scale = (_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32) * D).to(tl.float16)  # exact: D = 2^i
+        if ASYMMETRIC:
+            offset = _load(o_ptr + s_offs, w_mask, EVEN)
+        w = _half2_weights(words, scale, offset, BITS, ASYMMETRIC, SCALE_IN_LOOP)
+        return acc + (_dot(x, w, FP32) if SCALE_IN_LOOP else _dot(x, w, FP32) * D)
+    w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
+                          SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
     return acc + _dot(x, w, FP32)
 
 
