@@ -7,10 +7,14 @@ bytes per key, so it may want more keys per tile or more warps. Queries are fp16
 model: the query dtype decides how 8-bit codes are widened (benchmarks/decode_ptx.py). The first runs,
 in raw-2026-12-02-h200-kv/, used bf16 queries.
 
-BLOCK_SIZE sets the cache's block size (tokens). An 8-bit V tile is stored channel-major in its
-block, so a channel's codes are one run of BLOCK_SIZE bytes: 16 gives 64-byte pieces of 128-byte
-lines per load instruction (twice the L2 requests of whole lines), 128 whole lines. Timing 16
-against 128 tells whether that is what holds the 8-bit decode at 70% of copy bandwidth.
+BLOCK_SIZE sets the cache's block size (tokens; default: the engine's for the format,
+`config.default_block_size`). An 8-bit V tile is stored channel-major in its block, so a channel's
+codes are one run of BLOCK_SIZE bytes: 16 gives pieces of 128-byte lines per load instruction, 128
+whole lines (on an H200, int8 at batch 256 went from 70% to 90% of copy bandwidth).
+
+The shapes are 32 query heads over 8 KV heads (grouped-query attention), and Llama-2-7B's own 32 over
+32 at b32 x 1536 (the b32 1024/1024 row's mean context) and b256 x 320 (about the ShareGPT-like
+workload's).
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ import torch
 
 from martlet.bench.kernels import decode_case, geomean, paged_cache
 from martlet.bench.roofline import measure_ceilings
+from martlet.config import default_block_size
 from martlet.kernels.decode import DecodeConfig
 
-SHAPES = [(16, 32768), (32, 2048), (256, 2048), (64, 512)]
-BLOCK_SIZE = int(os.environ.get("BLOCK_SIZE", 16))
+SHAPES = [(16, 32768, 8), (32, 2048, 8), (256, 2048, 8), (64, 512, 8), (32, 1536, 32), (256, 320, 32)]  # b, ctx, hkv
 # With 4 stages or fewer, the pipeliner keeps one K/V tile in flight (decode_ptx.py prints the
 # buffers: num_stages - 3, at least 1), which every candidate before session 3's look had; an 8-bit
 # tile is half the bytes, so half the bytes in flight. Deeper pipelines come last.
@@ -36,18 +40,21 @@ CANDIDATES = [None] + [DecodeConfig(*c) for c in [
 
 def main() -> None:
     copy = measure_ceilings(torch.device("cuda"), torch.bfloat16).copy_gb_s
-    print(f"copy {copy:.0f} GB/s; cache blocks of {BLOCK_SIZE} tokens")
+    print(f"copy {copy:.0f} GB/s")
     formats = sys.argv[1:] or ["auto", "int8", "fp8"]
     totals: dict[str, list[float]] = {}
     for kv_cache_dtype in formats:
-        pool = paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, BLOCK_SIZE, torch.float16,
-                           kv_cache_dtype)
+        block_size = int(os.environ.get("BLOCK_SIZE", default_block_size(kv_cache_dtype)))
+        print(f"{kv_cache_dtype}: cache blocks of {block_size} tokens")
+        pools = {8: paged_cache(256, 32768 if kv_cache_dtype == "auto" else 16384, 8, 128, block_size, torch.float16,
+                                kv_cache_dtype),
+                 32: paged_cache(256, 2048, 32, 128, block_size, torch.float16, kv_cache_dtype)}
         scores = {}
         for cfg in CANDIDATES:
-            rows = [r for batch, ctx in SHAPES
-                    for r in decode_case(batch, ctx, pool, configs=[cfg], dtype=torch.float16)]
+            rows = [r for batch, ctx, hkv in SHAPES
+                    for r in decode_case(batch, ctx, pools[hkv], configs=[cfg], dtype=torch.float16)]
             ok = [r for r in rows if "error" not in r]
-            line = " ".join(f"b{r['batch']}/{r['context']}:{r['GB/s']:5.0f}" for r in ok)
+            line = " ".join(f"b{r['batch']}/{r['context']}/{r['hkv']}:{r['GB/s']:5.0f}" for r in ok)
             if len(ok) == len(rows):
                 scores[str(cfg)] = geomean([r["GB/s"] for r in ok])
                 print(f"{kv_cache_dtype:4s} {cfg}: {line}  geomean {scores[str(cfg)]:.0f} GB/s", flush=True)
@@ -57,7 +64,7 @@ def main() -> None:
         if kv_cache_dtype != "auto":
             for cfg, score in scores.items():
                 totals.setdefault(cfg, []).append(score)
-        del pool
+        del pools
         torch.cuda.empty_cache()
     # One tile serves both 8-bit formats (decode.EIGHT_BIT_CONFIG): the best over both, among tiles valid in both.
     both = {cfg: geomean(s) for cfg, s in totals.items() if len(s) == len([f for f in formats if f != "auto"])}

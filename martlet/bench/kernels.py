@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from martlet.bench.roofline import measure_ceilings
-from martlet.config import KV_CACHE_DTYPES
+from martlet.config import KV_CACHE_DTYPES, default_block_size
 from martlet.layers.kv_cache import LayerKV, allocate_kv_cache, kv_format, quantize, tile_bytes
 
 GIB = 1 << 30
@@ -221,8 +221,9 @@ def decode(batches: list[int], contexts: list[int], copy_gbs: float, cfg, progra
     from martlet.kernels.decode import decode_num_splits
 
     rows = []
-    for kv_cache_dtype in KV_CACHE_DTYPES:
-        pool = paged_cache(max(batches), max(contexts), 8, 128, 16, torch.bfloat16, kv_cache_dtype)
+    for kv_cache_dtype in KV_CACHE_DTYPES:  # in the engine's block size for the format
+        pool = paged_cache(max(batches), max(contexts), 8, 128, default_block_size(kv_cache_dtype), torch.bfloat16,
+                           kv_cache_dtype)
         for batch in batches:
             for ctx in contexts:
                 splits = decode_num_splits(batch, 8, ctx, torch.device("cuda"), programs_per_sm)

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from martlet import distributed
-from martlet.config import KV_CACHE_DTYPES, QUANTIZATIONS, EngineArgs, EngineConfig, ModelConfig, SpeculativeConfig
+from martlet.config import (
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    EngineArgs,
+    EngineConfig,
+    ModelConfig,
+    SpeculativeConfig,
+    default_block_size,
+)
 from martlet.engine.block_manager import BlockManager
 from martlet.engine.detokenizer import IncrementalDetokenizer
 from martlet.engine.executor import Workers, launched_rank, run_node, run_worker
@@ -535,14 +543,6 @@ def resolve_config(args: EngineArgs) -> tuple[EngineConfig, ModelConfig]:
 _TAKEN_AS_GIVEN = ("model", "max_num_seqs", "max_num_batched_tokens", "num_kv_blocks",
                    "gpu_memory_utilization", "seed", "load_format", "enforce_eager", "kv_cache_dtype", "quantization",
                    "tensor_parallel_size", "nnodes", "node_rank", "master_addr", "master_port")
-
-
-def default_block_size(kv_cache_dtype: str) -> int:
-    """16 tokens, or 128 over an 8-bit cache: its V tile is channel-major, so a channel's codes in a block are
-    one run of block_size bytes, and only 128 fills the 128-byte lines a load asks for (16 left each load
-    instruction half-line pieces; decode over int8 rose from 70% to 90% of copy bandwidth at batch 256,
-    benchmarks/results/kv-cache-H200-2026-12-02.md)."""
-    return 16 if kv_cache_dtype == "auto" else 128
 
 
 def _resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig, device: torch.device) -> torch.dtype:
