@@ -153,9 +153,9 @@ def main() -> None:
                     line.append(f"[best {best_us:7.1f} us {best}]")
                 rows.append(row)
             print("  ".join(line), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "ceilings": ceilings.as_dict(),
-                                         "rows": rows}, indent=1))
+            if args.json:  # after every row: a run stopped by its time limit keeps what it measured
+                args.json.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "ceilings": ceilings.as_dict(),
+                                                 "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
