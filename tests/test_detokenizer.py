@@ -265,3 +265,14 @@ def test_engine_min_tokens_defers_stop_strings(tiny_llm, reference, assert_idle)
                             use_tqdm=False)[0].outputs[0]
     assert_idle(tiny_llm)
     assert len(out.token_ids) >= 8
+
+
+def test_the_rust_decoder_serves_only_where_it_gives_the_same_text(tokenizer):
+    import copy
+
+    from martlet.engine.detokenizer import _fast_decode
+
+    assert _fast_decode(tokenizer) == tokenizer.backend_tokenizer.decode
+    cleaned = copy.copy(tokenizer)
+    cleaned.clean_up_tokenization_spaces = True  # a clean-up transformers applies after the Rust decoder
+    assert _fast_decode(cleaned) == cleaned.decode

@@ -19,7 +19,7 @@ _CONTEXT_TOKENS = 5
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool):
-        self.tokenizer = tokenizer
+        self.decode = _fast_decode(tokenizer)
         self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.token_ids)
@@ -30,7 +30,7 @@ class IncrementalDetokenizer:
         self.finished = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_tokens(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
         """Take the newly generated tokens; return the stop string they completed, if any."""
@@ -71,3 +71,14 @@ class IncrementalDetokenizer:
         if self.finished or not self.holdback:
             return self.text
         return self.text[: max(0, len(self.text) - self.holdback)]
+
+
+
+def _fast_decode(tokenizer):
+    """`tokenizer.decode`, or the Rust tokenizer's own where that gives the same text (no clean-up of
+    spaces to apply after it): a third of the time (1.2 against 3.9 us for a window), twice per token
+    of every running sequence each step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or tokenizer.clean_up_tokenization_spaces:
+        return tokenizer.decode
+    return backend.decode
