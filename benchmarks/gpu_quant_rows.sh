@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_quant_rows.sh
 #   STEPS="tests kernels" bash benchmarks/gpu_quant_rows.sh          # a part only (default: all four)
 #   FORMATS="int4" GGUF_TYPES="q4_k" ROWS="1,8,256" SKIP_WORKLOAD=1 bash benchmarks/gpu_quant_rows.sh
-#   SWEEP=1 STEPS=kernels bash benchmarks/gpu_quant_rows.sh         # also sweep the kernel's tiles
+#   SWEEP=1 STEPS=kernels bash benchmarks/gpu_quant_rows.sh         # also sweep the kernel's tiles (SWEEP_TOKENS="4 16")
 #
 # Each step fits in ten minutes alone on an H200 but all four do not: split with STEPS, FORMATS, ROWS.
 set -uo pipefail
@@ -31,7 +31,8 @@ if step kernels; then
   echo "== kernel micro-benchmark"
   python3 "$HERE/quant_linear_bench.py" --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
   if [ -n "${SWEEP:-}" ]; then
-    python3 "$HERE/quant_linear_bench.py" --tokens 1 2 4 16 32 --formats int4 int8 --sweep --json "$OUT/sweep.json" \
+    # About 0.4 s a tile: two token counts for two formats fit in ten minutes, not more.
+    python3 "$HERE/quant_linear_bench.py" --tokens ${SWEEP_TOKENS:-4 16} --formats int4 int8 --sweep --json "$OUT/sweep.json" \
       2>&1 | tee "$OUT/sweep.txt"
   fi
 fi
