@@ -29,13 +29,15 @@ def compile_defaults() -> None:
     from martlet.layers.quantization.packed import PackedFormat
 
     fp16, fp32 = torch.float16, torch.float32
-    cases = [(1, PackedFormat(4, 128, True), False, fp16, 1), (1, PackedFormat(8, 4096, False), True, fp16, 1),
-             (3, PackedFormat(8, 4096, False), True, fp16, 1),
-             (16, PackedFormat(4, 32, False), True, fp16, 1), (24, PackedFormat(8, 16, True), False, fp16, 1),
-             (32, PackedFormat(4, 64, True), True, fp32, 1),
-             (1, PackedFormat(4, 128, True), False, fp16, 2), (1, PackedFormat(8, 4096, False), True, fp16, 2)]
-    for m, fmt, silu, x_dtype, split_k in cases:
-        cfg = replace(ql.quant_linear_config(m, 4096 * (3 if silu else 1), 4096, fmt, silu), split_k=split_k)
+    gated, qkv, o = 3 * 4096, 12288, 4096  # output widths (N) of Llama-2-7B's projections, K = 4096
+    int4, int8 = PackedFormat(4, 128, True), PackedFormat(8, 4096, False)
+    cases = [(1, o, int4, False, fp16, 1), (1, gated, int8, True, fp16, 1), (3, gated, int8, True, fp16, 1),
+             (16, gated, PackedFormat(4, 32, False), True, fp16, 1), (24, o, PackedFormat(8, 16, True), False, fp16, 1),
+             (32, gated, PackedFormat(4, 64, True), True, fp32, 1),
+             (1, o, int4, False, fp16, 2), (1, gated, int8, True, fp16, 2),
+             (3, qkv, int8, False, fp16, 1)]  # the tensor-core tile, scales in the epilogue
+    for m, n, fmt, silu, x_dtype, split_k in cases:
+        cfg = replace(ql.quant_linear_config(m, n, 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
         in_loop = fmt.asymmetric or fmt.group_size < 4096  # K = 4096
         const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=in_loop,
