@@ -204,7 +204,6 @@ def default_block_size(kv_cache_dtype: str) -> int:
     return 16 if kv_cache_dtype == "auto" else 128
 
 
-
 @dataclass
 class EngineArgs:
     """What an engine is built from: `LLM(model, **kwargs)`, every command's engine flags and the

@@ -498,12 +498,28 @@ def _dequantize_words(
     offset are read once a word and spread over its codes. (An asymmetric format always scales in the
     loop.)"""
     w = _as_float(_unpack(words, BITS), 0 if ASYMMETRIC else 1 << (BITS - 1))  # unscaled, exact
-    s_offs = rows[:, None] * stride_sn + (word_cols * (32 // BITS) // GROUP)[None, :]
+    scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
+                                 SCALE_IN_LOOP, EVEN)
     if SCALE_IN_LOOP:
-        w *= _per_code(_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+        w *= _per_code(scale, BITS)
     if ASYMMETRIC:
-        w += _per_code(_load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32), BITS)
+        w += _per_code(offset, BITS)
     return w.to(DTYPE)
+
+
+@triton.jit
+def _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr, EVEN: tl.constexpr):
+    """The scale and offset of each word of a tile [R, W] (its group's), in fp32; zeros where the format
+    has none in the loop."""
+    s_offs = rows[:, None] * stride_sn + (word_cols * (32 // BITS) // GROUP)[None, :]
+    scale = tl.zeros(w_mask.shape, tl.float32)
+    offset = tl.zeros(w_mask.shape, tl.float32)
+    if SCALE_IN_LOOP:
+        scale = _load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32)
+    if ASYMMETRIC:
+        offset = _load(o_ptr + s_offs, w_mask, EVEN).to(tl.float32)
+    return scale, offset
 
 
 @triton.jit
@@ -524,14 +540,10 @@ def _dequant_dot(
                 other=0.0)
     if x_ptr.dtype.element_ty == tl.float16 and not INTERPRETED:
         D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # `_half2_codes`' divisor
-        s_offs = rows[:, None] * stride_sn + (word_cols * PACK // GROUP)[None, :]
-        scale = tl.zeros(words.shape, tl.float16)
-        offset = tl.zeros(words.shape, tl.float16)
-        if SCALE_IN_LOOP:
-            scale = (_load(s_ptr + s_offs, w_mask, EVEN).to(tl.float32) * D).to(tl.float16)  # exact: D = 2^i
-        if ASYMMETRIC:
-            offset = _load(o_ptr + s_offs, w_mask, EVEN)
-        w = _half2_weights(words, scale, offset, BITS, ASYMMETRIC, SCALE_IN_LOOP)
+        scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
+                                     SCALE_IN_LOOP, EVEN)
+        # fp16 as stored (times D = 2^i: exact)
+        w = _half2_weights(words, (scale * D).to(tl.float16), offset.to(tl.float16), BITS, ASYMMETRIC, SCALE_IN_LOOP)
         return acc + (_dot(x, w, FP32) if SCALE_IN_LOOP else _dot(x, w, FP32) * D)
     w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
                           SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
