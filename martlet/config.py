@@ -197,10 +197,9 @@ def _check_at_least_one(**values: object) -> None:
 
 
 def default_block_size(kv_cache_dtype: str) -> int:
-    """16 tokens, or 128 over an 8-bit cache: its V tile is channel-major, so a channel's codes in a block are
-    one run of block_size bytes, and only 128 fills the 128-byte lines a load asks for (16 left each load
-    instruction half-line pieces; decode over int8 rose from 70% to 90% of copy bandwidth at batch 256,
-    benchmarks/results/kv-cache-H200-2026-12-02.md)."""
+    """16 tokens, or 128 over an 8-bit cache: its V tile is channel-major, so a channel's codes in a block
+    are one run of block_size bytes, and only 128 fills the 128-byte lines a load asks for (layout and
+    measurements in martlet/kernels/__init__.py)."""
     return 16 if kv_cache_dtype == "auto" else 128
 
 

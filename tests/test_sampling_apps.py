@@ -101,7 +101,7 @@ def test_prompt_logprobs_agree_with_sampled_logprobs(tiny_llm, tokenizer, monkey
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_structured_outputs_follow_their_grammar(device, tiny_llm, tiny_model, assert_idle):
-    """On a GPU too: the mask goes through xgrammar's Triton kernel, after the decode graphs."""
+    """On a GPU too: the mask is applied on the device, after the decode graphs."""
     llm = tiny_llm if device == "cpu" else LLM(tiny_model, device="cuda", dtype="float32", num_kv_blocks=64, quiet=True)
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                                "b": {"enum": ["x", "y"]}}, "required": ["a", "b"]}

@@ -48,9 +48,9 @@ tokens in the same memory), addressed with the codes' strides and a scale view's
   load per byte (ldmatrix.trans moves 16-bit elements only). K stays key-major, as Q.K^T reduces
   over channels. The write of a new token's V row is then a strided scatter, small next to the reads.
 - An 8-bit cache's blocks default to 128 tokens (`default_block_size`): a V channel's codes in a block
-  are then one 128-byte line. With 16-token blocks each load instruction fetched 16-byte pieces of
-  eight different blocks' lines, and decode over int8 stayed near 70% of copy bandwidth at batch 256;
-  with 128 it reaches about 90%.
+  are then one 128-byte line. With 16-token blocks each load instruction fetched 64 bytes (four
+  channels' 16-byte runs, half a line) from each of eight blocks, and decode over int8 stayed near
+  70% of copy bandwidth at batch 256; with 128 it reaches about 90%.
 - `rotary_kv.py` quantizes the rotated k and v while they are in registers (absmax per head row, one
   store of codes and one of scales); `paged.load_kv_tile` and `paged.load_scales` read a tile's
   codes and scales (decode loads the scales a tile ahead), and `paged.online_softmax_step` applies
