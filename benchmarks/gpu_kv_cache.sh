@@ -4,10 +4,12 @@
 #               int8 and fp8 caches.
 #   PART=rows:  b32 1024/1024 and the ShareGPT-like workload with an fp16, an int8 and an fp8 cache
 #               (KV_DTYPES picks some; EXTRA adds engine flags to every run, e.g. "--block-size 128").
+#   PART=profile: where a b32 step's time goes at the row's mean context (profile_steps.py --case b32mid),
+#               per cache format, then the decode tiles per format (tune_decode_kv.py).
 # Logs and JSON go to $OUT, packed into one results.tgz (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-bench-out}; WORK=$(mktemp -d); mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$WORK/gpu.txt"
 (cat COMMIT 2>/dev/null || git rev-parse HEAD) > "$WORK/commit.txt"
 if [ "${PART:-tests}" = tests ]; then
@@ -16,6 +18,14 @@ if [ "${PART:-tests}" = tests ]; then
     | tee "$WORK/gpu_tests.log" | tail -15
   timeout 200 python3 -m martlet.cli bench kernels --only decode --quick --json "$WORK/kernels_decode.json" 2>&1 \
     | tee "$WORK/kernels_decode.log" | tail -32
+elif [ "$PART" = profile ]; then
+  for kv in ${KV_DTYPES:-auto int8 fp8}; do
+    echo "=== kv_cache_dtype $kv"
+    timeout 150 python3 benchmarks/profile_steps.py --case b32mid --kv-cache-dtype "$kv" 2>&1 \
+      | tee "$WORK/profile_$kv.log" | head -24
+  done
+  timeout ${TUNE_TIMEOUT:-240} python3 benchmarks/tune_decode_kv.py ${KV_DTYPES:-auto int8 fp8} 2>&1 \
+    | tee "$WORK/tune.log" | grep -E "^->|copy|None"
 else
   for kv in ${KV_DTYPES:-auto int8 fp8}; do
     echo "=== kv_cache_dtype $kv"

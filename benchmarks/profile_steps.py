@@ -20,8 +20,9 @@ from martlet import LLM
 from martlet.bench.offline import exact_params, random_prompts
 
 # (batch, input, output); a case whose output is longer than 64 is profiled over its last 40 steps
+# "b32mid": the b32 1024/1024 row at its mean context, 1536 tokens.
 CASES = {"b1": (1, 8, 64), "b1long": (1, 8, 256), "b256": (256, 8, 64), "b256ctx": (256, 200, 64),
-         "b32long": (32, 1024, 32)}
+         "b32long": (32, 1024, 32), "b32mid": (32, 1536, 48)}
 
 
 def timed(obj: object, name: str, totals: dict[str, float]) -> None:
@@ -95,8 +96,8 @@ def profile_steps(llm: LLM, prompts: list[dict], outs: list[int], skip_steps: in
           f"({100 * busy / 1e6 / wall:.0f}%); {sum(w[2] for w in window) / steps:.0f} prefill tokens and "
           f"{sum(w[0] for w in window) / steps:.0f} decodes per step")
     print_idle(gaps, steps)
-    cfg = engine.model_config
-    kv_bytes = sum(w[1] for w in window) * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    runner = engine.runner  # K/V bytes as the cache stores them (8-bit codes and their scales)
+    kv_bytes = sum(w[1] for w in window) * runner.kv_bytes_per_block() / runner.block_size
     events = prof.key_averages()
     decode_us = sum(e.self_device_time_total for e in events if e.key == "_decode_kernel")
     if decode_us:
@@ -111,9 +112,10 @@ def main() -> None:
     ap.add_argument("--case", nargs="*", default=["b1", "b256", "sharegpt"])
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
     llm = LLM(args.config_dir, load_format="dummy", dtype="float16", max_model_len=2304, quiet=True,
-              enforce_eager=args.enforce_eager, quantization=args.quantization)
+              enforce_eager=args.enforce_eager, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     vocab = llm.engine.model_config.vocab_size
     for case in args.case:
         print(f"===== {case}", flush=True)
