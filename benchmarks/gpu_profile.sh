@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Hardware counters (ncu) for the kernels whose speed is in question: decode attention over a 16-bit and
-# an int8 KV cache (decode_profile.py), and the one-token qkv matmul in fp16, int8 and int4 weights
+# an int8 KV cache (decode_profile.py; DECODE_SHAPE="B CTX HKV", default the b32 1024/1024 row's), and the one-token qkv matmul in fp16, int8 and int4 weights
 # (quant_linear_profile.py). One text report per kernel in $OUT (default ./bench-out-profile).
 set -uo pipefail
 OUT=${OUT:-bench-out-profile}; mkdir -p "$OUT"
@@ -11,7 +11,7 @@ SECTIONS="--section SpeedOfLight --section WarpStateStats --section Occupancy --
 for kv in ${DECODE:-auto int8}; do
   echo "== decode, $kv cache"
   ncu --clock-control none --kernel-name regex:_decode_kernel --launch-skip 2 --launch-count 1 $SECTIONS \
-    python3 "$HERE/decode_profile.py" "$kv" > "$OUT/decode_$kv.txt" 2>&1; tail -3 "$OUT/decode_$kv.txt"
+    python3 "$HERE/decode_profile.py" "$kv" ${DECODE_SHAPE:-} > "$OUT/decode_$kv.txt" 2>&1; tail -3 "$OUT/decode_$kv.txt"
 done
 for fmt in ${LINEAR:-fp16 int8 int4}; do
   echo "== qkv matmul, $fmt weights, ${TOKENS:-1} token(s)"

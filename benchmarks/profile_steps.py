@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from martlet import LLM
 from martlet.bench.offline import exact_params, random_prompts
+from martlet.kernels import pdl
 
 # (batch, input, output); a case whose output is longer than 64 is profiled over its last 40 steps
 # "b32mid": the b32 1024/1024 row at its mean context, 1536 tokens.
@@ -113,7 +114,10 @@ def main() -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch each kernel after the one before ends: with PDL a kernel's time includes its wait")
     args = ap.parse_args()
+    pdl.ENABLED = not args.no_pdl
     llm = LLM(args.config_dir, load_format="dummy", dtype="float16", max_model_len=2304, quiet=True,
               enforce_eager=args.enforce_eager, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     vocab = llm.engine.model_config.vocab_size
