@@ -1,8 +1,11 @@
 """Rotary embedding on q and k, and the store of k and v into the paged cache, in one kernel.
 
 References: `martlet.layers.rotary.apply_rotary` and `martlet.layers.attention.write_kv_cache`.
-One program per token handles every head of it: the token's cos/sin row is read once, and the
-rotated k goes straight to the cache without a round trip through memory.
+A program handles one token's run of KV heads and the query heads of their groups: the rotated k
+goes straight to the cache without a round trip through memory. Long prefills give a program every
+head of its token, so the token's cos/sin row is read once; a decode batch is a few dozen tokens, and
+a program a token would leave most SMs idle (at batch 32 over an int8 cache, 10 us a layer), so its
+heads are spread over more programs.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from martlet.device import num_sms
 from martlet.kernels.paged import cache_strides, check_cache, scale_args
 from martlet.kernels.pdl import pdl_launch, wait_for_previous_kernel
 from martlet.kernels.quantize import reciprocal_or_zero, to_codes
@@ -18,10 +22,10 @@ from martlet.layers.kv_cache import LayerKV
 
 
 @triton.jit
-def _rotate(row_ptr, stride_h, num_heads, offs_h, offs_d, d_mask, cos, sin, HALF: tl.constexpr):
-    """Neox rotary of the first `num_heads` heads of one token: (x1 cos - x2 sin, x2 cos + x1 sin), fp32."""
-    mask = (offs_h < num_heads)[:, None] & d_mask[None, :]
-    ptrs = row_ptr + offs_h[:, None] * stride_h + offs_d[None, :]
+def _rotate(row_ptr, stride_h, heads, heads_end, offs_d, d_mask, cos, sin, HALF: tl.constexpr):
+    """Neox rotary of one token's `heads` below `heads_end`: (x1 cos - x2 sin, x2 cos + x1 sin), fp32."""
+    mask = (heads < heads_end)[:, None] & d_mask[None, :]
+    ptrs = row_ptr + heads[:, None] * stride_h + offs_d[None, :]
     x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin, mask
@@ -59,23 +63,25 @@ def _rotary_kv_kernel(
 ):
     wait_for_previous_kernel(PDL)
     token = tl.program_id(0)
+    first_kv_head = tl.program_id(1) * BLOCK_HKV  # this program's KV heads, then their groups' query heads
+    GROUP: tl.constexpr = NUM_Q_HEADS // NUM_KV_HEADS
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
     pos = tl.load(positions_ptr + token)
     cos = tl.load(cos_sin_ptr + pos * stride_cos + offs_d, mask=d_mask, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_cos + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
 
-    q_heads = tl.arange(0, BLOCK_HQ)
-    q1, q2, q_mask = _rotate(q_ptr + token * stride_qt, stride_qh, NUM_Q_HEADS, q_heads, offs_d, d_mask, cos, sin,
-                             HALF)
+    q_heads = first_kv_head * GROUP + tl.arange(0, BLOCK_HQ)
+    q_end = tl.minimum((first_kv_head + BLOCK_HKV) * GROUP, NUM_Q_HEADS)
+    q1, q2, q_mask = _rotate(q_ptr + token * stride_qt, stride_qh, q_heads, q_end, offs_d, d_mask, cos, sin, HALF)
     q_out = q_out_ptr + token * stride_ot + q_heads[:, None] * stride_oh + offs_d[None, :]
     _store_halves(q_out, q1, q2, q_mask, HALF)
 
     # A negative slot marks a padding token (e.g. in a CUDA graph's batch): rotate its q, store nothing.
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        kv_heads = tl.arange(0, BLOCK_HKV)
-        k1, k2, kv_mask = _rotate(k_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, kv_heads, offs_d, d_mask, cos,
+        kv_heads = first_kv_head + tl.arange(0, BLOCK_HKV)
+        k1, k2, kv_mask = _rotate(k_ptr + token * stride_kt, stride_kh, kv_heads, NUM_KV_HEADS, offs_d, d_mask, cos,
                                   sin, HALF)
         tiles = (slot // BLOCK_SIZE) * stride_block + kv_heads[:, None] * stride_head
         k_offs = tiles + (slot % BLOCK_SIZE) * stride_slot + offs_d[None, :]
@@ -122,14 +128,27 @@ def rotary_kv_write(
     half = head_dim // 2
     fmt = kv.format
     k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
-    _rotary_kv_kernel[(num_tokens,)](
+    kv_heads_per_program = _kv_heads_per_program(num_tokens, num_kv_heads, q.device)
+    group = num_q_heads // num_kv_heads
+    grid = (num_tokens, triton.cdiv(num_kv_heads, kv_heads_per_program))
+    _rotary_kv_kernel[grid](
         q, k, v, positions, cos_sin_cache, slot_mapping, q_out, kv.k, kv.v, k_scale, v_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1), cos_sin_cache.stride(0),
         *cache_strides(kv), stride_scale_block, stride_scale_head,
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=kv.k.shape[2],
-        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HKV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(half), QUANT=fmt is not None, MAX_CODE=fmt.max_code if fmt else 0.0,
-        num_warps=4, **pdl_launch(q.device),
+        BLOCK_HQ=min(triton.next_power_of_2(kv_heads_per_program * group), triton.next_power_of_2(num_q_heads)),
+        BLOCK_HKV=kv_heads_per_program, BLOCK_HALF=triton.next_power_of_2(half), QUANT=fmt is not None,
+        MAX_CODE=fmt.max_code if fmt else 0.0, num_warps=min(4, kv_heads_per_program), **pdl_launch(q.device),
     )
     return q_out
+
+
+def _kv_heads_per_program(num_tokens: int, num_kv_heads: int, device: torch.device) -> int:
+    """A power of two: every KV head of a token in one program, halved until there are programs
+    enough to place several on every SM."""
+    heads = triton.next_power_of_2(num_kv_heads)
+    wanted = 4 * num_sms(device)
+    while heads > 1 and num_tokens * triton.cdiv(num_kv_heads, heads) < wanted:
+        heads //= 2
+    return heads
