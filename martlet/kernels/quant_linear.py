@@ -530,9 +530,10 @@ def _dequant_dot(
 ):
     """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W unpacked to input order and
     dequantized in registers, so x's columns load contiguous and one dot takes the whole tile. For fp16 x
-    (compiled: the interpreter runs no PTX) in paired fp16, else in fp32. Triton 3.6 (the GPU image's)
-    fails to compile a paired tile of 64 rows or more (TritonGPUOptimizeDotOperands), so those take fp32;
-    the default tiles have at most 32."""
+    (compiled: the interpreter runs no PTX) 4-bit codes unpack in paired fp16, else in fp32. On an H200
+    the paired path made 8-bit tiles slower (qkv, 4 tokens: 33.8 us against 18.8), though fewer
+    instructions; and Triton 3.6 (the GPU image's) fails to compile a paired tile of 64 rows or more
+    (TritonGPUOptimizeDotOperands), so those take fp32 too; the default tiles have at most 32."""
     PACK: tl.constexpr = 32 // BITS
     word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     w_mask = mask_rows[:, None] & (word_cols < K // PACK)[None, :]
@@ -540,7 +541,7 @@ def _dequant_dot(
     cols = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & (cols < K)[None, :],
                 other=0.0)
-    if x_ptr.dtype.element_ty == tl.float16 and offs_m.shape[0] <= 32 and not INTERPRETED:
+    if x_ptr.dtype.element_ty == tl.float16 and BITS == 4 and offs_m.shape[0] <= 32 and not INTERPRETED:
         D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # `_half2_codes`' divisor
         scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
                                      SCALE_IN_LOOP, EVEN)
