@@ -19,9 +19,9 @@ so all codes of a word share their group's scale and offset.
   are unpacked into input order (`_in_input_order`: a word's codes laid side by side), so x's columns
   load contiguous and one dot takes the tile. On an H200 it beat fp16 for 8-bit codes (1.18x on the
   7B qkv at 16 tokens) but not for 4-bit ones (0.23x), unpacking in fp32, so 4-bit weights take it
-  only where asked (`kernel_max_tokens`). For fp16 x it now unpacks in paired fp16 as the FMA kernel
-  does (`_half2_weights`), which cuts the compiled int4 loop from 618 to 336 instructions (sm_90,
-  16 x 32 x 256 tile) and moves the weights into the MMA by ldmatrix; not yet timed on a GPU.
+  only where asked (`kernel_max_tokens`). For fp16 x, 4-bit codes unpack in paired fp16 as in the FMA
+  kernel (`_half2_weights`): the compiled int4 loop went from 618 to 336 instructions (sm_90,
+  16 x 32 x 256 tile). The same for 8-bit codes (377 to 252) was slower on an H200, so they stay fp32.
 - Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS. At 64
   and 256 tokens that beat a GEMM dequantizing inside (this kernel with one M tile of all the tokens)
   for int4 on every Llama-2-7B projection, and for int8 over the four together (results/quant-weight-only-*).
@@ -461,21 +461,17 @@ def _half2_split(pair, scale, offset, SCALED: tl.constexpr):
 
 
 @triton.jit
-def _half2_weights(words, scale, offset, BITS: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALED: tl.constexpr):
-    """Words [R, W] -> fp16 weights [R, W * pack] in input order, unpacked in paired fp16 (`_half2_codes`:
+def _half2_weights(words, scale, offset, ASYMMETRIC: tl.constexpr, SCALED: tl.constexpr):
+    """4-bit words [R, W] -> fp16 weights [R, W * 8] in input order, unpacked in paired fp16 (`_half2_codes`:
     (c - centre) / D exactly, then (c - centre) * scale + offset with `scale` [R, W] already times D), about
     two instructions a pair of codes where the fp32 path (`_dequantize_words`) takes some six a code.
     Unscaled (SCALED false) the weights stay divided by D."""
-    pairs = _half2_codes(words, BITS, ASYMMETRIC)
-    lo0, hi0 = _half2_split(pairs[0], scale, offset, SCALED)  # codes j and j + pack/2 of register j
+    pairs = _half2_codes(words, 4, ASYMMETRIC)
+    lo0, hi0 = _half2_split(pairs[0], scale, offset, SCALED)  # codes j and j + 4 of register j
     lo1, hi1 = _half2_split(pairs[1], scale, offset, SCALED)
-    if BITS == 4:
-        lo2, hi2 = _half2_split(pairs[2], scale, offset, SCALED)
-        lo3, hi3 = _half2_split(pairs[3], scale, offset, SCALED)
-        w = _in_input_order((lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3))
-    else:
-        w = _in_input_order((lo0, lo1, hi0, hi1))
-    return w
+    lo2, hi2 = _half2_split(pairs[2], scale, offset, SCALED)
+    lo3, hi3 = _half2_split(pairs[3], scale, offset, SCALED)
+    return _in_input_order((lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3))
 
 
 @triton.jit
@@ -546,7 +542,7 @@ def _dequant_dot(
         scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
                                      SCALE_IN_LOOP, EVEN)
         # fp16 as stored (times D = 2^i: exact)
-        w = _half2_weights(words, (scale * D).to(tl.float16), offset.to(tl.float16), BITS, ASYMMETRIC, SCALE_IN_LOOP)
+        w = _half2_weights(words, (scale * D).to(tl.float16), offset.to(tl.float16), ASYMMETRIC, SCALE_IN_LOOP)
         return acc + (_dot(x, w, FP32) if SCALE_IN_LOOP else _dot(x, w, FP32) * D)
     w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
                           SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
