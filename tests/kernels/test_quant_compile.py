@@ -4,6 +4,11 @@ decode over an 8-bit KV cache compile for a Hopper GPU (sm_90), even on a machin
 Triton's interpreter, which runs the kernels in CI, accepts code that its compiler rejects; this
 compiles the kernels' default tiles ahead of time (frontend, LLVM, ptxas from Triton's wheel), in a
 subprocess, since the interpreter is switched on for this whole test session.
+
+It compiles with the Triton that torch brings here (3.9); the GPU image has 3.6, and a pass can fail
+in one only (a 64-row paired-fp16 tile did, in 3.6). To compile with the GPU's version:
+`pip install --no-deps --target /tmp/t36 triton==3.6.0`, then
+`env -u TRITON_INTERPRET PYTHONPATH=/tmp/t36:$PWD python tests/kernels/test_quant_compile.py`.
 """
 
 from __future__ import annotations
