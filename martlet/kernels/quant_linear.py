@@ -17,11 +17,12 @@ so all codes of a word share their group's scale and offset.
   more programs on a narrow weight; `linear.reduce_partial_sums` adds the slices' fp32 sums.
 - Up to MAX_TOKENS, `_quant_linear_kernel` (tensor cores, one row tile of 16 or 32): a tile's words
   are unpacked into input order (`_in_input_order`: a word's codes laid side by side), so x's columns
-  load contiguous and one dot takes the tile. On an H200 it beat fp16 for 8-bit codes (1.18x on the
-  7B qkv at 16 tokens) but not for 4-bit ones (0.23x), unpacking in fp32, so 4-bit weights take it
-  only where asked (`kernel_max_tokens`). For fp16 x, 4-bit codes unpack in paired fp16 as in the FMA
-  kernel (`_half2_weights`): the compiled int4 loop went from 618 to 336 instructions (sm_90,
-  16 x 32 x 256 tile). The same for 8-bit codes (377 to 252) was slower on an H200, so they stay fp32.
+  load contiguous and one dot takes the tile. On an H200 it beat fp16 for 8-bit codes per channel
+  (1.23x on the 7B qkv at 16 tokens). Over groups of 64 inputs or more, a step is one group: the codes
+  enter the dot unscaled and the step's sums are scaled per row (`_dequant_dot`), since codes scaled
+  in the step went through shared memory on their way to the MMA. Whether that makes 4-bit weights
+  faster than dequantize + cuBLAS at 5 to 32 tokens is not yet timed, so they take the kernel only
+  up to `kernel_max_tokens`.
 - Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS. At 64
   and 256 tokens that beat a GEMM dequantizing inside (this kernel with one M tile of all the tokens)
   for int4 on every Llama-2-7B projection, and for int8 over the four together (results/quant-weight-only-*).
@@ -59,6 +60,9 @@ if TYPE_CHECKING:  # packed.py calls these kernels: the format is only named her
 GEMV_MAX_TOKENS = 4  # the FMA kernel up to here
 MAX_TOKENS = 32  # the tensor-core kernel's single row tile of 16 or 32 up to here; dequantize + cuBLAS beyond
 SILU_AND_MUL_MAX_TOKENS = 16
+# The tensor-core kernel takes a group per step from groups this long (`_dequant_dot`'s GROUP_STEPS): shorter
+# ones would make steps too short (GGUF's groups of 16 and 32 keep their codes scaled in the step).
+GROUP_STEPS_MIN_GROUP = 64
 
 
 def kernel_max_tokens(fmt: PackedFormat) -> int:
@@ -70,7 +74,8 @@ def kernel_max_tokens(fmt: PackedFormat) -> int:
 class QuantLinearConfig:
     block_m: int  # below 16 (tl.dot's minimum) selects the FMA kernel
     block_n: int
-    block_k: int  # inputs per step, a multiple of 16 * pack for the tensor-core kernel
+    block_k: int  # inputs per step, a multiple of 16 * pack for the tensor-core kernel (there, at most a group
+    # of GROUP_STEPS_MIN_GROUP inputs or more)
     num_warps: int
     num_stages: int
     # The FMA kernel only: K cut into this many slices, each its own program, and their fp32 sums added
@@ -442,39 +447,6 @@ def _in_input_order(codes):
 
 
 @triton.jit
-def _half2_split(pair, scale, offset, SCALED: tl.constexpr):
-    """An fp16-pair register -> its two fp16s, times `scale` plus `offset` (fp16 each) when SCALED: one
-    paired FMA, rounded once, as the reference rounds its fp32 dequantization."""
-    if SCALED:
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 s2, o2, t;
-            mov.b32 s2, {$3, $3};
-            mov.b32 o2, {$4, $4};
-            fma.rn.f16x2 t, $2, s2, o2;
-            mov.b32 {$0, $1}, t;
-            }""",
-            constraints="=h,=h,r,h,h", args=[pair, scale, offset], dtype=(tl.float16, tl.float16), is_pure=True,
-            pack=1)
-    return tl.inline_asm_elementwise(asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[pair],
-                                     dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
-
-
-@triton.jit
-def _half2_weights(words, scale, offset, ASYMMETRIC: tl.constexpr, SCALED: tl.constexpr):
-    """4-bit words [R, W] -> fp16 weights [R, W * 8] in input order, unpacked in paired fp16 (`_half2_codes`:
-    (c - centre) / D exactly, then (c - centre) * scale + offset with `scale` [R, W] already times D), about
-    two instructions a pair of codes where the fp32 path (`_dequantize_words`) takes some six a code.
-    Unscaled (SCALED false) the weights stay divided by D."""
-    pairs = _half2_codes(words, 4, ASYMMETRIC)
-    lo0, hi0 = _half2_split(pairs[0], scale, offset, SCALED)  # codes j and j + 4 of register j
-    lo1, hi1 = _half2_split(pairs[1], scale, offset, SCALED)
-    lo2, hi2 = _half2_split(pairs[2], scale, offset, SCALED)
-    lo3, hi3 = _half2_split(pairs[3], scale, offset, SCALED)
-    return _in_input_order((lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3))
-
-
-@triton.jit
 def _per_code(values, BITS: tl.constexpr):
     """A value per word [R, W] -> the same for each of its codes [R, W * pack], laid out as `_unpack`'s
     codes are (a group holds whole words, so its scale and offset are per word)."""
@@ -522,14 +494,16 @@ def _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS: tl.cons
 def _dequant_dot(
     acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_rows, k0, K, stride_xm, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    FP32: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_STEPS: tl.constexpr, FP32: tl.constexpr, EVEN: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc += x[:, the tile's inputs] @ W[rows, the tile's inputs]^T, W unpacked to input order and
-    dequantized in registers, so x's columns load contiguous and one dot takes the whole tile. For fp16 x
-    (compiled: the interpreter runs no PTX) 4-bit codes unpack in paired fp16, else in fp32. On an H200
-    the paired path made 8-bit tiles slower (qkv, 4 tokens: 33.8 us against 18.8), though fewer
-    instructions; and Triton 3.6 (the GPU image's) fails to compile a paired tile of 64 rows or more
-    (TritonGPUOptimizeDotOperands), so those take fp32 too; the default tiles have at most 32."""
+    """acc += x[:, the step's inputs] @ W[rows, the step's inputs]^T, W unpacked to input order, so x's
+    columns load contiguous and one dot takes the step.
+
+    With GROUP_STEPS a step lies within one group: its codes (less the centre: small integers, exact in
+    any float) enter the dot unscaled, and the step's sums are scaled per row, plus the row's offset
+    times the sum of x's inputs. The words then reach the MMA without a trip through shared memory:
+    scaled per code, they took one (64 two-byte stores a thread a step, int4 in groups of 128, sm_90
+    SASS from Triton 3.6). Otherwise the codes are dequantized in fp32 (`_dequantize_words`)."""
     PACK: tl.constexpr = 32 // BITS
     word_cols = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
     w_mask = mask_rows[:, None] & (word_cols < K // PACK)[None, :]
@@ -537,24 +511,36 @@ def _dequant_dot(
     cols = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :], mask=mask_m[:, None] & (cols < K)[None, :],
                 other=0.0)
-    if x_ptr.dtype.element_ty == tl.float16 and BITS == 4 and offs_m.shape[0] <= 32 and not INTERPRETED:
-        D: tl.constexpr = (1 << BITS) if ASYMMETRIC else (1 << (BITS - 1))  # `_half2_codes`' divisor
-        scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
-                                     SCALE_IN_LOOP, EVEN)
-        # fp16 as stored (times D = 2^i: exact)
-        w = _half2_weights(words, (scale * D).to(tl.float16), offset.to(tl.float16), ASYMMETRIC, SCALE_IN_LOOP)
-        return acc + (_dot(x, w, FP32) if SCALE_IN_LOOP else _dot(x, w, FP32) * D)
-    w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
-                          SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
-    return acc + _dot(x, w, FP32)
+    if not GROUP_STEPS:
+        w = _dequantize_words(words, s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
+                              SCALE_IN_LOOP, EVEN, x_ptr.dtype.element_ty)
+        return acc + _dot(x, w, FP32)
+    centre: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)
+    if BITS == 4:
+        # Byte b of a word holds inputs 2b (low nibble) and 2b + 1 (high): even and odd inputs take a dot each,
+        # each unpacked as 8-bit codes are, four to a word (the layout that needs no shared memory).
+        x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], BLOCK_K // 2, 2)))
+        low = _in_input_order((_code(words, 0, 4), _code(words, 2, 4), _code(words, 4, 4), _code(words, 6, 4)))
+        high = _in_input_order((_code(words, 1, 4), _code(words, 3, 4), _code(words, 5, 4), _code(words, 7, 4)))
+        sums = _dot(x_even, _as_float(low, centre).to(x.dtype), FP32) + \
+            _dot(x_odd, _as_float(high, centre).to(x.dtype), FP32)
+    else:
+        sums = _dot(x, _as_float(_unpack(words, BITS), centre).to(x.dtype), FP32)
+    s_offs = rows * stride_sn + k0 // GROUP
+    acc += sums * tl.load(s_ptr + s_offs, mask=mask_rows, other=0.0).to(tl.float32)[None, :]
+    if ASYMMETRIC:
+        offset = tl.load(o_ptr + s_offs, mask=mask_rows, other=0.0).to(tl.float32)
+        acc += tl.sum(x.to(tl.float32), 1)[:, None] * offset[None, :]
+    return acc
 
 
 @triton.jit
 def _quant_linear_kernel(
     x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    GROUP_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -564,11 +550,11 @@ def _quant_linear_kernel(
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         acc = _dequant_dot(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
-                           stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN, BLOCK_K)
+                           stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, GROUP_STEPS, FP32, EVEN, BLOCK_K)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
-                                  stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, FP32, EVEN,
-                                  BLOCK_K)
+                                  stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, GROUP_STEPS,
+                                  FP32, EVEN, BLOCK_K)
     _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP,
               HAS_BIAS, SILU_AND_MUL)
 
@@ -589,6 +575,13 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     if fmt.asymmetric != (offsets is not None) or (offsets is not None and offsets.shape != scales.shape):
         raise ValueError("offsets must come with (and only with) an asymmetric format, shaped like scales")
     return k
+
+
+def tensor_core_steps(fmt: PackedFormat, k: int, block_k: int) -> tuple[bool, int]:
+    """Whether the tensor-core kernel takes a group a step (`_dequant_dot`'s GROUP_STEPS), and its inputs
+    per step: the tile's, within one group when it does."""
+    group_steps = (fmt.asymmetric or fmt.group_size < k) and fmt.group_size >= GROUP_STEPS_MIN_GROUP
+    return group_steps, min(block_k, fmt.group_size) if group_steps else block_k
 
 
 def _pairs_aligned(x: torch.Tensor) -> bool:
@@ -628,17 +621,19 @@ def quant_linear(
         return out
     scale_in_loop = fmt.asymmetric or fmt.group_size < k
     partial = partial_sums(cfg.split_k, cfg.block_m, out) if cfg.split_k > 1 else None
+    block_k = cfg.block_k
     if cfg.block_m < 16:
         kernel, grid = _quant_gemv_kernel, (triton.cdiv(out_n, cfg.block_n), cfg.split_k)
         kernel_flags = dict(partial_ptr=partial, X_PAIRS=_pairs_aligned(x), SPLIT_K=cfg.split_k)
     else:
         kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), triton.cdiv(m, cfg.block_m))
-        kernel_flags = dict(FP32=x.dtype == torch.float32)
+        group_steps, block_k = tensor_core_steps(fmt, k, block_k)
+        kernel_flags = dict(FP32=x.dtype == torch.float32, GROUP_STEPS=group_steps)
     kernel[grid](
         x_ptr=x, w_ptr=qweight, s_ptr=scales, o_ptr=offsets, bias_ptr=bias, out_ptr=out, M=m, N=out_n, K=k,
         stride_xm=x.stride(0), stride_wn=qweight.stride(0), stride_sn=scales.stride(0), stride_om=out.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=scale_in_loop,
-        EVEN=k % cfg.block_k == 0 and out_n % cfg.block_n == 0, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        EVEN=k % block_k == 0 and out_n % cfg.block_n == 0, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
         NUM_STAGES=cfg.num_stages, HAS_BIAS=bias is not None, SILU_AND_MUL=silu_and_mul, BLOCK_M=cfg.block_m,
         num_warps=cfg.num_warps, **kernel_flags, **pdl_launch(x.device),
     )

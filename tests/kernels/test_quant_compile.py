@@ -6,7 +6,7 @@ compiles the kernels' default tiles ahead of time (frontend, LLVM, ptxas from Tr
 subprocess, since the interpreter is switched on for this whole test session.
 
 It compiles with the Triton that torch brings here (3.9); the GPU image has 3.6, and a pass can fail
-in one only (a 64-row paired-fp16 tile did, in 3.6). To compile with the GPU's version:
+in one only (a 64-row tile of paired fp16 once did, in 3.6). To compile with the GPU's version:
 `pip install --no-deps --target /tmp/t36 triton==3.6.0`, then
 `env -u TRITON_INTERPRET PYTHONPATH=/tmp/t36:$PWD python tests/kernels/test_quant_compile.py`.
 """
@@ -40,7 +40,8 @@ def compile_defaults() -> None:
              (16, gated, PackedFormat(4, 32, False), True, fp16, 1), (24, o, PackedFormat(8, 16, True), False, fp16, 1),
              (32, gated, PackedFormat(4, 64, True), True, fp32, 1),
              (1, o, int4, False, fp16, 2), (1, gated, int8, True, fp16, 2),
-             (3, qkv, int8, False, fp16, 1)]  # the tensor-core tile, scales in the epilogue
+             (3, qkv, int8, False, fp16, 1),  # the tensor-core tile, scales in the epilogue
+             (16, qkv, int4, False, fp16, 1)]  # the tensor-core tile a group a step
     for m, n, fmt, silu, x_dtype, split_k in cases:
         cfg = replace(ql.quant_linear_config(m, n, 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
@@ -49,6 +50,7 @@ def compile_defaults() -> None:
                      HAS_BIAS=False, SILU_AND_MUL=silu, EVEN=m % 2 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, PDL=True, bias_ptr=None)
         if kernel is ql._quant_linear_kernel:
+            const["GROUP_STEPS"], const["BLOCK_K"] = ql.tensor_core_steps(fmt, 4096, cfg.block_k)
             const["FP32"] = x_dtype == fp32
         else:  # aligned fp16 x: the paired-fp16 inline assembly, which the interpreter never runs
             const.update(X_PAIRS=True, SPLIT_K=split_k)
