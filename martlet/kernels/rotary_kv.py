@@ -1,11 +1,11 @@
 """Rotary embedding on q and k, and the store of k and v into the paged cache, in one kernel.
 
 References: `martlet.layers.rotary.apply_rotary` and `martlet.layers.attention.write_kv_cache`.
-A program handles one token's run of KV heads and the query heads of their groups: the rotated k
-goes straight to the cache without a round trip through memory. Long prefills give a program every
-head of its token, so the token's cos/sin row is read once; a decode batch is a few dozen tokens, and
-a program a token would leave most SMs idle (at batch 32 over an int8 cache, 10 us a layer), so its
-heads are spread over more programs.
+A program handles one token's KV heads (all, or one) and the query heads of their groups: the
+rotated k goes straight to the cache without a round trip through memory. Long prefills give a
+program every head of its token, so the token's cos/sin row is read once; a decode batch is a few
+dozen to a few hundred tokens, and a program a token would leave most SMs idle (at batch 32 over an
+int8 cache, 10 us a layer against 5.3 with a program a head), so it takes a program per head.
 """
 
 from __future__ import annotations
@@ -128,7 +128,11 @@ def rotary_kv_write(
     half = head_dim // 2
     fmt = kv.format
     k_scale, v_scale, stride_scale_block, stride_scale_head = scale_args(kv)
-    kv_heads_per_program = _kv_heads_per_program(num_tokens, num_kv_heads, q.device)
+    # Every KV head of a token in one program when the tokens alone put several programs on every SM,
+    # else a program a head: two compiled variants, both built before serving starts (decode graphs, the
+    # largest step), since one first met mid-serving would stall it to compile.
+    block_hkv = triton.next_power_of_2(num_kv_heads)
+    kv_heads_per_program = block_hkv if num_tokens >= 4 * num_sms(q.device) else 1
     group = num_q_heads // num_kv_heads
     grid = (num_tokens, triton.cdiv(num_kv_heads, kv_heads_per_program))
     _rotary_kv_kernel[grid](
@@ -139,16 +143,8 @@ def rotary_kv_write(
         NUM_Q_HEADS=num_q_heads, NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_SIZE=kv.k.shape[2],
         BLOCK_HQ=min(triton.next_power_of_2(kv_heads_per_program * group), triton.next_power_of_2(num_q_heads)),
         BLOCK_HKV=kv_heads_per_program, BLOCK_HALF=triton.next_power_of_2(half), QUANT=fmt is not None,
-        MAX_CODE=fmt.max_code if fmt else 0.0, num_warps=min(4, kv_heads_per_program), **pdl_launch(q.device),
+        MAX_CODE=fmt.max_code if fmt else 0.0, num_warps=4 if kv_heads_per_program == block_hkv else 1,
+        **pdl_launch(q.device),
     )
     return q_out
 
-
-def _kv_heads_per_program(num_tokens: int, num_kv_heads: int, device: torch.device) -> int:
-    """A power of two: every KV head of a token in one program, halved until there are programs
-    enough to place several on every SM."""
-    heads = triton.next_power_of_2(num_kv_heads)
-    wanted = 4 * num_sms(device)
-    while heads > 1 and num_tokens * triton.cdiv(num_kv_heads, heads) < wanted:
-        heads //= 2
-    return heads

@@ -11,9 +11,8 @@ from martlet.layers.rotary import RotaryEmbedding
 
 gpu = pytest.mark.gpu
 
-# (num_tokens, Hq, Hkv, head_dim, block_size, llama3 scaling). A program takes a power of two of a
-# token's KV heads, fewer the fewer the tokens (the interpreter counts 4 SMs): one head each in the
-# first and third case, all in the second, two in the fourth, four in the fifth (the last run half empty).
+# (num_tokens, Hq, Hkv, head_dim, block_size, llama3 scaling). A program takes one KV head of a token,
+# or all of them from 4 tokens an SM on (the interpreter counts 4 SMs: the second case).
 CASES = [
     (7, 4, 4, 64, 16, False),
     (19, 8, 2, 80, 8, True),
