@@ -55,8 +55,11 @@ def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
     """Tiles to try at m tokens: up to GEMV_MAX_TOKENS the FMA kernel's, else tensor cores' (GEMM-sized
     ones past MAX_TOKENS)."""
     per_byte = 8 // fmt.bits
-    tensor_core = [QuantLinearConfig(16 if m <= 16 else 32, bn, row_bytes * per_byte, w, s)
-                   for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)]
+    # The tensor-core kernel takes a step of at most a group over long groups (`tensor_core_steps`), so
+    # row lengths past the group are the same tile: each is timed once.
+    tensor_core = list(dict.fromkeys(
+        QuantLinearConfig(16 if m <= 16 else 32, bn, ql.tensor_core_steps(fmt, 4096, row_bytes * per_byte)[1], w, s)
+        for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)))
     if m > MAX_TOKENS:  # where the engine dequantizes for cuBLAS: GEMM tiles that unpack in registers
         return [QuantLinearConfig(bm, bn, row_bytes * per_byte, w, s) for bm in (64, 128) for bn in (64, 128)
                 for row_bytes in (32, 64) for w in (4, 8) for s in (3, 4)]
