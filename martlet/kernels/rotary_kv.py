@@ -147,4 +147,3 @@ def rotary_kv_write(
         **pdl_launch(q.device),
     )
     return q_out
-
