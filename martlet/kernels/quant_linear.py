@@ -74,8 +74,9 @@ def kernel_max_tokens(fmt: PackedFormat) -> int:
 class QuantLinearConfig:
     block_m: int  # below 16 (tl.dot's minimum) selects the FMA kernel
     block_n: int
-    block_k: int  # inputs per step, a multiple of 16 * pack for the tensor-core kernel (there, at most a group
-    # of GROUP_STEPS_MIN_GROUP inputs or more)
+    # Inputs per step, for the tensor-core kernel a multiple of 16 * pack, which caps it at a group of 64
+    # inputs or more (`tensor_core_steps`).
+    block_k: int
     num_warps: int
     num_stages: int
     # The FMA kernel only: K cut into this many slices, each its own program, and their fp32 sums added
