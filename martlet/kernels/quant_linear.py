@@ -74,8 +74,8 @@ def kernel_max_tokens(fmt: PackedFormat) -> int:
 class QuantLinearConfig:
     block_m: int  # below 16 (tl.dot's minimum) selects the FMA kernel
     block_n: int
-    # Inputs per step, for the tensor-core kernel a multiple of 16 * pack, which caps it at a group of 64
-    # inputs or more (`tensor_core_steps`).
+    # Inputs per step. The tensor-core kernel wants a multiple of 16 * pack and, over groups of 64 inputs
+    # or more, caps it at one group (`tensor_core_steps`).
     block_k: int
     num_warps: int
     num_stages: int
