@@ -4,8 +4,9 @@
 #               int8 and fp8 caches.
 #   PART=rows:  b32 1024/1024 and the ShareGPT-like workload with an fp16, an int8 and an fp8 cache
 #               (KV_DTYPES picks some; EXTRA adds engine flags to every run, e.g. "--block-size 128").
-#   PART=profile: where a b32 step's time goes at the row's mean context (profile_steps.py --case b32mid),
-#               per cache format, then the decode tiles per format (tune_decode_kv.py).
+#   PART=profile: where a step's time goes per cache format, without PDL (profile_steps.py; CASES, default
+#               b32mid: the b32 row at its mean context; "sharegpt" the workload at full batch), then the
+#               decode tiles per format (tune_decode_kv.py; TUNE_TIMEOUT=0 skips them).
 # Logs and JSON go to $OUT, packed into one results.tgz (the device returns at most 8 files).
 set -uo pipefail
 OUT=${OUT:-bench-out}; WORK=$(mktemp -d); mkdir -p "$OUT"
@@ -21,11 +22,11 @@ if [ "${PART:-tests}" = tests ]; then
 elif [ "$PART" = profile ]; then
   for kv in ${KV_DTYPES:-auto int8 fp8}; do
     echo "=== kv_cache_dtype $kv"
-    timeout 150 python3 benchmarks/profile_steps.py --case b32mid --kv-cache-dtype "$kv" 2>&1 \
-      | tee "$WORK/profile_$kv.log" | head -24
+    timeout 150 python3 benchmarks/profile_steps.py --case ${CASES:-b32mid} --kv-cache-dtype "$kv" --no-pdl 2>&1 \
+      | tee "$WORK/profile_$kv.log" | grep -E "^=====|^wall|decode attention|^ +_[a-z_]+kernel "
   done
-  timeout ${TUNE_TIMEOUT:-240} python3 benchmarks/tune_decode_kv.py ${KV_DTYPES:-auto int8 fp8} 2>&1 \
-    | tee "$WORK/tune.log" | grep -E "^->|copy|None"
+  [ "${TUNE_TIMEOUT:-240}" != 0 ] && timeout ${TUNE_TIMEOUT:-240} python3 benchmarks/tune_decode_kv.py \
+    ${KV_DTYPES:-auto int8 fp8} 2>&1 | tee "$WORK/tune.log" | grep -E "^->|copy|None"
 else
   for kv in ${KV_DTYPES:-auto int8 fp8}; do
     echo "=== kv_cache_dtype $kv"
