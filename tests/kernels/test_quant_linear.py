@@ -17,6 +17,7 @@ FORMATS = {
     "int4_g64_asym": INT4,
     "int4_g32_sym": PackedFormat(4, 32, False),  # GGUF Q4_0
     "int8_g16_sym": PackedFormat(8, 16, False),  # GGUF Q6_K, widened
+    "int8_g64_sym": PackedFormat(8, 64, False),  # 8-bit GPTQ-like: the tensor-core kernel takes a group a step
 }
 
 
