@@ -41,7 +41,7 @@ def compile_defaults() -> None:
              (32, gated, PackedFormat(4, 64, True), True, fp32, 1),
              (1, o, int4, False, fp16, 2), (1, gated, int8, True, fp16, 2),
              (3, qkv, int8, False, fp16, 1),  # the tensor-core tile, scales in the epilogue
-             (16, qkv, int4, False, fp16, 1)]  # the tensor-core tile a group a step
+             (16, qkv, int4, False, fp16, 1), (16, gated, PackedFormat(8, 128, False), True, fp16, 1)]  # a group a step
     for m, n, fmt, silu, x_dtype, split_k in cases:
         cfg = replace(ql.quant_linear_config(m, n, 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
