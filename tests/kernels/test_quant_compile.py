@@ -9,26 +9,49 @@ It compiles with the Triton that torch brings here (3.9); the GPU image has 3.6,
 in one only (a 64-row tile of paired fp16 once did, in 3.6). To compile with the GPU's version:
 `pip install --no-deps --target /tmp/t36 triton==3.6.0`, then
 `env -u TRITON_INTERPRET PYTHONPATH=/tmp/t36:$PWD python tests/kernels/test_quant_compile.py`.
+With `--sass` it also prints each kernel's registers, shared memory and main loop (instructions per
+iteration of the longest backward branch, and the most frequent of them), from `cuobjdump`: the
+counts that the results files quote, with no GPU.
 """
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 SM90_SHARED_MEMORY = 232448  # bytes a block may use on an H100 or H200 (227 KiB)
 ALIGNED = ["x_ptr", "w_ptr", "s_ptr", "o_ptr", "out_ptr", "stride_xm", "stride_wn", "stride_sn", "stride_om", "K"]
+BUILT: list[tuple[str, object]] = []  # (what, compiled kernel), for --sass
+
+
+def compile_sm90(what: str, kernel, const: dict, types: dict, num_warps: int, num_stages: int | None = None,
+                 aligned: list[str] = ()) -> None:
+    """Compile `kernel` for sm_90 with constexprs `const` and argument types `types` (else i32); `aligned`
+    arguments 16-divisible, as Triton specializes them at run time (pipelined loads depend on it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned if n not in const}
+    source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()}, attrs)
+    options = {"num_warps": num_warps} | ({} if num_stages is None else {"num_stages": num_stages})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    # A launch asking for more shared memory than an SM has fails only on the GPU (OutOfResources).
+    assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (what, compiled.metadata.shared)
+    BUILT.append((what, compiled))
 
 
 def compile_defaults() -> None:
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from martlet.kernels import quant_linear as ql
     from martlet.layers.quantization.packed import PackedFormat
@@ -59,41 +82,22 @@ def compile_defaults() -> None:
         if not fmt.asymmetric:
             const["o_ptr"] = None
         x_type = "*fp32" if x_dtype == fp32 else "*fp16"
-        pointers = {"w_ptr": "*i32", "x_ptr": x_type, "s_ptr": x_type, "o_ptr": x_type, "out_ptr": x_type,
-                    "partial_ptr": "*fp32"}
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
-        # 16-aligned pointers and strides, as Triton specializes them at run time: the tiles' shared memory
-        # (pipelined loads) depends on it.
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED if n not in const}
-        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()}, attrs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        # A launch asking for more shared memory than an SM has fails only on the GPU (OutOfResources).
-        assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (m, fmt, silu, cfg, compiled.metadata.shared)
+        types = {"w_ptr": "*i32", "x_ptr": x_type, "s_ptr": x_type, "o_ptr": x_type, "out_ptr": x_type,
+                 "partial_ptr": "*fp32"}
+        what = (f"{kernel.fn.__name__} {m} token(s), N {n}, {fmt.bits}-bit g{fmt.group_size}"
+                f"{' asym' if fmt.asymmetric else ''}{', gated' if silu else ''}, {x_type[1:]} x, "
+                f"tile {cfg.block_m}x{cfg.block_n}x{const['BLOCK_K']}, split {split_k}")
+        compile_sm90(what, kernel, const, types, cfg.num_warps, cfg.num_stages, ALIGNED)
     for fmt in (PackedFormat(4, 128, True), PackedFormat(8, 16, False)):  # the scratch weight for cuBLAS
         const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, BLOCK_N=32, BLOCK_W=32)
         if not fmt.asymmetric:
             const["o_ptr"] = None
-        names = ql._dequantize_kernel.arg_names
-        pointers = {"w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "out_ptr": "*fp16"}
-        signature = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
-        source = ASTSource(ql._dequantize_kernel, signature, {(names.index(k),): v for k, v in const.items()})
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        types = {"w_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "out_ptr": "*fp16"}
+        compile_sm90(f"_dequantize_kernel {fmt.bits}-bit g{fmt.group_size}", ql._dequantize_kernel, const, types, 4)
 
 
 def compile_w8a8() -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from martlet.kernels import linear, norm
-
-    def compile_kernel(kernel, const: dict, types: dict, num_warps: int) -> None:
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-        source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in const.items()})
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    from martlet.kernels import linear, norm, quantize
 
     for x_type, w_type, silu, split_k in [("*fp16", "*fp8e4nv", False, 1), ("*fp16", "*fp8e4nv", True, 1),
                                           ("*fp16", "*i8", True, 1), ("*bf16", "*fp8e4nv", False, 1),
@@ -103,43 +107,77 @@ def compile_w8a8() -> None:
         if split_k == 1:
             const["partial_ptr"] = None
         types = {"x_ptr": x_type, "w_ptr": w_type, "scale_ptr": "*fp32", "out_ptr": x_type, "partial_ptr": "*fp32"}
-        compile_kernel(linear._skinny_linear_kernel, const, types, num_warps=2)
+        what = f"{x_type[1:]} x, {w_type[1:]} weights{', gated' if silu else ''}, split {split_k}"
+        aligned = ["x_ptr", "w_ptr", "scale_ptr", "out_ptr", "partial_ptr", "K", "stride_xm", "stride_wn", "stride_om"]
+        compile_sm90(f"_skinny_linear_kernel {what}", linear._skinny_linear_kernel, const, types, 2, aligned=aligned)
         if split_k > 1:
             const = dict(HAS_SCALE=w_type != x_type, HAS_BIAS=False, SILU_AND_MUL=silu, BLOCK_M=16, BLOCK_N=128,
                          SPLIT_K=split_k, PDL=True, bias_ptr=None)
             types = {"partial_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": x_type}
-            compile_kernel(linear._skinny_reduce_kernel, const, types, num_warps=4)
-    from martlet.kernels import quantize
-
+            compile_sm90(f"_skinny_reduce_kernel {what}", linear._skinny_reduce_kernel, const, types, 4)
     types = {"sums_ptr": "*i32", "row_scales_ptr": "*fp32", "col_scales_ptr": "*fp32", "out_ptr": "*fp16"}
-    compile_kernel(quantize._scale_sums_kernel, dict(BLOCK=1024), types, num_warps=4)
+    compile_sm90("_scale_sums_kernel", quantize._scale_sums_kernel, dict(BLOCK=1024), types, 4)
     for code_type, max_code in (("*fp8e4nv", 448.0), ("*i8", 127.0)):
         const = dict(NUM_ROWS=1, N=4096, BLOCK_H=1, BLOCK_N=4096, HAS_RESIDUAL=True, MAX_CODE=max_code, PDL=True)
         types = {"x_ptr": "*fp16", "residual_ptr": "*fp16", "weight_ptr": "*fp16", "out_ptr": code_type,
                  "scales_ptr": "*fp32", "eps": "fp32"}
-        compile_kernel(norm._rms_norm_kernel, const, types, num_warps=8)
+        compile_sm90(f"_rms_norm_kernel to {code_type[1:]}", norm._rms_norm_kernel, const, types, 8)
 
 
 def compile_kv_cache_reads() -> None:
-    """Decode over int8 and fp8 caches with fp16 and bf16 queries: the int8 codes' inline-assembly
-    widening runs only in compiled kernels, never in the interpreter."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """Decode over int8 and fp8 caches with fp16 and bf16 queries, in the engine's block size and tile for
+    8-bit caches, one query head a KV head (Llama-2-7B): the int8 codes' inline-assembly widening runs only
+    in compiled kernels, never in the interpreter."""
+    import torch
 
+    from martlet.config import default_block_size
     from martlet.kernels import decode
 
-    names = decode._decode_kernel.arg_names
+    cfg = decode.decode_config(128, torch.float16, torch.device("cuda"), quantized=True)
     for q_type in ("*fp16", "*bf16"):
-        for code_type in ("*i8", "*fp8e4nv"):
-            const = dict(GROUP=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_G=16, BLOCK_N=128, BLOCK_D=128, PRECISION="tf32",
-                         SPLIT=True, QUANT=True, PDL=True, stride_v_slot=1)
+        for code_type, kv_cache_dtype in (("*i8", "int8"), ("*fp8e4nv", "fp8")):
+            const = dict(GROUP=1, HEAD_DIM=128, BLOCK_SIZE=default_block_size(kv_cache_dtype), BLOCK_G=16,
+                         BLOCK_N=cfg.block_n, BLOCK_D=128, PRECISION="tf32", SPLIT=True, QUANT=True, PDL=True,
+                         stride_v_slot=1)
             types = {"q_ptr": q_type, "k_cache_ptr": code_type, "v_cache_ptr": code_type, "k_scale_ptr": "*fp16",
                      "v_scale_ptr": "*fp16", "out_ptr": "*fp32", "lse_ptr": "*fp32", "seq_lens_ptr": "*i32",
                      "block_tables_ptr": "*i32", "qk_scale": "fp32"}
-            signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-            source = ASTSource(decode._decode_kernel, signature, {(names.index(k),): v for k, v in const.items()})
-            triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+            # Pointers and strides are 16-divisible at run time, but for those Triton leaves unspecialized.
+            kernel = decode._decode_kernel
+            aligned = [n for n in kernel.arg_names if n not in kernel.do_not_specialize and n != "qk_scale"]
+            compile_sm90(f"_decode_kernel {q_type[1:]} q over {kv_cache_dtype}", kernel, const, types, cfg.num_warps,
+                         cfg.num_stages, aligned)
+
+
+def print_sass() -> None:
+    """Per built kernel: registers, shared memory, and its main loop from `cuobjdump -sass`."""
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
+    print(f"Triton {triton.__version__}, sm_90")
+    for what, compiled in BUILT:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", cubin.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", cubin.name], capture_output=True, text=True).stdout
+        registers = re.search(r"REG:(\d+)", usage).group(1)
+        loop = main_loop(sass)
+        mix = ", ".join(f"{op} {n}" for op, n in collections.Counter(loop).most_common(6))
+        print(f"{what}: {registers} registers, {compiled.metadata.shared} B shared; loop {len(loop)}: {mix}")
+
+
+def main_loop(sass: str) -> list[str]:
+    """The opcodes between the longest backward branch and its target (empty without a loop)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = [(int(target.group(1), 16), address) for address, text in code
+             if (target := re.search(r"\bBRA\s+0x([0-9a-f]+)", text)) and int(target.group(1), 16) < address]
+    if not loops:
+        return []
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for address, text in code if start <= address <= end]
 
 
 def test_kernels_compile_for_sm90():
@@ -154,3 +192,5 @@ if __name__ == "__main__":
     compile_defaults()
     compile_w8a8()
     compile_kv_cache_reads()
+    if "--sass" in sys.argv:
+        print_sass()
