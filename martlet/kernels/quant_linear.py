@@ -435,9 +435,8 @@ def _unpack(words, BITS: tl.constexpr):
 @triton.jit
 def _in_input_order(codes):
     """Each word's codes 0 .. pack-1, a tuple of [R, W] -> [R, W * pack] in input order. Joined pairwise,
-    a word's codes stay in its thread, side by side, so the tile reaches shared memory (for the dot)
-    in wide stores. Each join adds a last axis of 2, and the flattening reads the first-added axis
-    slowest: so code 0 pairs with code pack/2, then 2 with 6, and so on."""
+    a word's codes stay in its thread, side by side. Each join adds a last axis of 2, and the flattening
+    reads the first-added axis slowest: so code 0 pairs with code pack/2, then 2 with 6, and so on."""
     if len(codes) == 8:
         c0, c1, c2, c3, c4, c5, c6, c7 = codes
         joined = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
@@ -578,10 +577,16 @@ def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | 
     return k
 
 
+def scales_in_loop(fmt: PackedFormat, k: int) -> bool:
+    """Whether a K-long weight's scales (and offsets) vary along K, so the kernels apply them as they
+    go; else one scale per output channel waits for the epilogue."""
+    return fmt.asymmetric or fmt.group_size < k
+
+
 def tensor_core_steps(fmt: PackedFormat, k: int, block_k: int) -> tuple[bool, int]:
     """Whether the tensor-core kernel takes a group a step (`_dequant_dot`'s GROUP_STEPS), and its inputs
     per step: the tile's, within one group when it does."""
-    group_steps = (fmt.asymmetric or fmt.group_size < k) and fmt.group_size >= GROUP_STEPS_MIN_GROUP
+    group_steps = scales_in_loop(fmt, k) and fmt.group_size >= GROUP_STEPS_MIN_GROUP
     return group_steps, min(block_k, fmt.group_size) if group_steps else block_k
 
 
@@ -620,7 +625,7 @@ def quant_linear(
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if not m:
         return out
-    scale_in_loop = fmt.asymmetric or fmt.group_size < k
+    scale_in_loop = scales_in_loop(fmt, k)
     partial = partial_sums(cfg.split_k, cfg.block_m, out) if cfg.split_k > 1 else None
     block_k = cfg.block_k
     if cfg.block_m < 16:

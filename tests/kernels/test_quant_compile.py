@@ -68,8 +68,8 @@ def compile_defaults() -> None:
     for m, n, fmt, silu, x_dtype, split_k in cases:
         cfg = replace(ql.quant_linear_config(m, n, 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
-        in_loop = fmt.asymmetric or fmt.group_size < 4096  # K = 4096
-        const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=in_loop,
+        const = dict(BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric,
+                     SCALE_IN_LOOP=ql.scales_in_loop(fmt, 4096),
                      HAS_BIAS=False, SILU_AND_MUL=silu, EVEN=m % 2 == 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                      BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, PDL=True, bias_ptr=None)
         if kernel is ql._quant_linear_kernel:
