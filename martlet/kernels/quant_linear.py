@@ -79,8 +79,8 @@ class QuantLinearConfig:
     block_k: int
     num_warps: int
     num_stages: int
-    # The FMA kernel only: K cut into this many slices, each its own program, and their fp32 sums added
-    # by a second kernel (more programs in flight for a narrow weight).
+    # K cut into this many slices, each its own program, and their fp32 sums added by a second kernel
+    # (more programs in flight for a narrow weight); the tensor-core kernel splits only a single row tile.
     split_k: int = 1
 
 
@@ -536,27 +536,32 @@ def _dequant_dot(
 
 @triton.jit
 def _quant_linear_kernel(
-    x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+    x_ptr, w_ptr, s_ptr, o_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr, ASYMMETRIC: tl.constexpr, SCALE_IN_LOOP: tl.constexpr,
     GROUP_STEPS: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_AND_MUL: tl.constexpr, FP32: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Program axis 1 is the row tile, or with SPLIT_K the K slice of the one row tile.
+    offs_m = (tl.program_id(1) if SPLIT_K == 1 else 0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, rows < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+    k_start, k_end = split_k_range(K, BLOCK_K, SPLIT_K)
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=NUM_STAGES):
         acc = _dequant_dot(acc, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, rows, mask_n, k0, K, stride_xm, stride_wn,
                            stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, GROUP_STEPS, FP32, EVEN, BLOCK_K)
         if SILU_AND_MUL:  # W is [gate; up]: the up row of output column n is row N + n
             acc_up = _dequant_dot(acc_up, x_ptr, w_ptr, s_ptr, o_ptr, offs_m, mask_m, N + rows, mask_n, k0, K,
                                   stride_xm, stride_wn, stride_sn, BITS, GROUP, ASYMMETRIC, SCALE_IN_LOOP, GROUP_STEPS,
                                   FP32, EVEN, BLOCK_K)
-    _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n, N, stride_om, not SCALE_IN_LOOP,
-              HAS_BIAS, SILU_AND_MUL)
+    if SPLIT_K == 1:
+        _epilogue(acc, acc_up, s_ptr, bias_ptr, out_ptr, offs_m, rows, mask_m, mask_n, N, stride_om,
+                  not SCALE_IN_LOOP, HAS_BIAS, SILU_AND_MUL)
+    else:
+        store_partial_sums(partial_ptr, acc, acc_up, offs_m, rows, mask_n, N, SILU_AND_MUL)
 
 
 def _check(qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, fmt: PackedFormat) -> int:
@@ -619,8 +624,8 @@ def quant_linear(
     if silu_and_mul and (n % 2 or bias is not None):
         raise ValueError("silu_and_mul needs a [gate; up] weight of even height and no bias")
     cfg = config or quant_linear_config(m, n, k, fmt, silu_and_mul)
-    if cfg.split_k > 1 and cfg.block_m >= 16:
-        raise ValueError("split_k is the FMA kernel's (block_m below 16)")
+    if cfg.split_k > 1 and m > cfg.block_m:
+        raise ValueError(f"split_k needs one row tile: {m} tokens in tiles of {cfg.block_m}")
     out_n = n // 2 if silu_and_mul else n
     out = torch.empty(m, out_n, dtype=x.dtype, device=x.device)
     if not m:
@@ -630,13 +635,15 @@ def quant_linear(
     block_k = cfg.block_k
     if cfg.block_m < 16:
         kernel, grid = _quant_gemv_kernel, (triton.cdiv(out_n, cfg.block_n), cfg.split_k)
-        kernel_flags = dict(partial_ptr=partial, X_PAIRS=_pairs_aligned(x), SPLIT_K=cfg.split_k)
+        kernel_flags = dict(X_PAIRS=_pairs_aligned(x))
     else:
-        kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+        row_tiles = triton.cdiv(m, cfg.block_m) if cfg.split_k == 1 else cfg.split_k
+        kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), row_tiles)
         group_steps, block_k = tensor_core_steps(fmt, k, block_k)
         kernel_flags = dict(FP32=x.dtype == torch.float32, GROUP_STEPS=group_steps)
     kernel[grid](
-        x_ptr=x, w_ptr=qweight, s_ptr=scales, o_ptr=offsets, bias_ptr=bias, out_ptr=out, M=m, N=out_n, K=k,
+        x_ptr=x, w_ptr=qweight, s_ptr=scales, o_ptr=offsets, bias_ptr=bias, out_ptr=out, partial_ptr=partial,
+        SPLIT_K=cfg.split_k, M=m, N=out_n, K=k,
         stride_xm=x.stride(0), stride_wn=qweight.stride(0), stride_sn=scales.stride(0), stride_om=out.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, ASYMMETRIC=fmt.asymmetric, SCALE_IN_LOOP=scale_in_loop,
         EVEN=k % block_k == 0 and out_n % cfg.block_n == 0, BLOCK_N=cfg.block_n, BLOCK_K=block_k,

@@ -53,6 +53,8 @@ def reference(x, qweight, scales, offsets, fmt, bias=None):
         pytest.param(1, 4096, 11008, QuantLinearConfig(1, 8, 512, 4, 3, split_k=2), marks=pytest.mark.gpu),  # down
         (5, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2)),  # tensor cores: ragged N, K ends mid-tile
         (6, 64, 512, QuantLinearConfig(16, 32, 256, 4, 2)),  # tensor cores, tiles that fit exactly
+        (9, 50, 320, QuantLinearConfig(16, 32, 128, 4, 2, split_k=2)),  # tensor cores, K in two slices, ragged
+        (6, 64, 512, QuantLinearConfig(16, 32, 128, 4, 2, split_k=3)),  # tensor cores, the last slice short
         (21, 17, 192, QuantLinearConfig(32, 32, 128, 4, 2)),  # 32-row tile, N below one block
         (70, 40, 256, QuantLinearConfig(32, 32, 128, 4, 2)),  # beyond MAX_TOKENS: three row tiles
         (40, 64, 256, QuantLinearConfig(64, 64, 128, 4, 2)),  # a GEMM-sized tile, rows ending inside it
@@ -78,10 +80,10 @@ def test_quant_linear_silu_and_mul(m, name, dtype):
     out = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True)
     assert out.shape == (m, half)
     assert_close(out.cpu(), expected, dtype)
-    if m <= 4:  # K split in two: the up rows' sums go through the reduce kernel too
-        split = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True,
-                             config=QuantLinearConfig(4, 32, 64, 4, 2, split_k=2))
-        assert_close(split.cpu(), expected, dtype)
+    # K split in two: the up rows' sums go through the reduce kernel too
+    tile = QuantLinearConfig(4, 32, 64, 4, 2, split_k=2) if m <= 4 else QuantLinearConfig(16, 32, 64, 4, 2, split_k=2)
+    split = quant_linear(x, qweight, scales, offsets, fmt, silu_and_mul=True, config=tile)
+    assert_close(split.cpu(), expected, dtype)
 
 
 @pytest.mark.parametrize("name", ["int8_channel", "int4_g64_asym"])
@@ -120,7 +122,7 @@ def test_quant_linear_refuses_what_it_cannot_do():
         quant_linear(torch.zeros(3, 64, device=DEVICE), qweight, scales, offsets, fmt,
                      config=QuantLinearConfig(2, 32, 128, 4, 2))
     with pytest.raises(ValueError, match="split_k"):
-        quant_linear(torch.zeros(20, 64, device=DEVICE), qweight, scales, offsets, fmt,
+        quant_linear(torch.zeros(40, 64, device=DEVICE), qweight, scales, offsets, fmt,
                      config=QuantLinearConfig(32, 32, 64, 4, 2, split_k=2))
     with pytest.raises(ValueError, match="group size"):
         quant_linear(torch.zeros(2, 64, device=DEVICE), qweight, scales, offsets, PackedFormat(4, 12, True))
