@@ -57,9 +57,11 @@ def sweep_configs(m: int, fmt: PackedFormat) -> list[QuantLinearConfig]:
     per_byte = 8 // fmt.bits
     # The tensor-core kernel takes a step of at most a group over long groups (`tensor_core_steps`), so
     # row lengths past the group are the same tile: each is timed once.
+    block_m = 16 if m <= 16 else 32
     tensor_core = list(dict.fromkeys(
-        QuantLinearConfig(16 if m <= 16 else 32, bn, ql.tensor_core_steps(fmt, 4096, row_bytes * per_byte)[1], w, s)
-        for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4)))
+        QuantLinearConfig(block_m, bn, ql.tensor_core_steps(fmt, 4096, row_bytes * per_byte)[1], w, s, split_k)
+        for bn in (32, 64) for row_bytes in (64, 128, 256) for w in (4, 8) for s in (2, 3, 4) for split_k in (1, 2, 4)
+        if split_k == 1 or (w == 4 and s > 2)))  # K split too: more programs for the narrow weights
     if m > MAX_TOKENS:  # where the engine dequantizes for cuBLAS: GEMM tiles that unpack in registers
         return [QuantLinearConfig(bm, bn, row_bytes * per_byte, w, s) for bm in (64, 128) for bn in (64, 128)
                 for row_bytes in (32, 64) for w in (4, 8) for s in (3, 4)]

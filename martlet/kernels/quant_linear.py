@@ -135,17 +135,24 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _code(words, j: tl.constexpr, BITS: tl.constexpr):
-    """Code j of each word (lowest bits first), as an int."""
-    return (words >> (j * BITS)) & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _as_float(codes, centre: tl.constexpr = 0):
-    """Codes (ints below 2^23) less `centre` as fp32, exactly, without a (quarter-rate) int-to-float
-    conversion: under the exponent bits of 2^23 a code is the float 2^23 + code, and one subtraction
-    leaves code - centre (exact: both are small integers)."""
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + centre)
+def _code(words, j: tl.constexpr, BITS: tl.constexpr, centre: tl.constexpr):
+    """Code j of each word (lowest bits first) less `centre`, as fp32, exactly, in two instructions and
+    no (quarter-rate) int-to-float conversion: masked in place under the exponent bits of 2^23 (one
+    AND-OR), a code at bit s is the float 2^23 + code * 2^s, and one FMA scales it by 2^-s and subtracts
+    2^(23-s) + centre (exact: small integers). Codes past bit 16 of a word, which would reach the
+    exponent, are shifted down 16 bits first (one shift a word)."""
+    HIGH: tl.constexpr = (j + 1) * BITS > 23
+    s: tl.constexpr = j * BITS - 16 if HIGH else j * BITS
+    if HIGH:
+        words = words >> 16
+    if INTERPRETED:
+        bits = (words & (((1 << BITS) - 1) << s)) | 0x4B000000
+    else:  # one LOP3 with both constants in registers (ptxas gives an AND and an OR their own)
+        bits = tl.inline_asm_elementwise(
+            asm="lop3.b32 $0, $1, $2, $3, 0xEA;", constraints="=r,r,r,r",
+            args=[words, tl.full(words.shape, ((1 << BITS) - 1) << s, tl.int32),
+                  tl.full(words.shape, 0x4B000000, tl.int32)], dtype=tl.int32, is_pure=True, pack=1)
+    return bits.to(tl.float32, bitcast=True) * (1.0 / (1 << s)) - ((8388608 >> s) + centre)
 
 
 @triton.jit
@@ -333,7 +340,7 @@ def _gemv_step(
         middle: tl.constexpr = 0 if ASYMMETRIC else 1 << (BITS - 1)  # symmetric codes centre in the same subtraction
         dot = tl.zeros(acc.shape, dtype=tl.float32)
         for j in tl.static_range(PACK):
-            dot += _as_float(_code(words, j, BITS), middle)[None] * x_by_code[j][:, None]
+            dot += _code(words, j, BITS, middle)[None] * x_by_code[j][:, None]
         unit: tl.constexpr = 1
     if not SCALE_IN_LOOP:  # one scale per output channel: applied in the epilogue
         return acc + dot * unit
@@ -420,15 +427,17 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
-def _unpack(words, BITS: tl.constexpr):
-    """Words [R, W] -> their codes [R, W * pack] in input order (code j of word w is input w * pack + j)."""
+def _unpack(words, BITS: tl.constexpr, centre: tl.constexpr):
+    """Words [R, W] -> their codes less `centre`, fp32 [R, W * pack] in input order (code j of word w is
+    input w * pack + j)."""
     if BITS == 4:
-        codes = _in_input_order((_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
-                                 _code(words, 3, BITS), _code(words, 4, BITS), _code(words, 5, BITS),
-                                 _code(words, 6, BITS), _code(words, 7, BITS)))
+        codes = _in_input_order((_code(words, 0, BITS, centre), _code(words, 1, BITS, centre),
+                                 _code(words, 2, BITS, centre), _code(words, 3, BITS, centre),
+                                 _code(words, 4, BITS, centre), _code(words, 5, BITS, centre),
+                                 _code(words, 6, BITS, centre), _code(words, 7, BITS, centre)))
     else:
-        codes = _in_input_order((_code(words, 0, BITS), _code(words, 1, BITS), _code(words, 2, BITS),
-                                 _code(words, 3, BITS)))
+        codes = _in_input_order((_code(words, 0, BITS, centre), _code(words, 1, BITS, centre),
+                                 _code(words, 2, BITS, centre), _code(words, 3, BITS, centre)))
     return codes
 
 
@@ -465,7 +474,7 @@ def _dequantize_words(
     offset and rounded once, as the reference does. A group holds whole words, so its scale and
     offset are read once a word and spread over its codes. (An asymmetric format always scales in the
     loop.)"""
-    w = _as_float(_unpack(words, BITS), 0 if ASYMMETRIC else 1 << (BITS - 1))  # unscaled, exact
+    w = _unpack(words, BITS, 0 if ASYMMETRIC else 1 << (BITS - 1))  # unscaled, exact
     scale, offset = _word_params(s_ptr, o_ptr, rows, word_cols, w_mask, stride_sn, BITS, GROUP, ASYMMETRIC,
                                  SCALE_IN_LOOP, EVEN)
     if SCALE_IN_LOOP:
@@ -520,12 +529,13 @@ def _dequant_dot(
         # Byte b of a word holds inputs 2b (low nibble) and 2b + 1 (high): even and odd inputs take a dot each,
         # each unpacked as 8-bit codes are, four to a word (the layout that needs no shared memory).
         x_even, x_odd = tl.split(tl.reshape(x, (x.shape[0], BLOCK_K // 2, 2)))
-        low = _in_input_order((_code(words, 0, 4), _code(words, 2, 4), _code(words, 4, 4), _code(words, 6, 4)))
-        high = _in_input_order((_code(words, 1, 4), _code(words, 3, 4), _code(words, 5, 4), _code(words, 7, 4)))
-        sums = _dot(x_even, _as_float(low, centre).to(x.dtype), FP32) + \
-            _dot(x_odd, _as_float(high, centre).to(x.dtype), FP32)
+        low = _in_input_order((_code(words, 0, 4, centre), _code(words, 2, 4, centre), _code(words, 4, 4, centre),
+                               _code(words, 6, 4, centre)))
+        high = _in_input_order((_code(words, 1, 4, centre), _code(words, 3, 4, centre), _code(words, 5, 4, centre),
+                                _code(words, 7, 4, centre)))
+        sums = _dot(x_even, low.to(x.dtype), FP32) + _dot(x_odd, high.to(x.dtype), FP32)
     else:
-        sums = _dot(x, _as_float(_unpack(words, BITS), centre).to(x.dtype), FP32)
+        sums = _dot(x, _unpack(words, BITS, centre).to(x.dtype), FP32)
     s_offs = rows * stride_sn + k0 // GROUP
     acc += sums * tl.load(s_ptr + s_offs, mask=mask_rows, other=0.0).to(tl.float32)[None, :]
     if ASYMMETRIC:

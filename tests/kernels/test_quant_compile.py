@@ -64,7 +64,8 @@ def compile_defaults() -> None:
              (32, gated, PackedFormat(4, 64, True), True, fp32, 1),
              (1, o, int4, False, fp16, 2), (1, gated, int8, True, fp16, 2),
              (3, qkv, int8, False, fp16, 1),  # the tensor-core tile, scales in the epilogue
-             (16, qkv, int4, False, fp16, 1), (16, gated, PackedFormat(8, 128, False), True, fp16, 1)]  # a group a step
+             (16, qkv, int4, False, fp16, 1), (16, gated, PackedFormat(8, 128, False), True, fp16, 1),  # a group a step
+             (16, o, int4, False, fp16, 4)]  # tensor cores, K split
     for m, n, fmt, silu, x_dtype, split_k in cases:
         cfg = replace(ql.quant_linear_config(m, n, 4096, fmt, silu), split_k=split_k)
         kernel = ql._quant_gemv_kernel if cfg.block_m < 16 else ql._quant_linear_kernel
@@ -76,9 +77,10 @@ def compile_defaults() -> None:
             const["GROUP_STEPS"], const["BLOCK_K"] = ql.tensor_core_steps(fmt, 4096, cfg.block_k)
             const["FP32"] = x_dtype == fp32
         else:  # aligned fp16 x: the paired-fp16 inline assembly, which the interpreter never runs
-            const.update(X_PAIRS=True, SPLIT_K=split_k)
-            if split_k == 1:
-                const["partial_ptr"] = None
+            const["X_PAIRS"] = True
+        const["SPLIT_K"] = split_k
+        if split_k == 1:
+            const["partial_ptr"] = None
         if not fmt.asymmetric:
             const["o_ptr"] = None
         x_type = "*fp32" if x_dtype == fp32 else "*fp16"
