@@ -92,6 +92,8 @@ def test_quant_linear_silu_and_mul(m, name, dtype):
     (3, 32, 4224, False),  # the same at a few tokens: split in 2 (int8)
     (3, 4160, 64, False),  # a wide N at a few tokens: the tensor-core tile (int8)
     (1, 4160, 64, True),  # a wide gated N at one token
+    (9, 32, 4224, False),  # 5-16 tokens: tensor cores, K split in 4 (int4)
+    (9, 4160, 64, True),  # gated, K split in 2 (int4): one group, so the second slice is empty
 ])
 def test_default_tiles_of_the_7b_shape_classes(m, n, k, silu, name):
     """The tiles `quant_linear_config` picks by N and K's size, at sizes the interpreter runs."""
