@@ -21,7 +21,7 @@ so all codes of a word share their group's scale and offset.
   (1.23x on the 7B qkv at 16 tokens). Over groups of 64 inputs or more, a step is one group: the codes
   enter the dot unscaled and the step's sums are scaled per row (`_dequant_dot`), since codes scaled
   in the step went through shared memory on their way to the MMA. With K split over programs, 4-bit
-  weights in groups of 128 at 8 and 16 tokens then ran at 0.78-1.67x the speed of fp16 through cuBLAS,
+  weights in groups of 128 at 8 to 32 tokens then ran at 0.52-1.67x the speed of fp16 through cuBLAS,
   per Llama-2-7B projection on an H200, where dequantize + cuBLAS ran at 0.27-0.43x; they take the
   kernel up to `kernel_max_tokens`.
 - Beyond, `dequantize` writes the weight in the model's dtype to a scratch tensor for cuBLAS. At 64
@@ -66,14 +66,18 @@ SILU_AND_MUL_MAX_TOKENS = 16
 GROUP_STEPS_MIN_GROUP = 64
 
 
-def kernel_max_tokens(fmt: PackedFormat) -> int:
+def kernel_max_tokens(fmt: PackedFormat, silu_and_mul: bool = False) -> int:
     """Tokens up to which `quant_linear` is the faster path; dequantize + cuBLAS beyond. 4-bit codes take
-    the tensor-core kernel up to 16 tokens where it steps a group at a time (groups of 64 or more):
-    there it beat dequantize + cuBLAS on every Llama-2-7B projection, 2.8-4x at 8 and 16 tokens on an
-    H200 (results/quant-weight-only-*, session 11). At 32, o and down were faster through cuBLAS."""
-    if fmt.bits == 8:
+    the tensor-core kernel only where it steps a group at a time (groups of 64 or more): there, with K
+    split, it beat dequantize + cuBLAS on every Llama-2-7B projection on an H200, 1.5-3.9x at 8, 16
+    and 32 tokens (results/quant-weight-only-*, session 11), and gated, with SiLU * up applied on its
+    accumulators, at 32 tokens too (71.8 us against 78.5 for gate_up alone). Other formats apply SiLU * up
+    inside the kernel up to SILU_AND_MUL_MAX_TOKENS only."""
+    if fmt.bits == 4 and fmt.group_size >= GROUP_STEPS_MIN_GROUP:
         return MAX_TOKENS
-    return 16 if fmt.group_size >= GROUP_STEPS_MIN_GROUP else GEMV_MAX_TOKENS
+    if fmt.bits == 8:
+        return SILU_AND_MUL_MAX_TOKENS if silu_and_mul else MAX_TOKENS
+    return GEMV_MAX_TOKENS
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,10 @@ def quant_linear_config(m: int, n: int, k: int, fmt: PackedFormat, silu_and_mul:
     - two to four tokens: 128 bytes a row for 4-bit codes, 256 for 8-bit, whose narrow weights are
       split in 2 when K is long (down 18.3 against 32.5) and whose wide ungated qkv takes the tensor-core
       tile (18.8 against 21.1);
-    - 5 to 16 tokens, 4-bit in groups of 128 (session 11): 64-row tiles, K split in 4 (qkv 32.2, o 12.8,
-      down 26.1 against 35.7, 25.0, 63.5 unsplit), in 2 when gated (39.2 against 52.6).
+    - 5 to 32 tokens, 4-bit in groups of 128 (session 11): 64-row tiles; at 16 tokens K split in 4 (qkv
+      32.2, o 12.8, down 26.1 against 35.7, 25.0, 63.5 unsplit), in 2 when gated (39.2 against 52.6);
+      at 32, in 4 (o 20.6, down 43.9, gated 71.8 against 38.3, 101.9, 74.2), but in 2 for qkv (44.0;
+      57.9 unsplit, 48.6 in 4).
     The tensor-core kernel reads 128 bytes a row, which leaves each code position of a tile 16 to 32
     inputs. Larger tiles spill registers (compiled for sm_90)."""
     per_byte = 8 // fmt.bits
@@ -129,8 +135,10 @@ def quant_linear_config(m: int, n: int, k: int, fmt: PackedFormat, silu_and_mul:
         if not silu_and_mul:
             return QuantLinearConfig(16, 32, 256, 4, 3)
         return QuantLinearConfig(block_m, 16, 128, 4, 3)
-    if m <= 16 and fmt.bits == 4:  # a group a step; K split for more programs (gated: both halves' rows)
-        return QuantLinearConfig(16, 64, 128 * per_byte, 4, 3, split_k=2 if silu_and_mul else 4)
+    if fmt.bits == 4:  # a group a step; K split for more programs
+        if m <= 16:
+            return QuantLinearConfig(16, 64, 128 * per_byte, 4, 3, split_k=2 if silu_and_mul else 4)
+        return QuantLinearConfig(32, 64, 128 * per_byte, 4, 3, split_k=4 if narrow or silu_and_mul else 2)
     if m <= 16:
         return QuantLinearConfig(16, 32, 128 * per_byte, 4, 3)
     return QuantLinearConfig(32, 64, 128 * per_byte, 8, 3)

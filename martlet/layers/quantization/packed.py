@@ -135,7 +135,7 @@ class PackedLinearMethod(LinearMethod):
         if x.is_cuda and layer.input_perm is None:
             from martlet.kernels import quant_linear
 
-            if x.shape[0] <= min(quant_linear.SILU_AND_MUL_MAX_TOKENS, quant_linear.kernel_max_tokens(self.format)):
+            if x.shape[0] <= quant_linear.kernel_max_tokens(self.format, silu_and_mul=True):
                 return quant_linear.quant_linear(
                     x, layer.qweight, layer.scales, layer.offsets, self.format, silu_and_mul=True
                 )
