@@ -4,6 +4,10 @@
 #   n       n=4 against the same prompts as 4 separate requests (prompt sharing), at saturation
 #   latency TTFT and ITL p99 at 4 requests/s, plain and with a quarter json_schema and a quarter n=2
 #   soak    benchmarks/soak.py at saturation (SOAK_SECONDS, default 600), its report in $OUT/soak.json
+#   soak-start, then soak-wait: the same soak over two device commands, since ten minutes and the server's
+#           start do not fit in one. soak-start runs it in a session of its own (setsid: the device keeps
+#           such a process while the machine is held) and returns; soak-wait, the next command on the same
+#           machine within its idle time, waits up to SOAK_WAIT seconds (default 560) for the report.
 #   offline json_schema against unconstrained in the engine alone (benchmarks/structured_offline.py), with a
 #           profile of ten steps of each
 # Run from the repository root: PARTS="json n latency" (about 6 minutes with the start), then PARTS=soak with
@@ -93,6 +97,18 @@ for name in ("latency_plain", "latency_mixed"):
 PY
 fi
 
+SOAK_DIR=/tmp/martlet-soak
+if [[ " $PARTS " =~ " soak-start " ]]; then
+  mkdir -p $SOAK_DIR && rm -f $SOAK_DIR/soak.json
+  echo "== soak started: ${SOAK_SECONDS:-600} s at 64 clients, log in $SOAK_DIR/soak.log"
+  setsid python3 benchmarks/soak.py --duration "${SOAK_SECONDS:-600}" --concurrency 64 --sample-every 30 \
+    --json $SOAK_DIR/soak.json -- --model $MODEL $ENGINE >$SOAK_DIR/soak.log 2>&1 < /dev/null &
+fi
+if [[ " $PARTS " =~ " soak-wait " ]]; then
+  for _ in $(seq "${SOAK_WAIT:-560}"); do [ -f $SOAK_DIR/soak.json ] && break; sleep 1; done
+  cp $SOAK_DIR/soak.json $SOAK_DIR/soak.log "$OUT"/ 2>/dev/null
+  tail -40 $SOAK_DIR/soak.log
+fi
 if [[ " $PARTS " =~ " soak " ]]; then
   echo "== soak: ${SOAK_SECONDS:-600} s at 64 clients"
   python3 benchmarks/soak.py --duration "${SOAK_SECONDS:-600}" --concurrency 64 --sample-every 30 \
