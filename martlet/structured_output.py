@@ -92,14 +92,21 @@ class StructuredOutputs:
         self.cache.move_to_end(key)
         return future
 
-    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+    def warm_up(self) -> None:
+        """Make the compiler on the worker now, rather than with the first grammar."""
+        self.pool.submit(self._compiler)
+
+    def _compiler(self) -> xgr.GrammarCompiler:
         if self.compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self.stop_token_ids)
             # xgrammar's cache also holds the pieces grammars share (compiling without it is ~10x slower),
             # and it is unbounded unless told.
             self.compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=XGRAMMAR_CACHE_BYTES)
-        return self.compiler.compile_grammar(build_grammar(params))
+        return self.compiler
+
+    def _compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
+        return self._compiler().compile_grammar(build_grammar(params))
 
     def matcher(self, compiled: xgr.CompiledGrammar) -> xgr.GrammarMatcher:
         return xgr.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)

@@ -122,6 +122,15 @@ def test_structured_outputs_follow_their_grammar(device, tiny_llm, tiny_model, a
     assert_idle(llm)
 
 
+def test_a_server_prepares_the_grammar_compiler_at_start(tiny_llm):
+    """`martlet serve`'s engine core loads xgrammar and makes its compiler before it takes requests, so
+    the first structured request does not stall the step loop."""
+    engine = tiny_llm.engine
+    engine.prepare_structured_outputs()
+    engine.structured.pool.submit(lambda: None).result(timeout=60)  # the worker is done with what came before
+    assert engine.structured.compiler is not None
+
+
 def test_a_compiling_grammar_does_not_hold_up_the_batch(tiny_llm, assert_idle):
     engine = tiny_llm.engine
     structured = engine._structured()

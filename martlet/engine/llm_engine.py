@@ -171,6 +171,13 @@ class LLMEngine:
             return None
         return torch.Generator(device=self.config.device).manual_seed(params.seed + index)
 
+    def prepare_structured_outputs(self) -> None:
+        """Load the grammar engine now and make its compiler on its worker, as a server does at start: the
+        first structured request would otherwise import xgrammar inside the step loop every request
+        waits on (served on the CPU, a tiny model's first structured request took 0.38 s, 0.15 s after this)."""
+        if self.tokenizer is not None:
+            self._structured().warm_up()
+
     def _structured(self) -> StructuredOutputs:
         if self.structured is None:
             from martlet.structured_output import StructuredOutputs  # xgrammar loads only when it is used

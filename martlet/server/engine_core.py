@@ -102,6 +102,7 @@ def run_engine_core(model: str, engine_kwargs: dict, commands: Connection, outpu
         logger.debug("the engine could not be built", exc_info=True)
         outputs.send(CoreFailed(_describe(exc)))
         sys.exit(1)
+    engine.prepare_structured_outputs()
     core = EngineCore(engine, commands, outputs)
     outputs.send(CoreReady(engine.config.max_model_len, engine.model_config.vocab_size))
     try:
