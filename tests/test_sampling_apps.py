@@ -122,10 +122,12 @@ def test_structured_outputs_follow_their_grammar(device, tiny_llm, tiny_model, a
     assert_idle(llm)
 
 
-def test_a_server_prepares_the_grammar_compiler_at_start(tiny_llm):
+def test_a_server_prepares_the_grammar_compiler_at_start(tiny_model):
     """`martlet serve`'s engine core loads xgrammar and makes its compiler before it takes requests, so
-    the first structured request does not stall the step loop."""
-    engine = tiny_llm.engine
+    the first structured request does not stall the step loop. (A fresh engine: the shared one has
+    compiled grammars already.)"""
+    engine = LLM(tiny_model, device="cpu", dtype="float32", quiet=True).engine
+    assert engine.structured is None
     engine.prepare_structured_outputs()
     engine.structured.pool.submit(lambda: None).result(timeout=60)  # the worker is done with what came before
     assert engine.structured.compiler is not None

@@ -69,7 +69,7 @@ GROUP_STEPS_MIN_GROUP = 64
 def kernel_max_tokens(fmt: PackedFormat, silu_and_mul: bool = False) -> int:
     """Tokens up to which `quant_linear` is the faster path; dequantize + cuBLAS beyond. 4-bit codes take
     the tensor-core kernel only where it steps a group at a time (groups of 64 or more): there, with K
-    split, it beat dequantize + cuBLAS on every Llama-2-7B projection on an H200, 1.5-3.9x at 8, 16
+    split, it beat dequantize + cuBLAS on every Llama-2-7B projection on an H200, 1.6-4.0x at 8, 16
     and 32 tokens (results/quant-weight-only-*, session 11), and gated, with SiLU * up applied on its
     accumulators, at 32 tokens too (71.8 us against 78.5 for gate_up alone). Other formats apply SiLU * up
     inside the kernel up to SILU_AND_MUL_MAX_TOKENS only."""
@@ -665,8 +665,8 @@ def quant_linear(
         kernel, grid = _quant_gemv_kernel, (triton.cdiv(out_n, cfg.block_n), cfg.split_k)
         kernel_flags = dict(X_PAIRS=_pairs_aligned(x))
     else:
-        row_tiles = triton.cdiv(m, cfg.block_m) if cfg.split_k == 1 else cfg.split_k
-        kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), row_tiles)
+        row_tiles_or_slices = triton.cdiv(m, cfg.block_m) if cfg.split_k == 1 else cfg.split_k
+        kernel, grid = _quant_linear_kernel, (triton.cdiv(out_n, cfg.block_n), row_tiles_or_slices)
         group_steps, block_k = tensor_core_steps(fmt, k, block_k)
         kernel_flags = dict(FP32=x.dtype == torch.float32, GROUP_STEPS=group_steps)
     kernel[grid](
