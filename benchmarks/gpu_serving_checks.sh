@@ -98,11 +98,15 @@ PY
 fi
 
 SOAK_DIR=/tmp/martlet-soak
+soak() {  # the soak's report to $1, then its output
+  python3 benchmarks/soak.py --duration "${SOAK_SECONDS:-600}" --concurrency 64 --sample-every 30 --json "$1" \
+    -- --model $MODEL $ENGINE
+}
 if [[ " $PARTS " =~ " soak-start " ]]; then
   mkdir -p $SOAK_DIR && rm -f $SOAK_DIR/soak.json
   echo "== soak started: ${SOAK_SECONDS:-600} s at 64 clients, log in $SOAK_DIR/soak.log"
-  setsid python3 benchmarks/soak.py --duration "${SOAK_SECONDS:-600}" --concurrency 64 --sample-every 30 \
-    --json $SOAK_DIR/soak.json -- --model $MODEL $ENGINE >$SOAK_DIR/soak.log 2>&1 < /dev/null &
+  export -f soak; export MODEL ENGINE SOAK_SECONDS
+  setsid bash -c "soak $SOAK_DIR/soak.json" >$SOAK_DIR/soak.log 2>&1 < /dev/null &
 fi
 if [[ " $PARTS " =~ " soak-wait " ]]; then
   for _ in $(seq "${SOAK_WAIT:-560}"); do [ -f $SOAK_DIR/soak.json ] && break; sleep 1; done
@@ -111,6 +115,5 @@ if [[ " $PARTS " =~ " soak-wait " ]]; then
 fi
 if [[ " $PARTS " =~ " soak " ]]; then
   echo "== soak: ${SOAK_SECONDS:-600} s at 64 clients"
-  python3 benchmarks/soak.py --duration "${SOAK_SECONDS:-600}" --concurrency 64 --sample-every 30 \
-    --json "$OUT/soak.json" -- --model $MODEL $ENGINE 2>&1 | tail -40
+  soak "$OUT/soak.json" 2>&1 | tail -40
 fi
