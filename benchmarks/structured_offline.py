@@ -1,6 +1,7 @@
 """Structured output's cost in the engine alone (no server): 64 requests at once, each following a
 JSON schema of one long string, against the same requests unconstrained, with the time of each
-step and, on a GPU, where one step's host and device time go (torch.profiler).
+step and, on a GPU, where one step's host and device time go (torch.profiler): the device's idle
+gaps between kernels show the host falling behind.
 
     PYTHONPATH=$PWD python3 benchmarks/structured_offline.py --model DIR [--json FILE] [--trace PREFIX]
 
@@ -16,6 +17,8 @@ import json
 import time
 
 import torch
+from profile_steps import device_activity, print_idle, timed  # this script's directory is on sys.path
+from torch.profiler import ProfilerActivity, profile
 
 from martlet import LLM, SamplingParams
 from martlet.bench.serve import JSON_SCHEMA
@@ -36,26 +39,39 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams) -> dict:
             "ms_per_step_p50": 1e3 * gaps[len(gaps) // 2] if gaps else None}
 
 
-def profile_steps(llm: LLM, prompts: list[str], params: SamplingParams, trace: str | None) -> str:
-    """The top host (and device) times of ten steps in the middle of a run; their Chrome trace to `trace`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    engine = llm.engine
+def profile_steps(llm: LLM, prompts: list[str], params: SamplingParams, trace: str | None) -> None:
+    """Ten steps in the middle of a run: wall and device-busy time per step, the device's idle gaps, the
+    host time of the step's parts, and the top kernels; their Chrome trace to `trace`. Only device
+    activity is traced, so the host runs at its usual pace and idle device time shows."""
+    engine, steps = llm.engine, 10
     for prompt in prompts:
         engine.add_request(engine.tokenize(prompt), params)
     for _ in range(20):  # past the prefill
         engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
+    totals: dict[str, float] = {}
+    parts = [(engine.scheduler, "schedule"), (engine.runner, "execute"), (engine, "_collect")]
+    if engine.structured is not None:
+        parts.append((engine.structured, "bitmask"))
+    for obj, name in parts:
+        timed(obj, name, totals)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
             engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    for obj, name in parts:
+        delattr(obj, name)  # the instance's wrapper goes; the class's method shows again
     while engine.has_unfinished_requests():
         engine.step()
     if trace:
         prof.export_chrome_trace(trace)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
-    if torch.cuda.is_available():
-        table += "\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
-    return table
+    busy, gaps = device_activity(prof.events())
+    print("host ms/step:", {k: round(1e3 * v / steps, 2) for k, v in totals.items()})
+    print(f"wall {1e3 * wall / steps:.2f} ms/step, device busy {busy / 1e3 / steps:.2f} ms/step")
+    print_idle(gaps, steps)
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60))
 
 
 def main() -> None:
@@ -85,8 +101,11 @@ def main() -> None:
     ratio = results["json_schema"]["output_tok_s"] / results["unconstrained"]["output_tok_s"]
     print(f"json_schema / unconstrained output tok/s: {ratio:.3f}")
     for name, params in kinds.items():
+        if not torch.cuda.is_available():  # device time is what the profile is for
+            break
         trace = f"{args.trace}.{name}.json" if args.trace else None
-        print(f"== profile, {name}\n{profile_steps(llm, prompts, params, trace)}", flush=True)
+        print(f"== profile, {name}", flush=True)
+        profile_steps(llm, prompts, params, trace)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
